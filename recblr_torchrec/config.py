@@ -1,0 +1,210 @@
+"""Run configuration: small dataclasses, filled from YAML and ``--set key=value`` overrides.
+
+YAML stays at the edge (launchers, configs/); modules receive these dataclasses.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .modules.encoder import RecBLRConfig
+
+DATA_DIR_ENV = "RECBLR_DATA_DIR"
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are turned into sequences.
+
+    Args:
+        path: dataset file, relative to the data directory (``--data-dir`` or $RECBLR_DATA_DIR)
+            unless absolute, e.g. ``ml-1m/ml-1m.txt.gz``.
+        format: ``auto`` (from the file name), ``seq`` (line per user), ``inter`` (RecBole
+            atomic) or ``ratings`` (MovieLens ``::``-separated ratings.dat).
+        min_user_interactions / min_item_interactions: iterative k-core thresholds.
+        max_len: T, the most recent items a sequence keeps.
+        cache_dir: where CSR arrays are cached as .npy (default ~/.cache/recblr-torchrec).
+        max_users: keep only the first users (after filtering) for quick runs; 0 keeps all.
+    """
+
+    path: str = "ml-1m/ml-1m.txt.gz"
+    format: str = "auto"
+    min_user_interactions: int = 5
+    min_item_interactions: int = 5
+    max_len: int = 200
+    cache_dir: str = ""
+    max_users: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training protocol.
+
+    protocol: ``all_positions`` (causal loss at every position of each training sequence) or
+    ``prefixes`` (the paper's RecBole protocol: one target per prefix, last T items kept).
+    ``micro_batch_size``: sequences per forward/backward when accumulating gradients over a
+    batch (0 = the whole batch at once); the update equals the whole batch's, in less memory.
+    """
+
+    protocol: str = "all_positions"
+    batch_size: int = 2048
+    micro_batch_size: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 300
+    patience: int = 10
+    seed: int = 2024
+    device: str = "auto"
+    num_workers: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation (SPEC.md section 3)."""
+
+    ks: List[int] = field(default_factory=lambda: [10, 20])
+    batch_size: int = 1024
+    item_chunk_size: int = 65536
+    valid_metric: str = "NDCG@10"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: RecBLRConfig = field(default_factory=RecBLRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fill(cls: type, values: Dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {where}.{key}; known keys: {', '.join(sorted(fields))}")
+        sub = fields[key].type
+        if dataclasses.is_dataclass(sub):
+            kwargs[key] = _fill(sub, value, f"{where}.{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_types(obj: Any, where: str) -> None:
+    defaults = type(obj)()
+    for f in dataclasses.fields(obj):
+        value, default = getattr(obj, f.name), getattr(defaults, f.name)
+        name = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            _check_types(value, name)
+        elif isinstance(default, bool) or isinstance(value, bool):
+            if not isinstance(value, bool) or not isinstance(default, bool):
+                raise ValueError(f"{name}={value!r} must be a {type(default).__name__}")
+        elif isinstance(default, float) and isinstance(value, (int, str)):
+            try:  # YAML reads 3e-4 (no dot) as a string
+                setattr(obj, f.name, float(value))
+            except ValueError:
+                raise ValueError(f"{name}={value!r} must be a float") from None
+        elif not isinstance(value, type(default)):
+            raise ValueError(f"{name}={value!r} must be a {type(default).__name__}")
+
+
+def parse_override(item: str) -> tuple:
+    """``'train.lr=3e-4'`` -> (['train', 'lr'], 0.0003); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_with_base(path: str, _seen: tuple = ()) -> Dict[str, Any]:
+    """Reads a YAML config; a ``base: other.yaml`` key (relative to the file) is merged under it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
+    if os.path.abspath(path) in _seen:
+        raise ValueError(f"config {path} includes itself through base:")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = os.path.join(os.path.dirname(path), base)
+    return _merge(read_yaml_with_base(parent, _seen + (os.path.abspath(path),)), raw)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Reads a YAML config (or the defaults) and applies ``section.key=value`` overrides."""
+    raw = read_yaml_with_base(path) if path is not None else {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    config = _fill(RunConfig, raw, "config")
+    _check_types(config, "")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: RunConfig) -> None:
+    """Rejects values that would fail later, naming the key and the fix."""
+    t, m, d = config.train, config.model, config.data
+    if t.protocol not in ("all_positions", "prefixes"):
+        raise ValueError(f"train.protocol={t.protocol!r}; choose all_positions or prefixes")
+    for name, value in (
+        ("train.batch_size", t.batch_size),
+        ("data.max_len", d.max_len),
+        ("model.embedding_dim", m.embedding_dim),
+        ("model.num_layers", m.num_layers),
+        ("model.expand", m.expand),
+        ("model.conv_width", m.conv_width),
+        ("eval.batch_size", config.eval.batch_size),
+        ("eval.item_chunk_size", config.eval.item_chunk_size),
+    ):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    from .kernels import ScanBackend
+
+    ScanBackend.parse(m.scan_backend)
+    if t.micro_batch_size < 0:
+        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be >= 0 (0 = no accumulation)")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if t.lr <= 0:
+        raise ValueError(f"train.lr={t.lr} must be > 0")
+    valid_names = {f"{n}@{k}" for n in ("HR", "NDCG", "MRR") for k in config.eval.ks}
+    if config.eval.valid_metric not in valid_names:
+        raise ValueError(
+            f"eval.valid_metric={config.eval.valid_metric!r} is not computed; choose one of "
+            f"{', '.join(sorted(valid_names))}"
+        )
+
+
+def resolve_data_dir(flag: Optional[str]) -> Optional[str]:
+    """The data directory: ``--data-dir``, else $RECBLR_DATA_DIR, else None (paths must be absolute)."""
+    return flag or os.environ.get(DATA_DIR_ENV) or None

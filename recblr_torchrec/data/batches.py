@@ -1,0 +1,203 @@
+"""Training and evaluation samples over CSR sequences, and the ``Batch`` they are served in.
+
+A sample is a contiguous slice ``items[start:start+length]`` of one user's sequence; the target
+of every position is the item right after it in the same user's sequence. Training samples come
+from the training part (all but the last two items), evaluation samples end just before the
+validation or the test item (leave-one-out, SPEC.md section 3).
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from .sequences import SequenceData
+
+ITEM_HISTORY = "item_history"
+HELD_OUT = {"valid": 2, "test": 1}  # items after the input: valid ends before the second-to-last
+
+
+@dataclass
+class Samples:
+    """Slices of the flat item array: sample j is items[starts[j]:starts[j]+lengths[j]] of user users[j].
+
+    ``all_targets``: every position has a loss target (the next item); otherwise only the last.
+    """
+
+    starts: np.ndarray
+    lengths: np.ndarray
+    users: np.ndarray
+    all_targets: bool
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def training_samples(data: SequenceData, max_len: int, protocol: str) -> Samples:
+    """Samples from every user's training part (all items but the last two).
+
+    - ``all_positions``: the training part cut from its end into windows of at most T inputs,
+      each position predicting the next item, so every training target is used once.
+    - ``prefixes``: one sample per prefix (the paper's protocol), the last T items of it kept,
+      predicting the item after it.
+    """
+    train_len = data.lengths - 2
+    users = np.arange(data.num_users)
+    if protocol == "all_positions":
+        inputs = train_len - 1  # the last training item is a target only
+        windows = np.maximum(0, -(-inputs // max_len))
+        user = np.repeat(users, windows)
+        first = np.cumsum(windows) - windows
+        j = np.arange(windows.sum()) - np.repeat(first, windows)  # 0 = the window at the end
+        end = inputs[user] - j * max_len
+        start = np.maximum(0, end - max_len)
+        return Samples(data.offsets[user] + start, end - start, user, all_targets=True)
+    if protocol == "prefixes":
+        count = np.maximum(0, train_len - 1)
+        user = np.repeat(users, count)
+        first = np.cumsum(count) - count
+        end = np.arange(count.sum()) - np.repeat(first, count) + 1  # prefix ends 1..train_len-1
+        start = np.maximum(0, end - max_len)
+        return Samples(data.offsets[user] + start, end - start, user, all_targets=False)
+    raise ValueError(f"unknown training protocol {protocol!r}; choose all_positions or prefixes")
+
+
+def evaluation_samples(data: SequenceData, max_len: int, split: str) -> Samples:
+    """One sample per user: the last T items before the validation or test target."""
+    if split not in HELD_OUT:
+        raise ValueError(f"unknown split {split!r}; choose valid or test")
+    end = data.lengths - HELD_OUT[split]
+    start = np.maximum(0, end - max_len)
+    users = np.arange(data.num_users)
+    return Samples(data.offsets[:-1] + start, end - start, users, all_targets=False)
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch of user histories as TorchRec consumes them.
+
+    Attributes:
+        item_history: KeyedJaggedTensor with key ``item_history``: values [N] item ids,
+            lengths [B] (one sequence per sample).
+        targets: [N] the next item at each position, 0 (padding id) where no loss is taken.
+        user_ids: [B] the user row of each sequence.
+    """
+
+    item_history: KeyedJaggedTensor
+    targets: Tensor
+    user_ids: Tensor
+
+    @property
+    def offsets(self) -> Tensor:
+        return self.item_history.offsets()
+
+    def last_targets(self) -> Tensor:
+        """[B] the target after each sequence's last position."""
+        return self.targets[self.offsets[1:] - 1]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            item_history=self.item_history.to(device=device, non_blocking=non_blocking),
+            targets=self.targets.to(device=device, non_blocking=non_blocking),
+            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.item_history.record_stream(stream)
+        self.targets.record_stream(stream)
+        self.user_ids.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.item_history.pin_memory(), self.targets.pin_memory(), self.user_ids.pin_memory())
+
+    def __len__(self) -> int:
+        return self.user_ids.numel()
+
+    def split(self, max_sequences: int) -> List["Batch"]:
+        """Consecutive sub-batches of at most ``max_sequences`` sequences (for gradient accumulation)."""
+        if max_sequences <= 0 or max_sequences >= len(self):
+            return [self]
+        offsets, lengths, values = self.offsets, self.item_history.lengths(), self.item_history.values()
+        parts = []
+        for first in range(0, len(self), max_sequences):
+            last = min(first + max_sequences, len(self))
+            lo, hi = int(offsets[first]), int(offsets[last])
+            history = KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values[lo:hi], lengths=lengths[first:last])
+            parts.append(Batch(history, self.targets[lo:hi], self.user_ids[first:last]))
+        return parts
+
+
+def make_batch(items: np.ndarray, samples: Samples, index: np.ndarray) -> Batch:
+    """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop)."""
+    starts, lengths = samples.starts[index], samples.lengths[index]
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    positions = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
+    values = items[positions]
+    nexts = items[positions + 1]
+    if samples.all_targets:
+        targets = nexts
+    else:
+        targets = np.zeros_like(nexts)
+        last = offsets[1:] - 1
+        targets[last] = nexts[last]
+    history = KeyedJaggedTensor(
+        keys=[ITEM_HISTORY],
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths.astype(np.int64)),
+        offsets=torch.from_numpy(offsets),
+    )
+    return Batch(history, torch.from_numpy(targets), torch.from_numpy(samples.users[index].astype(np.int64)))
+
+
+class SampleBatches(Dataset):
+    """Map-style dataset whose i-th element is the i-th whole ``Batch`` of an epoch.
+
+    Each DataLoader worker builds whole batches; ``set_epoch`` fixes the epoch's order from
+    (seed, epoch), so a resumed run sees the same batches, and ``start_batch`` skips those a
+    checkpoint already covered.
+    """
+
+    def __init__(self, data: SequenceData, samples: Samples, batch_size: int, shuffle: bool, seed: int = 0):
+        if len(samples) == 0:
+            raise ValueError("no samples: every user is too short for this split and protocol")
+        self.items = data.items
+        self.samples = samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.start_batch = 0
+        self.order = np.arange(len(samples))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self.shuffle:
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
+
+    def __getitem__(self, i: int) -> Batch:
+        first = (i + self.start_batch) * self.batch_size
+        return make_batch(self.items, self.samples, self.order[first : first + self.batch_size])
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.samples.lengths.sum())
+
+
+def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches; workers build them in parallel with training."""
+    return DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

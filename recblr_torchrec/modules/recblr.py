@@ -1,0 +1,123 @@
+"""RecBLR as a TorchRec model: the item table in an EmbeddingCollection, the encoder on its output."""
+
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ..data.batches import ITEM_HISTORY
+from .encoder import RecBLRConfig, RecBLREncoder, init_weights
+
+ITEM_TABLE = "item"
+
+
+class RecBLR(nn.Module):
+    """Next-item model: EmbeddingCollection (item table, V rows, row 0 padding) + RecBLR encoder.
+
+    Scores are dot products with the same (tied) item table, as in the paper.
+
+    Args:
+        num_embeddings: V, rows of the item table including the padding row 0.
+        config: encoder hyper-parameters.
+        device: where to build the item table; ``torch.device("meta")`` lets
+            DistributedModelParallel materialise it sharded.
+
+    Example::
+
+        >>> model = RecBLR(num_embeddings=11, config=RecBLRConfig(embedding_dim=8, num_layers=1))
+        >>> history = KeyedJaggedTensor(keys=["item_history"], values=torch.tensor([3, 1, 4, 1, 5]),
+        ...                             lengths=torch.tensor([2, 3]))
+        >>> model(history).shape                         # one hidden vector per position
+        torch.Size([5, 8])
+        >>> model.score_last(history).shape              # [B, V]
+        torch.Size([2, 11])
+    """
+
+    def __init__(self, num_embeddings: int, config: RecBLRConfig, device: Optional[torch.device] = None):
+        super().__init__()
+        if num_embeddings < 2:
+            raise ValueError(f"num_embeddings={num_embeddings}: the table needs the padding row and one item")
+        self.num_embeddings = num_embeddings
+        self.config = config
+        self.item_embeddings = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=ITEM_TABLE,
+                    embedding_dim=config.embedding_dim,
+                    num_embeddings=num_embeddings,
+                    feature_names=[ITEM_HISTORY],
+                    init_fn=partial(nn.init.normal_, mean=0.0, std=0.02),
+                )
+            ],
+            device=device,
+        )
+        self.encoder = RecBLREncoder(config)
+        init_weights(self.encoder)
+
+    def forward(self, item_history: KeyedJaggedTensor) -> Tensor:
+        """[N, d] hidden vector at every position of the jagged histories."""
+        jagged = self.item_embeddings(item_history)[ITEM_HISTORY]
+        return self.encoder(jagged.values().to(self.dtype), offsets=jagged.offsets())
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """[M, d] embeddings of item ids [M], through the (possibly sharded) collection."""
+        kjt = KeyedJaggedTensor(keys=[ITEM_HISTORY], values=ids, lengths=torch.tensor([ids.numel()], device=ids.device))
+        return self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's dtype (TorchRec's lookups return float32 whatever the table holds)."""
+        return self.encoder.input_norm.weight.dtype
+
+    def item_table(self, start: int = 0, end: Optional[int] = None) -> Tensor:
+        """[end - start, d] rows of the item table (all rows by default), padding row included."""
+        end = self.num_embeddings if end is None else end
+        device = self.encoder.input_norm.weight.device
+        return self.lookup(torch.arange(start, end, device=device))
+
+    def score_last(self, item_history: KeyedJaggedTensor) -> Tensor:
+        """[B, V] scores of every table row after each history's last item."""
+        hidden = self(item_history)
+        return last_positions(hidden, item_history.offsets()) @ self.item_table().T
+
+    def encode(self, item_seq: Tensor, lengths: Tensor) -> Tensor:
+        """Padded path: item_seq [B, T] right-padded with 0, lengths [B] -> hidden [B, T, d].
+
+        Outputs at padded positions are zero.
+        """
+        check_padded(item_seq, lengths, self.num_embeddings)
+        batch, steps = item_seq.shape
+        kjt = KeyedJaggedTensor(
+            keys=[ITEM_HISTORY],
+            values=item_seq.reshape(-1),
+            lengths=torch.full((batch,), steps, dtype=torch.long, device=item_seq.device),
+        )
+        embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
+        return self.encoder(embedded, lengths=lengths)
+
+    def score(self, item_seq: Tensor, lengths: Tensor) -> Tensor:
+        """[B, V] scores of every table row (padding included) at position length-1."""
+        hidden = self.encode(item_seq, lengths)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return last @ self.item_table().T
+
+
+def last_positions(hidden: Tensor, offsets: Tensor) -> Tensor:
+    """[B, d] the hidden vector at each sequence's last position (packed [N, d] input)."""
+    return hidden[offsets[1:] - 1]
+
+
+def check_padded(item_seq: Tensor, lengths: Tensor, num_embeddings: int) -> None:
+    if item_seq.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != item_seq.shape[0]:
+        raise ValueError(
+            f"item_seq must be [B, T] and lengths [B]; got {tuple(item_seq.shape)} and {tuple(lengths.shape)}"
+        )
+    if bool((lengths < 1).any()) or bool((lengths > item_seq.shape[1]).any()):
+        raise ValueError(f"lengths must be in [1, T={item_seq.shape[1]}], got {lengths.tolist()}")
+    if bool((item_seq < 0).any()) or bool((item_seq >= num_embeddings).any()):
+        bad = int(item_seq[(item_seq < 0) | (item_seq >= num_embeddings)][0])
+        raise ValueError(f"item id {bad} is outside the table [0, {num_embeddings})")

@@ -1,0 +1,60 @@
+"""Softmax cross-entropy over the whole item catalog, computed in chunks of positions.
+
+The logits [M, V] of an all-positions batch (M ~ 3e5 positions, V ~ 3.4e3 items) would take
+gigabytes; here forward keeps only the log-sum-exp per position and backward recomputes each
+chunk's logits, so memory is O(chunk * V) whatever M is. The padding row 0 is excluded from the
+softmax: it is never a target, and the RecBole code's extra logit for it only adds noise.
+"""
+
+import torch
+from torch import Tensor
+
+
+def _chunk_logits(hidden: Tensor, catalog: Tensor) -> Tensor:
+    logits = hidden @ catalog.T
+    logits[:, 0] = float("-inf")  # padding is never a candidate
+    return logits
+
+
+class _ChunkedSoftmaxCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, catalog: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        target_logit = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[start : start + chunk], catalog).to(acc)
+            lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
+            target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None])[:, 0]
+        ctx.save_for_backward(hidden, catalog, targets, lse)
+        ctx.chunk = chunk
+        return (lse - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        hidden, catalog, targets, lse = ctx.saved_tensors
+        scale = grad_loss / hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_catalog = torch.zeros_like(catalog) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start : start + ctx.chunk]
+            probs = torch.exp(_chunk_logits(h, catalog).to(lse.dtype) - lse[start : start + ctx.chunk, None])
+            probs[torch.arange(h.shape[0], device=h.device), targets[start : start + ctx.chunk]] -= 1.0
+            probs = (probs * scale).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + ctx.chunk] = probs @ catalog
+            if grad_catalog is not None:
+                grad_catalog.addmm_(probs.T, h)
+        return grad_hidden, grad_catalog, None, None
+
+
+def full_softmax_loss(hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: int = 8192) -> Tensor:
+    """Mean cross-entropy of ``targets`` [M] under softmax(hidden [M, d] @ catalog [V, d]^T).
+
+    Equal to ``F.cross_entropy(logits, targets)`` with the padding column masked to -inf.
+    """
+    if hidden.shape[0] == 0:
+        raise ValueError("no positions carry a target in this batch")
+    if bool((targets <= 0).any()) or bool((targets >= catalog.shape[0]).any()):
+        raise ValueError(f"targets must be item ids in [1, {catalog.shape[0]}), got min {int(targets.min())}")
+    return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk)

@@ -1,0 +1,232 @@
+"""Local training (one process, CPU or one GPU): Adam, full-catalog softmax, early stopping.
+
+Every epoch writes a checkpoint; starting again with the same output directory resumes from it.
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
+from ..data.batches import Batch
+from ..evaluation import evaluate
+from ..modules import RecBLR
+from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_atomic
+from .history import plot_history, write_history
+from .losses import full_softmax_loss
+
+METRICS_JSON = "metrics.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return device
+
+
+def resolve_data_path(path: str, data_dir: Optional[str]) -> str:
+    if os.path.isabs(path):
+        return path
+    if data_dir is None:
+        raise ValueError(
+            f"data.path={path} is relative but no data directory is set; pass --data-dir DIR or set "
+            "RECBLR_DATA_DIR (for example ../shared/data)"
+        )
+    return os.path.join(data_dir, path)
+
+
+def load_data(config: RunConfig, data_dir: Optional[str]) -> SequenceData:
+    d = config.data
+    data = load_sequences(
+        resolve_data_path(d.path, data_dir),
+        d.format,
+        d.min_user_interactions,
+        d.min_item_interactions,
+        d.cache_dir or None,
+    )
+    return data.head(d.max_users)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def next_item_loss(model: RecBLR, batch: Batch) -> Tensor:
+    """Softmax cross-entropy over the catalog at every position that carries a target."""
+    hidden = model(batch.item_history)
+    rows = torch.nonzero(batch.targets, as_tuple=True)[0]
+    return full_softmax_loss(hidden[rows], batch.targets[rows], model.item_table())
+
+
+def _format_table(results: Dict[str, Dict[str, float]]) -> str:
+    names = list(next(iter(results.values())))
+    lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for split, metrics in results.items():
+        lines.append(f"| {split} | " + " | ".join(f"{metrics[n]:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+class Trainer:
+    """Owns one run: data, model, optimizer, checkpoints and the output directory."""
+
+    def __init__(self, config: RunConfig, output_dir: str, data_dir: Optional[str] = None):
+        self.config = config
+        self.output_dir = output_dir
+        self.device = resolve_device(config.train.device)
+        seed_everything(config.train.seed)
+        self.data = load_data(config, data_dir)
+        t, e = config.train, config.eval
+        max_len = config.data.max_len
+        self.train_batches = SampleBatches(
+            self.data, training_samples(self.data, max_len, t.protocol), t.batch_size, shuffle=True, seed=t.seed
+        )
+        self.eval_batches = {
+            split: SampleBatches(self.data, evaluation_samples(self.data, max_len, split), e.batch_size, shuffle=False)
+            for split in ("valid", "test")
+        }
+        self.model = RecBLR(self.data.num_items + 1, config.model).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
+        self.state["stopped_early"] = False
+        self.history: list = []
+        os.makedirs(output_dir, exist_ok=True)
+
+    def _loader(self, batches: SampleBatches):
+        return make_loader(batches, self.config.train.num_workers, pin_memory=self.device.type == "cuda")
+
+    def evaluate(self, split: str) -> Dict[str, float]:
+        e = self.config.eval
+        return evaluate(self.model, self._loader(self.eval_batches[split]), self.device, e.ks, e.item_chunk_size)
+
+    def resume(self) -> bool:
+        ckpt = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), LAST))
+        if ckpt is None:
+            return False
+        saved = ckpt["config"]
+        for section in ("data", "model"):
+            if saved[section] != asdict(getattr(self.config, section)):
+                raise ValueError(
+                    f"{self.output_dir} holds a run with a different {section} config ({saved[section]}); "
+                    "use another --output-dir or the same config"
+                )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state, self.history = ckpt["state"], ckpt["history"]
+        restore_rng(ckpt["rng"])
+        return True
+
+    def _save(self, improved: bool) -> None:
+        folder = checkpoint_dir(self.output_dir)
+        ckpt = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "num_embeddings": self.model.num_embeddings,
+        }
+        if improved:
+            best = {k: ckpt[k] for k in ("model", "config", "num_embeddings")}
+            save_atomic({**best, "epoch": self.state["epoch"]}, os.path.join(folder, BEST))
+        save_atomic(ckpt, os.path.join(folder, LAST))
+
+    def train_step(self, batch: Batch) -> float:
+        """One optimizer update on ``batch``, accumulated over micro-batches; returns the mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        num_targets = int(torch.count_nonzero(batch.targets))
+        loss_sum = 0.0
+        for part in batch.split(self.config.train.micro_batch_size):
+            weight = int(torch.count_nonzero(part.targets)) / num_targets
+            loss = next_item_loss(self.model, part) * weight
+            loss.backward()
+            loss_sum += loss.item()
+        self.optimizer.step()
+        return loss_sum
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        self.model.train()
+        self.train_batches.set_epoch(epoch)
+        loader = self._loader(self.train_batches)
+        total_loss, steps, examples = 0.0, 0, 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
+        for batch in bar:
+            batch = batch.to(self.device, non_blocking=True)
+            total_loss += self.train_step(batch)
+            steps += 1
+            examples += len(batch)
+            if steps % self.config.train.log_every == 0 or steps == 1:
+                rate = examples / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{total_loss / steps:.4f}", ex_per_s=f"{rate:.0f}")
+        seconds = time.perf_counter() - start
+        return {"train_loss": total_loss / max(steps, 1), "seconds": seconds, "examples_per_second": examples / seconds}
+
+    def fit(self) -> None:
+        t, e = self.config.train, self.config.eval
+        if self.resume():
+            print(f"resuming {self.output_dir} after epoch {self.state['epoch']}", flush=True)
+        while not self.state["stopped_early"] and self.state["epoch"] < t.max_epochs:
+            epoch = self.state["epoch"] + 1
+            stats = self.train_epoch(epoch)
+            valid = self.evaluate("valid")
+            score = valid[e.valid_metric]
+            improved = score > self.state["best"]
+            self.state.update(epoch=epoch)
+            if improved:
+                self.state.update(best=score, best_epoch=epoch, bad_epochs=0)
+            else:
+                self.state["bad_epochs"] += 1
+            self.state["stopped_early"] = self.state["bad_epochs"] >= t.patience
+            self.history.append({"epoch": epoch, **stats, **{f"valid_{k}": v for k, v in valid.items()}})
+            self._save(improved)
+            write_history(self.history, self.output_dir)
+            plot_history(self.history, self.output_dir, [e.valid_metric, f"HR@{e.ks[0]}"])
+            print(
+                f"epoch {epoch}: loss {stats['train_loss']:.4f}, {stats['examples_per_second']:.0f} ex/s, "
+                f"{stats['seconds']:.1f} s, valid {e.valid_metric} {score:.4f}"
+                + (" (best)" if improved else f" (best {self.state['best']:.4f} at {self.state['best_epoch']})"),
+                flush=True,
+            )
+
+    def finish(self) -> Dict[str, Any]:
+        """Evaluates the best checkpoint on valid and test; writes metrics.json."""
+        best = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), BEST))
+        if best is None:
+            raise RuntimeError(f"no best checkpoint in {self.output_dir}; train at least one epoch")
+        self.model.load_state_dict(best["model"])
+        results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
+        summary = {
+            **results,
+            "best_epoch": self.state["best_epoch"],
+            "epochs": self.state["epoch"],
+            "train_seconds": sum(row["seconds"] for row in self.history),
+            "num_users": self.data.num_users,
+            "num_items": self.data.num_items,
+            "config": self.config.to_dict(),
+        }
+        with open(os.path.join(self.output_dir, METRICS_JSON), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(_format_table(results), flush=True)
+        return summary
+
+
+def train(config: RunConfig, output_dir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Trains (or resumes) a run and evaluates its best checkpoint; returns metrics.json's content."""
+    trainer = Trainer(config, output_dir, data_dir)
+    trainer.fit()
+    return trainer.finish()

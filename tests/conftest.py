@@ -1,0 +1,29 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def shared_data_dir() -> str:
+    """$RECBLR_DATA_DIR, else ../shared/data beside the checkout (as CI lays it out)."""
+    candidate = os.environ.get("RECBLR_DATA_DIR") or os.path.join(ROOT, os.pardir, "shared", "data")
+    if not os.path.isdir(candidate):
+        raise RuntimeError(f"dataset folder {candidate} not found; set RECBLR_DATA_DIR to the shared data folder")
+    return os.path.abspath(candidate)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def golden_path() -> str:
+    path = os.path.join(os.path.dirname(shared_data_dir()), "golden", "recblr_public_golden.pt")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"golden vectors {path} not found beside the data folder")
+    return path

@@ -1,0 +1,177 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from recblr_torchrec.data import (
+    DataFormatError,
+    SampleBatches,
+    build_sequences,
+    evaluation_samples,
+    load_sequences,
+    make_batch,
+    make_loader,
+    read_interactions,
+    training_samples,
+)
+from recblr_torchrec.data.sequences import k_core
+
+
+def write(path, text, compress=False):
+    opener = gzip.open if compress else open
+    with opener(path, "wt") as f:
+        f.write(text)
+    return str(path)
+
+
+SEQ = "1 5 6 7 8 9\n2 6 7 8 9 5\n3 7 8 9 5 6\n"
+
+
+def test_seq_inter_and_ratings_readers_agree(tmp_path):
+    seq = write(tmp_path / "a.txt.gz", SEQ, compress=True)
+    rows = []
+    for line in SEQ.splitlines():
+        user, *items = line.split()
+        rows += [(user, item, t) for t, item in enumerate(items)]
+    order = [4, 0, 9, 2, 13, 1, 7, 3, 12, 5, 8, 10, 6, 11, 14]  # unsorted rows, as in ml-100k
+    inter = write(
+        tmp_path / "b.inter",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{rows[i][0]}\t{rows[i][1]}\t3\t{100 + rows[i][2]}\n" for i in order),
+    )
+    ratings = write(tmp_path / "ratings.dat", "".join(f"{rows[i][0]}::{rows[i][1]}::3::{rows[i][2]}\n" for i in order))
+    built = [build_sequences(read_interactions(p), 1, 1) for p in (seq, inter, ratings)]
+    for data in built:
+        np.testing.assert_array_equal(data.offsets, [0, 5, 10, 15])
+        np.testing.assert_array_equal(data.items[:5], [1, 2, 3, 4, 5])  # 5..9 remapped densely from 1
+        assert data.num_items == 5
+        assert list(data.item_tokens[1:]) == ["5", "6", "7", "8", "9"]
+    for data in built[1:]:
+        np.testing.assert_array_equal(data.items, built[0].items)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.txt", "1 2 3\n2 4 x\n", "'x' in line 2"),
+        ("short.txt", "1 2 3\n2\n", "line 2 of"),
+        ("zero.txt", "1 2 0\n", "item id 0 in line 1"),
+        ("negative.txt", "1 2 -4\n", "'-4' in line 1"),
+        ("repeat.txt", "1 2 3\n1 4 5\n", "user 1 appears again in line 2"),
+        ("cols.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\n", "line 2 of"),
+        ("time.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tsoon\n", "'soon' in line 2"),
+        ("nohead.inter", "user\titem\ttime\n1\t2\t3\n", "no user_id column"),
+        ("ratings.dat", "1::2::3\n", "line 1 of"),
+        ("data.csv", "1,2\n", "cannot tell the format"),
+    ],
+)
+def test_bad_input_names_file_line_and_fix(tmp_path, name, text, message):
+    path = write(tmp_path / name, text)
+    with pytest.raises(DataFormatError, match=message):
+        read_interactions(path)
+
+
+def test_unknown_format_and_missing_file_are_clear(tmp_path):
+    path = write(tmp_path / "a.txt", SEQ)
+    with pytest.raises(DataFormatError, match="unknown data format 'csv'"):
+        read_interactions(path, "csv")
+    with pytest.raises(FileNotFoundError, match="RECBLR_DATA_DIR"):
+        load_sequences(str(tmp_path / "missing.txt"), cache_dir=str(tmp_path))
+
+
+def test_empty_after_filtering_names_the_thresholds(tmp_path):
+    path = write(tmp_path / "a.txt", SEQ)
+    with pytest.raises(DataFormatError, match="empty after 10-core"):
+        load_sequences(path, min_user=10, min_item=1, cache_dir=str(tmp_path / "cache"))
+
+
+def test_k_core_is_iterative_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 40, 600), rng.integers(0, 60, 600)
+    keep = k_core(users, items, 5, 5)
+    alive = np.ones(600, dtype=bool)
+    changed = True
+    while changed:  # brute force: drop one offending user or item at a time
+        changed = False
+        for codes, k in ((users, 5), (items, 5)):
+            for code in np.unique(codes[alive]):
+                rows = alive & (codes == code)
+                if 0 < rows.sum() < k:
+                    alive &= ~rows
+                    changed = True
+    np.testing.assert_array_equal(keep, alive)
+    kept_users = np.bincount(users[keep])
+    assert (kept_users[kept_users > 0] >= 5).all()
+
+
+def test_real_datasets_match_published_statistics(data_dir, tmp_path):
+    ml100k = load_sequences(os.path.join(data_dir, "ml-100k/ml-100k.inter.gz"), cache_dir=str(tmp_path))
+    assert (ml100k.num_users, ml100k.num_items, len(ml100k.items)) == (943, 1349, 99287)
+    ml1m = load_sequences(os.path.join(data_dir, "ml-1m/ml-1m.txt.gz"), cache_dir=str(tmp_path))
+    assert (ml1m.num_users, ml1m.num_items, len(ml1m.items)) == (6040, 3416, 999611)
+
+
+def test_cache_returns_the_same_arrays(tmp_path):
+    path = write(tmp_path / "a.txt", SEQ)
+    first = load_sequences(path, min_user=3, min_item=1, cache_dir=str(tmp_path / "c"))
+    assert len(os.listdir(tmp_path / "c")) == 1
+    second = load_sequences(path, min_user=3, min_item=1, cache_dir=str(tmp_path / "c"))
+    for name in ("offsets", "items", "item_tokens", "user_tokens"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def small_data(tmp_path, lines):
+    path = write(tmp_path / "s.txt", "".join(f"{u} " + " ".join(map(str, seq)) + "\n" for u, seq in lines))
+    return load_sequences(path, min_user=3, min_item=1, cache_dir=str(tmp_path / "cache"))
+
+
+def test_leave_one_out_splits_and_truncation(tmp_path):
+    data = small_data(tmp_path, [(1, [1, 2, 3, 4, 5, 6, 7]), (2, [3, 4, 5])])
+    valid = make_batch(data.items, evaluation_samples(data, 3, "valid"), np.arange(2))
+    test = make_batch(data.items, evaluation_samples(data, 3, "test"), np.arange(2))
+    assert valid.item_history.values().tolist() == [3, 4, 5, 3]
+    assert valid.last_targets().tolist() == [6, 4]
+    assert test.item_history.values().tolist() == [4, 5, 6, 3, 4]
+    assert test.last_targets().tolist() == [7, 5]
+
+
+def test_training_protocols_cover_every_training_target_once(tmp_path):
+    data = small_data(tmp_path, [(1, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, [3, 4, 5, 6])])
+    # training parts: [1..7] and [3, 4]; all_positions windows of T=3 from the end
+    windows = training_samples(data, 3, "all_positions")
+    batch = make_batch(data.items, windows, np.arange(len(windows)))
+    assert batch.item_history.lengths().tolist() == [3, 3, 1]
+    assert batch.item_history.values().tolist() == [4, 5, 6, 1, 2, 3, 3]
+    assert batch.targets.tolist() == [5, 6, 7, 2, 3, 4, 4]
+    prefixes = training_samples(data, 3, "prefixes")
+    batch = make_batch(data.items, prefixes, np.arange(len(prefixes)))
+    assert batch.item_history.lengths().tolist() == [1, 2, 3, 3, 3, 3, 1]
+    assert batch.last_targets().tolist() == [2, 3, 4, 5, 6, 7, 4]
+    assert int(torch.count_nonzero(batch.targets)) == len(prefixes)
+
+
+def test_batches_split_and_move_without_changing_content(tmp_path):
+    data = small_data(tmp_path, [(u, list(range(1, 4 + u))) for u in range(1, 8)])
+    samples = training_samples(data, 4, "all_positions")
+    batch = make_batch(data.items, samples, np.arange(len(samples)))
+    parts = batch.split(3)
+    assert [len(p) for p in parts] == [3, 3, 3, 1] and len(batch) == 10
+    assert torch.equal(torch.cat([p.item_history.values() for p in parts]), batch.item_history.values())
+    assert torch.equal(torch.cat([p.targets for p in parts]), batch.targets)
+    moved = batch.to(torch.device("cpu"), non_blocking=True)
+    assert torch.equal(moved.item_history.offsets(), batch.item_history.offsets())
+
+
+def test_loader_with_workers_serves_the_same_batches_every_resume(tmp_path):
+    data = small_data(tmp_path, [(u, list(range(1, 4 + u % 5))) for u in range(1, 30)])
+    batches = SampleBatches(data, training_samples(data, 4, "all_positions"), 5, shuffle=True, seed=3)
+    batches.set_epoch(2)
+    in_process = [b.item_history.values().tolist() for b in make_loader(batches, 0)]
+    with_workers = [b.item_history.values().tolist() for b in make_loader(batches, 2)]
+    assert in_process == with_workers
+    batches.set_epoch(2, start_batch=2)
+    assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] == in_process[2:]
+    batches.set_epoch(3)
+    assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] != in_process

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recblr_torchrec import ScanBackend
+from recblr_torchrec.modules import GatedRecurrent, RecBLR, RecBLRConfig, RecBLREncoder, set_scan_backend
+
+LENGTHS = [1, 2, 3, 7, 5]  # odd lengths, unsorted
+
+
+def make_encoder(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0, **overrides)
+    encoder = RecBLREncoder(config).double()
+    # random (not initial) weights, so every parameter matters
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return encoder
+
+
+def padded_from_jagged(values, lengths, steps, fill):
+    out = torch.full((len(lengths), steps, values.shape[-1]), fill, dtype=values.dtype)
+    start = 0
+    for row, length in enumerate(lengths):
+        out[row, :length] = values[start : start + length]
+        start += length
+    return out
+
+
+def test_jagged_equals_padded_at_every_real_position():
+    encoder = make_encoder()
+    values = torch.randn(sum(LENGTHS), 8, dtype=torch.float64)
+    offsets = torch.tensor([0] + LENGTHS).cumsum(0)
+    jagged = encoder(values, offsets=offsets)
+    padded = encoder(padded_from_jagged(values, LENGTHS, 9, 0.0), lengths=torch.tensor(LENGTHS))
+    start = 0
+    for row, length in enumerate(LENGTHS):
+        torch.testing.assert_close(jagged[start : start + length], padded[row, :length], rtol=0, atol=1e-10)
+        assert torch.all(padded[row, length:] == 0)
+        start += length
+
+
+def test_padding_never_changes_real_outputs():
+    encoder = make_encoder(1)
+    values = torch.randn(sum(LENGTHS), 8, dtype=torch.float64)
+    short = encoder(padded_from_jagged(values, LENGTHS, 7, 0.0))
+    long_garbage = encoder(padded_from_jagged(values, LENGTHS, 13, 1e3))
+    for row, length in enumerate(LENGTHS):
+        torch.testing.assert_close(short[row, :length], long_garbage[row, :length], rtol=0, atol=1e-10)
+
+
+def test_encoder_is_causal():
+    encoder = make_encoder(2)
+    x = torch.randn(3, 11, 8, dtype=torch.float64)
+    base = encoder(x)
+    for t in (0, 4, 10):
+        changed = x.clone()
+        changed[:, t] += torch.randn(3, 8, dtype=torch.float64)
+        out = encoder(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_zero_length_sequences_in_a_jagged_batch():
+    encoder = make_encoder(3)
+    lengths = [0, 3, 0, 2]
+    values = torch.randn(5, 8, dtype=torch.float64)
+    out = encoder(values, offsets=torch.tensor([0] + lengths).cumsum(0))
+    alone = encoder(values[:3], offsets=torch.tensor([0, 3]))
+    torch.testing.assert_close(out[:3], alone, rtol=0, atol=1e-10)
+
+
+def test_initialisation_follows_the_spec():
+    torch.manual_seed(0)
+    model = RecBLR(2001, RecBLRConfig(embedding_dim=64))
+    block = model.encoder.layers[0].recurrent
+    decay = torch.exp(-torch.nn.functional.softplus(block.decay_param))
+    assert math.isclose(decay[0].item(), 0.9, rel_tol=1e-6) and math.isclose(decay[-1].item(), 0.999, rel_tol=1e-6)
+    assert abs(block.decay_param[0].item() + 2.197) < 1e-3 and abs(block.decay_param[-1].item() + 6.907) < 1e-3
+    table = model.item_embeddings.embeddings["item"].weight
+    assert abs(table.std().item() - 0.02) < 1e-3
+    assert abs(block.input_proj.weight.std().item() - 0.02) < 2e-3
+    assert torch.all(block.gate_proj.bias == 0) and torch.all(model.encoder.layers[0].ffn_in.bias == 0)
+    per_layer = sum(p.numel() for p in model.encoder.layers[0].parameters())
+    assert abs(per_layer - 91_700) < 1_000, per_layer  # SPEC.md: about 91.7k per layer
+
+
+def test_scan_backend_is_explicit_and_set_recursively():
+    model = RecBLR(11, RecBLRConfig(embedding_dim=8, scan_backend="pytorch"))
+    blocks = [m for m in model.modules() if isinstance(m, GatedRecurrent)]
+    assert all(b.scan_backend is ScanBackend.PYTORCH for b in blocks)
+    set_scan_backend(model, "triton")
+    assert all(b.scan_backend is ScanBackend.TRITON for b in blocks)
+    with pytest.raises(ValueError, match="unknown scan backend 'cuda'"):
+        set_scan_backend(model, "cuda")
+
+
+def test_model_on_a_keyed_jagged_tensor_matches_the_padded_path():
+    torch.manual_seed(0)
+    model = RecBLR(21, RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0)).eval()
+    lengths = torch.tensor([3, 1, 4])
+    values = torch.randint(1, 21, (8,))
+    kjt = KeyedJaggedTensor(keys=["item_history"], values=values, lengths=lengths)
+    padded = torch.zeros(3, 5, dtype=torch.long)
+    for row, seq in enumerate(torch.split(values, lengths.tolist())):
+        padded[row, : len(seq)] = seq
+    torch.testing.assert_close(model.score_last(kjt), model.score(padded, lengths), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="item id 21 is outside the table"):
+        model.score(torch.where(padded == padded[0, 0], 21, padded), lengths)
+    with pytest.raises(ValueError, match="lengths must be in"):
+        model.score(padded, torch.tensor([3, 0, 4]))

@@ -1,0 +1,53 @@
+import os
+
+import pytest
+
+from recblr_torchrec.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["tiny", "ml-1m", "ml-1m-cpu", "beauty", "video_games"])
+def test_every_shipped_config_loads(name):
+    config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert config.name == name
+
+
+def test_paper_hyper_parameters_in_the_ml1m_config():
+    c = load_config(os.path.join(ROOT, "configs", "ml-1m.yaml"))
+    assert (c.model.embedding_dim, c.model.num_layers, c.model.expand, c.model.conv_width) == (64, 2, 2, 4)
+    assert (c.model.dropout, c.data.max_len, c.train.batch_size, c.train.lr) == (0.2, 200, 2048, 1e-3)
+
+
+def test_overrides_are_typed_and_nested():
+    c = load_config(None, ["train.lr=3e-4", "model.dropout=0.5", "eval.ks=[5, 10]", "eval.valid_metric=HR@5"])
+    assert c.train.lr == 3e-4 and c.model.dropout == 0.5 and c.eval.ks == [5, 10]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key config.train.lrr"),
+        ("train.batch_size=abc", "train.batch_size='abc' must be a int"),
+        ("train.protocol=random", "choose all_positions or prefixes"),
+        ("model.scan_backend=cuda", "unknown scan backend"),
+        ("train.lr", "must look like section.key=value"),
+        ("model.dropout=1.5", r"must be in \[0, 1\)"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="configs/ for examples"):
+        load_config("nope.yaml")
+
+
+def test_a_config_inherits_its_base_and_overrides_it():
+    cpu = load_config(os.path.join(ROOT, "configs", "ml-1m-cpu.yaml"))
+    paper = load_config(os.path.join(ROOT, "configs", "ml-1m.yaml"))
+    assert cpu.model == paper.model and cpu.data == paper.data
+    assert (cpu.train.protocol, paper.train.protocol) == ("all_positions", "prefixes")
+    assert cpu.train.lr == paper.train.lr and cpu.train.batch_size == 128

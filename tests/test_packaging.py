@@ -1,0 +1,48 @@
+"""The top-level kernels/ folder imports as recblr_torchrec.kernels however the project is installed."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = (
+    "import os, recblr_torchrec, recblr_torchrec.kernels as k; "
+    "from recblr_torchrec import linear_scan, ScanBackend; "
+    "print(os.path.dirname(recblr_torchrec.__file__)); print(os.path.dirname(k.__file__))"
+)
+
+
+def run_probe(cwd, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
+def test_plain_checkout_on_pythonpath(tmp_path):
+    package, kernels = run_probe(tmp_path, ROOT)
+    assert package == os.path.join(ROOT, "recblr_torchrec") and kernels == os.path.join(ROOT, "kernels")
+
+
+def test_installed_package_maps_kernels(tmp_path):
+    # From a folder outside the checkout, without PYTHONPATH: the install in this interpreter
+    # (editable in .venv) must resolve the subpackage to the kernels/ folder.
+    package, kernels = run_probe(tmp_path)
+    assert os.path.basename(kernels) == "kernels" and os.path.isfile(os.path.join(kernels, "backend.py"))
+
+
+def test_wheel_contains_kernels_as_a_subpackage(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), ROOT]
+    result = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    with zipfile.ZipFile(tmp_path / wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    assert "recblr_torchrec/kernels/linear_scan/pytorch.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    package, kernels = run_probe(tmp_path, str(tmp_path / "site"))
+    assert kernels == os.path.join(str(tmp_path / "site"), "recblr_torchrec", "kernels")
