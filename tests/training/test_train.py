@@ -72,3 +72,13 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("RECBLR_DATA_DIR", raising=False)
     with pytest.raises(ValueError, match="pass --data-dir DIR or set RECBLR_DATA_DIR"):
         Trainer(load_config(TINY), str(tmp_path), None)
+
+
+def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.protocol=prefixes", "train.max_epochs=1"]
+    trainer = Trainer(load_config(TINY, overrides), str(tmp_path), data_dir)
+    trainer.train_batches.set_epoch(1)
+    batch = trainer.train_batches[0]
+    assert int(torch.count_nonzero(batch.targets)) == len(batch)  # one target per prefix
+    trainer.fit()
+    assert trainer.history[0]["train_loss"] > 0 and trainer.state["epoch"] == 1
