@@ -1,7 +1,7 @@
 """The RecBLR sequence encoder: item embeddings in, one hidden vector per position out."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,23 @@ class RecBLRLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
-        mixed = self.recurrent_norm(self.dropout(self.recurrent(hidden, offsets, positions)) + hidden)
+        return self.mix(self.recurrent(hidden, offsets, positions), hidden)
+
+    def mix(self, recurrent_out: Tensor, hidden: Tensor) -> Tensor:
+        """The residual LayerNorm and the FFN around the GatedRecurrent output."""
+        mixed = self.recurrent_norm(self.dropout(recurrent_out) + hidden)
         ffn = self.ffn_out(self.dropout(F.silu(self.ffn_in(mixed))))
         return self.ffn_norm(mixed + self.dropout(ffn))
+
+    def sequence(self, hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Padded [B, T, d] -> (output, conv input x [B, T, D], recurrent state h [B, T, D])."""
+        y, x, h = self.recurrent.sequence(hidden)
+        return self.mix(y, hidden), x, h
+
+    def step(self, hidden: Tensor, conv_tail: Tensor, state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One event: hidden [B, d] -> (output [B, d], new conv tail [B, k-1, D], new h [B, D])."""
+        y, conv_tail, state = self.recurrent.step(hidden, conv_tail, state)
+        return self.mix(y, hidden), conv_tail, state
 
 
 class RecBLREncoder(nn.Module):
@@ -64,33 +78,96 @@ class RecBLREncoder(nn.Module):
         >>> dense = encoder(padded, lengths=torch.tensor([2, 3]))
         >>> torch.allclose(jagged[:2], dense[0, :2], atol=1e-6)
         True
+
+    Incremental inference: the recurrent state of a user is one row of ``state_size()`` floats,
+    per layer the causal-conv tail (the last k-1 conv inputs x, [k-1, D] row-major, oldest
+    first) then the recurrent state h [D]; float32 (float64 for a float64 encoder).
+    :meth:`forward_with_state` returns it after a padded history, :meth:`step` advances it by one
+    event in O(layers * k * D) whatever the history's length, and the empty history's state is zeros.
     """
 
     def __init__(self, config: RecBLRConfig):
         super().__init__()
         self.config = config
+        # Plain ints beside the dataclass, which TorchScript cannot read.
+        self.embedding_dim = config.embedding_dim
+        self.conv_width = config.conv_width
+        self.channels = config.expand * config.embedding_dim
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
 
     def forward(self, embeddings: Tensor, offsets: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
-        d = self.config.embedding_dim
+        d = self.embedding_dim
         if embeddings.shape[-1] != d:
             raise ValueError(f"embeddings have width {embeddings.shape[-1]} but the encoder expects d={d}")
-        positions = None
+        positions: Optional[Tensor] = None
         if offsets is not None:
             if embeddings.dim() != 2:
-                raise ValueError(f"jagged input must be [N, d] with offsets, got {tuple(embeddings.shape)}")
+                raise ValueError(f"jagged input must be [N, d] with offsets, got {list(embeddings.shape)}")
             positions = packed_positions(offsets, embeddings.shape[0])[1]
         elif embeddings.dim() != 3:
-            raise ValueError(f"padded input must be [B, T, d], got {tuple(embeddings.shape)}; or pass offsets")
+            raise ValueError(f"padded input must be [B, T, d], got {list(embeddings.shape)}; or pass offsets")
         hidden = self.input_norm(self.dropout(embeddings))
         for layer in self.layers:
             hidden = layer(hidden, offsets, positions)
         if offsets is None and lengths is not None:
-            steps = torch.arange(hidden.shape[1], device=hidden.device)
-            hidden = hidden * (steps < lengths.unsqueeze(1)).unsqueeze(-1).to(hidden.dtype)
+            hidden = hidden * self._real_steps(hidden, lengths)
         return hidden
+
+    @staticmethod
+    def _real_steps(hidden: Tensor, lengths: Tensor) -> Tensor:
+        steps = torch.arange(hidden.shape[1], device=hidden.device)
+        return (steps < lengths.unsqueeze(1)).unsqueeze(-1).to(hidden.dtype)
+
+    @torch.jit.export
+    def state_size(self) -> int:
+        """Floats in one user's state: layers * (k-1 conv-tail rows + 1 recurrent row) * D."""
+        return len(self.layers) * self.conv_width * self.channels
+
+    @torch.jit.export
+    def state_dtype(self) -> torch.dtype:
+        return torch.float64 if self.input_norm.weight.dtype == torch.float64 else torch.float32
+
+    @torch.jit.export
+    def forward_with_state(self, embeddings: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """Padded [B, T, d] + lengths [B] in [0, T] -> (hidden [B, T, d] zero at padding, state [B, state_size()]).
+
+        The state is the one after each history's last real event (zeros for a zero-length history).
+        """
+        hidden = self.input_norm(self.dropout(embeddings))
+        k, channels = self.conv_width, self.channels
+        batch = embeddings.shape[0]
+        # Indices of the last k-1 conv inputs and of the last state; negative ones are before the start.
+        tail_steps = lengths.unsqueeze(1) - (k - 1) + torch.arange(k - 1, device=lengths.device)
+        tail_index = tail_steps.clamp(min=0).unsqueeze(-1).expand(batch, k - 1, channels)
+        tail_real = (tail_steps >= 0).unsqueeze(-1)
+        last_index = (lengths - 1).clamp(min=0).view(batch, 1, 1).expand(batch, 1, channels)
+        last_real = (lengths > 0).view(batch, 1)
+        states: List[Tensor] = []
+        for layer in self.layers:
+            hidden, x, h = layer.sequence(hidden)
+            tail = torch.where(tail_real, x.gather(1, tail_index), torch.zeros_like(x[:, :1]))
+            final = torch.where(last_real, h.gather(1, last_index)[:, 0], torch.zeros_like(h[:, 0]))
+            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(final.to(self.state_dtype()))
+        return hidden * self._real_steps(hidden, lengths), torch.cat(states, dim=1)
+
+    @torch.jit.export
+    def step(self, embeddings: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One new event per user: embeddings [B, d], state [B, state_size()] -> (hidden [B, d], new state)."""
+        k, channels = self.conv_width, self.channels
+        batch = embeddings.shape[0]
+        hidden = self.input_norm(self.dropout(embeddings))
+        states: List[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            start = i * k * channels
+            tail = state[:, start : start + (k - 1) * channels].reshape(batch, k - 1, channels)
+            h = state[:, start + (k - 1) * channels : start + k * channels]
+            hidden, tail, h = layer.step(hidden, tail, h)
+            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(h.to(self.state_dtype()))
+        return hidden, torch.cat(states, dim=1)
 
 
 def set_scan_backend(module: nn.Module, backend: "ScanBackend | str") -> nn.Module:

@@ -1,27 +1,34 @@
 """The behaviour-dependent linear recurrent unit (BD-LRU) block of RecBLR (SPEC.md section 1)."""
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import ScanBackend, linear_scan
+from ..kernels.linear_scan.pytorch import packed_positions, scan_sequential
 
 # Base decays exp(-softplus(Lambda)) run from 0.9 to 0.999 across channels at initialisation.
 DECAY_RANGE = (0.9, 0.999)
-_MIN_BETA_SQUARE = 1e-12  # keeps sqrt differentiable where alpha rounds to 1
 
 
 def inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-def causal_conv_dense(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Depthwise causal conv over time with zero history. x [B, T, D], weight [D, 1, k] -> [B, T, D]."""
+def causal_conv_dense(x: Tensor, weight: Tensor, bias: Tensor, history: Optional[Tensor] = None) -> Tensor:
+    """Depthwise causal conv over time. x [B, T, D], weight [D, 1, k] -> [B, T, D].
+
+    ``history`` [B, k-1, D] holds the inputs before x[:, 0] (oldest first); zeros when None.
+    """
     k = weight.shape[-1]
-    out = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight, bias, groups=x.shape[-1])
+    if history is None:
+        padded = F.pad(x.transpose(1, 2), (k - 1, 0))
+    else:
+        padded = torch.cat([history.to(x.dtype), x], dim=1).transpose(1, 2)
+    out = F.conv1d(padded, weight, bias, groups=x.shape[-1])
     return out.transpose(1, 2)
 
 
@@ -39,6 +46,32 @@ def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     return out
 
 
+def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor:
+    """h_t = exp(log_a_t) h_{t-1} + b_t from h = 0, forward only: the PyTorch scan backend under TorchScript.
+
+    Same arithmetic as ``linear_scan(..., backend=ScanBackend.PYTORCH)`` (whose autograd function
+    TorchScript cannot compile): time-major :func:`scan_sequential` in float32 (float64 for
+    float64 input); packed [N, D] input is scattered into a right-padded block whose padding
+    steps carry the state (a = 1, b = 0).
+    """
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    if offsets is None:
+        h0 = torch.zeros(b.shape[0], b.shape[2], dtype=acc, device=b.device)
+        a_tm = log_a.to(acc).transpose(0, 1).exp().contiguous()
+        h = scan_sequential(a_tm, b.to(acc).transpose(0, 1).contiguous(), h0)
+        return h.transpose(0, 1).to(b.dtype)
+    num_seq = offsets.shape[0] - 1
+    channels = b.shape[-1]
+    t_max = int((offsets[1:] - offsets[:-1]).max()) if num_seq > 0 else 0
+    seq_index, pos_index = packed_positions(offsets, b.shape[0])
+    a_tm = torch.ones(t_max, num_seq, channels, dtype=acc, device=b.device)
+    b_tm = torch.zeros(t_max, num_seq, channels, dtype=acc, device=b.device)
+    a_tm = a_tm.index_put((pos_index, seq_index), log_a.to(acc).exp())
+    b_tm = b_tm.index_put((pos_index, seq_index), b.to(acc))
+    h0 = torch.zeros(num_seq, channels, dtype=acc, device=b.device)
+    return scan_sequential(a_tm, b_tm, h0)[pos_index, seq_index].to(b.dtype)
+
+
 class GatedRecurrent(nn.Module):
     """GatedRecurrent(H) of RecBLR: input projection, causal conv, behaviour-dependent gates, scan.
 
@@ -54,6 +87,10 @@ class GatedRecurrent(nn.Module):
 
     Input is [B, T, d] (padded, ``offsets`` None) or [N, d] packed with ``offsets`` [S+1] and
     ``positions`` [N] (index of each row inside its sequence); the output has the input's shape.
+
+    :meth:`step` advances one event from a carried state (conv tail [B, k-1, D], h [B, D]) at a
+    cost independent of the history's length; :meth:`sequence` also returns the x and h that the
+    state is cut from. Under TorchScript the scan is :func:`scan_scripted` whatever the backend.
     """
 
     def __init__(
@@ -75,21 +112,47 @@ class GatedRecurrent(nn.Module):
         with torch.no_grad():
             self.decay_param.copy_(torch.linspace(low, high, self.channels))
 
-    def gates(self, c: Tensor) -> tuple:
+    def gates(self, c: Tensor) -> Tuple[Tensor, Tensor]:
         """(log alpha, beta) from the conv output c [..., D]."""
         r, i = self.gate_proj(c).chunk(2, dim=-1)
         log_alpha = -F.softplus(self.decay_param) * torch.sigmoid(r)
-        beta = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_alpha), _MIN_BETA_SQUARE)) * torch.sigmoid(i)
+        # The floor keeps sqrt differentiable where alpha rounds to 1 (a literal: TorchScript reads no float globals).
+        beta = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_alpha), 1e-12)) * torch.sigmoid(i)
         return log_alpha, beta
 
     def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+        return self.sequence(hidden, offsets, positions)[0]
+
+    def sequence(
+        self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(Y, x, h): the output, the conv input x and the recurrent state h at every position [..., D]."""
         x, z = self.input_proj(hidden).chunk(2, dim=-1)
+        bias = self.conv.bias
+        assert bias is not None  # always built with a bias; refines Optional for TorchScript
         if offsets is None:
-            c = F.silu(causal_conv_dense(x, self.conv.weight, self.conv.bias))
+            c = F.silu(causal_conv_dense(x, self.conv.weight, bias))
         else:
             if positions is None:
                 raise ValueError("packed input needs positions (index of each row inside its sequence)")
-            c = F.silu(causal_conv_packed(x, self.conv.weight, self.conv.bias, positions))
+            c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
         log_alpha, beta = self.gates(c)
-        h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
-        return self.output_proj(F.silu(z) * h)
+        if torch.jit.is_scripting():
+            h = scan_scripted(log_alpha, beta * c, offsets)
+        else:
+            h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
+        return self.output_proj(F.silu(z) * h), x, h
+
+    def step(self, hidden: Tensor, conv_tail: Tensor, state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One event per sequence: hidden [B, d], conv_tail [B, k-1, D] (the last k-1 conv inputs x,
+        oldest first), state h [B, D] -> (Y [B, d], new conv_tail, new h). O(k * D) per sequence."""
+        x, z = self.input_proj(hidden).chunk(2, dim=-1)
+        bias = self.conv.bias
+        assert bias is not None
+        window = torch.cat([conv_tail.to(x.dtype), x.unsqueeze(1)], dim=1)  # [B, k, D]
+        c = F.silu(causal_conv_dense(window[:, -1:], self.conv.weight, bias, history=window[:, :-1])[:, 0])
+        log_alpha, beta = self.gates(c)
+        h = scan_sequential(
+            log_alpha.to(state.dtype).exp().unsqueeze(0), (beta * c).to(state.dtype).unsqueeze(0), state
+        )
+        return self.output_proj(F.silu(z) * h[0].to(x.dtype)), window[:, 1:], h[0]

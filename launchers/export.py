@@ -1,0 +1,33 @@
+"""Export a trained RecBLR for serving.
+
+    python launchers/export.py --checkpoint RUN_DIR_OR_CHECKPOINT --output-dir DIR
+
+--checkpoint is a checkpoint file (checkpoints/best.pt) or a training run's --output-dir (its
+best checkpoint is taken). Writes DIR/scorer.pt, DIR/step.pt (TorchScript: load with
+torch.jit.load and nothing but torch) and DIR/manifest.json; see docs/serving.md.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # plain checkout
+
+from recblr_torchrec.serving import export  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder")
+    parser.add_argument("--output-dir", required=True, help="where scorer.pt, step.pt and manifest.json go")
+    args = parser.parse_args(argv)
+    manifest = export(args.checkpoint, args.output_dir)
+    print(
+        f"exported {manifest['checkpoint']['path']} (epoch {manifest['checkpoint']['epoch']}, "
+        f"{manifest['num_items']} items, state {manifest['state']['columns']} floats per user) to {args.output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
