@@ -1,0 +1,99 @@
+"""A SASRec-style Transformer encoder, the baseline RecBLR is measured against.
+
+Same contract as :class:`RecBLREncoder` (jagged [N, d] + offsets, or padded [B, T, d]), so it
+drops into the same model, data path, loss and evaluation. The layers follow RecBole's SASRec
+(the implementation behind the paper's SASRec row): learned positions added to the item
+embeddings, LayerNorm(Dropout(.)) on the input, then post-LN blocks of causal multi-head
+attention and a GELU feed-forward. Attention runs through PyTorch's scaled_dot_product_attention.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.linear_scan.pytorch import packed_positions
+
+
+@dataclass
+class SASRecConfig:
+    embedding_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_multiplier: int = 4
+    dropout: float = 0.2
+    attention_dropout: float = 0.2
+    max_len: int = 200
+    layer_norm_eps: float = 1e-12
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        d = config.embedding_dim
+        if d % config.num_heads:
+            raise ValueError(f"embedding_dim={d} must be divisible by num_heads={config.num_heads}")
+        self.num_heads = config.num_heads
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(d, config.ffn_multiplier * d)
+        self.ffn_out = nn.Linear(config.ffn_multiplier * d, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        batch, steps, d = hidden.shape
+        q, k, v = self.qkv(hidden).view(batch, steps, 3, self.num_heads, d // self.num_heads).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=True,  # right padding sits after every real key, so it is never attended
+        )
+        attended = self.out(attended.transpose(1, 2).reshape(batch, steps, d))
+        hidden = self.attn_norm(hidden + self.dropout(attended))
+        ffn = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden))))
+        return self.ffn_norm(hidden + self.dropout(ffn))
+
+
+class SASRecEncoder(nn.Module):
+    """Causal Transformer over jagged or padded item embeddings; output has the input's shape.
+
+    Positions count from each sequence's first item (0 .. T-1), so a jagged sequence and its
+    right-padded copy see the same positions.
+    """
+
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        self.config = config
+        self.positions = nn.Embedding(config.max_len, config.embedding_dim)
+        self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_layers)])
+
+    def forward(self, embeddings: Tensor, offsets: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
+        if offsets is None:
+            padded = embeddings
+        else:
+            seq_index, pos_index = packed_positions(offsets, embeddings.shape[0])
+            steps = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+            padded = embeddings.new_zeros(offsets.numel() - 1, steps, embeddings.shape[-1])
+            padded = padded.index_put((seq_index, pos_index), embeddings)
+        steps = padded.shape[1]
+        if steps > self.config.max_len:
+            raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")
+        hidden = padded + self.positions.weight[:steps].to(padded.dtype)
+        hidden = self.input_norm(self.dropout(hidden))
+        for block in self.blocks:
+            hidden = block(hidden)
+        if offsets is not None:
+            return hidden[seq_index, pos_index]
+        if lengths is not None:
+            real = torch.arange(steps, device=hidden.device) < lengths.unsqueeze(1)
+            hidden = hidden * real.unsqueeze(-1).to(hidden.dtype)
+        return hidden

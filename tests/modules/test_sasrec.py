@@ -1,0 +1,24 @@
+import torch
+
+from recblr_torchrec.modules.sasrec import SASRecConfig, SASRecEncoder
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    return SASRecEncoder(SASRecConfig(embedding_dim=8, num_heads=2, dropout=0.0, attention_dropout=0.0, max_len=9))
+
+
+def test_sasrec_jagged_equals_padded_and_is_causal():
+    encoder = make().double()
+    lengths = [1, 4, 3]
+    values = torch.randn(8, 8, dtype=torch.float64)
+    jagged = encoder(values, offsets=torch.tensor([0, 1, 5, 8]))
+    padded = torch.full((3, 6, 8), 7.0, dtype=torch.float64)  # garbage in the padding
+    for row, seq in enumerate(torch.split(values, lengths)):
+        padded[row, : len(seq)] = seq
+    dense = encoder(padded, lengths=torch.tensor(lengths))
+    for row, (start, length) in enumerate(zip([0, 1, 5], lengths)):
+        torch.testing.assert_close(jagged[start : start + length], dense[row, :length], rtol=0, atol=1e-10)
+    changed = padded.clone()
+    changed[:, 2] += 1.0
+    torch.testing.assert_close(encoder(changed)[:, :2], encoder(padded)[:, :2], rtol=0, atol=1e-12)
