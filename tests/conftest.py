@@ -2,6 +2,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# Triton kernels run on CPU through the interpreter; the variable must be set before any kernel
+# is defined, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

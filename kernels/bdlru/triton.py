@@ -1,0 +1,244 @@
+"""Triton kernels for the fused BD-LRU, forward and backward (dense or packed, fp32 or bf16).
+
+One program per (sequence, block of BLOCK_D channels) walks its sequence in [CHUNK, BLOCK_D]
+tiles, coalesced along channels. Forward, per tile: load c, r, i, z once; form alpha and beta in
+registers; scan the pair operator inside the tile (``tl.associative_scan``) and apply the state
+carried from the previous tile; write SiLU(z) * h and h (fp32, for backward). Backward walks the
+tiles in reverse: it recomputes alpha and beta from the same inputs, scans
+delta_t = g_t + alpha_{t+1} delta_{t+1} with g = dout * SiLU(z), and writes dc, d[r; i] and dz;
+dLambda is reduced per program into a [S, D] partial that the host sums in a fixed order
+(deterministic, no atomics).
+
+Bytes per element and channel (fp32): forward reads c, r, i, z and writes out and h (24 bytes
+against the 20 of its inputs and output); backward reads c, r, i, z, h and dout and writes dc,
+dr, di and dz (40 bytes, against 36). The shifted reads of h and r for the neighbouring step hit
+the cache.
+
+softplus(Lambda) and the final sigmoid(Lambda) factor are [D] vectors computed by the host in
+float32 with torch's own functions (accurate where softplus is tiny).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..linear_scan.triton import _last_row, _pair_combine
+from .pytorch import MIN_BETA_SQUARE
+
+__all__ = ["bdlru_triton"]
+
+_SERIES_BELOW: tl.constexpr = tl.constexpr(0.1)
+_MIN_BETA_SQUARE: tl.constexpr = tl.constexpr(MIN_BETA_SQUARE)
+
+
+@triton.jit
+def _one_minus_exp(x):
+    # -expm1(x) for x <= 0 without cancellation: a Taylor series where |x| is small
+    # (relative error < 2e-8 at |x| = 0.1), 1 - exp(x) elsewhere (relative error < 1e-6).
+    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x / 120.0))))
+    return tl.where(x > -_SERIES_BELOW, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def _gates(r, i, rate):
+    """alpha, beta and the pieces backward needs, all fp32 [CHUNK, BLOCK_D]."""
+    sig_r = tl.sigmoid(r)
+    alpha = tl.exp(-rate[None, :] * sig_r)
+    one_minus_sq = _one_minus_exp(-2.0 * rate[None, :] * sig_r)
+    clamped = one_minus_sq < _MIN_BETA_SQUARE
+    q = tl.sqrt(tl.maximum(one_minus_sq, _MIN_BETA_SQUARE))
+    sig_i = tl.sigmoid(i)
+    return sig_r, alpha, q, clamped, sig_i, q * sig_i
+
+
+@triton.jit
+def _bounds(seq, offsets_ptr, T, IS_PACKED: tl.constexpr):
+    if IS_PACKED:
+        start = tl.load(offsets_ptr + seq).to(tl.int64)
+        end = tl.load(offsets_ptr + seq + 1).to(tl.int64)
+    else:
+        start = seq.to(tl.int64) * T
+        end = start + T
+    return start, end
+
+
+@triton.jit
+def _bdlru_forward_kernel(
+    c_ptr,
+    g_ptr,
+    z_ptr,
+    rate_ptr,
+    out_ptr,
+    h_ptr,
+    offsets_ptr,
+    T,
+    D,
+    IS_PACKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start, end = _bounds(seq, offsets_ptr, T, IS_PACKED)
+    rate = tl.load(rate_ptr + cols, mask=col_ok, other=0.0)
+    steps = tl.arange(0, CHUNK)
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(0, tl.cdiv(end - start, CHUNK)):
+        rows = start + k * CHUNK + steps
+        mask = (rows < end)[:, None] & col_ok[None, :]
+        at = rows[:, None] * D + cols[None, :]
+        at_gate = rows[:, None] * (2 * D) + cols[None, :]
+        c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
+        i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
+        a = tl.where(mask, alpha, 1.0)  # rows past the end carry the state unchanged
+        b = tl.where(mask, beta * c, 0.0)
+        a_cum, h_local = tl.associative_scan((a, b), axis=0, combine_fn=_pair_combine)
+        h = a_cum * carry[None, :] + h_local
+        out = z * tl.sigmoid(z) * h
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + at, h, mask=mask)
+        carry = _last_row(h, steps, CHUNK)
+
+
+@triton.jit
+def _bdlru_backward_kernel(
+    c_ptr,
+    g_ptr,
+    z_ptr,
+    rate_ptr,
+    h_ptr,
+    dout_ptr,
+    dc_ptr,
+    dg_ptr,
+    dz_ptr,
+    drate_ptr,
+    offsets_ptr,
+    T,
+    D,
+    IS_PACKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start, end = _bounds(seq, offsets_ptr, T, IS_PACKED)
+    rate = tl.load(rate_ptr + cols, mask=col_ok, other=0.0)
+    steps = tl.arange(0, CHUNK)
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # delta of the first row of the later tile
+    drate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    num_chunks = tl.cdiv(end - start, CHUNK)
+    for k in range(0, num_chunks):
+        # Tile row 0 is the latest step, so a forward scan over the tile runs back in time.
+        rows = start + (num_chunks - 1 - k) * CHUNK + (CHUNK - 1 - steps)
+        row_ok = rows < end
+        mask = row_ok[:, None] & col_ok[None, :]
+        at = rows[:, None] * D + cols[None, :]
+        at_gate = rows[:, None] * (2 * D) + cols[None, :]
+        c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
+        i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + at, mask=mask, other=0.0)
+        dout = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        has_prev = mask & (rows > start)[:, None]
+        h_prev = tl.load(h_ptr + at - D, mask=has_prev, other=0.0)
+        has_next = (rows + 1 < end)[:, None] & col_ok[None, :]
+        r_next = tl.load(g_ptr + at_gate + 2 * D, mask=has_next, other=0.0).to(tl.float32)
+        alpha_next = tl.where(has_next, tl.exp(-rate[None, :] * tl.sigmoid(r_next)), 0.0)
+
+        sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
+        sig_z = tl.sigmoid(z)
+        g = tl.where(mask, dout * z * sig_z, 0.0)
+        a_cum, delta_local = tl.associative_scan((alpha_next, g), axis=0, combine_fn=_pair_combine)
+        delta = a_cum * carry[None, :] + delta_local
+        carry = _last_row(delta, steps, CHUNK)
+
+        d_beta = delta * c
+        d_q = d_beta * sig_i
+        d_alpha = delta * h_prev + tl.where(clamped, 0.0, -d_q * alpha / q)
+        d_r = d_alpha * (-rate[None, :] * alpha) * sig_r * (1.0 - sig_r)
+        d_i = d_q * q * (1.0 - sig_i)
+        d_z = dout * h * sig_z * (1.0 + z * (1.0 - sig_z))
+        drate += tl.sum(tl.where(mask, -d_alpha * alpha * sig_r, 0.0), axis=0)
+        tl.store(dc_ptr + at, (delta * beta).to(dc_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + at_gate, d_r.to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + at_gate + D, d_i.to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + at, d_z.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(drate_ptr + seq.to(tl.int64) * D + cols, drate, mask=col_ok)
+
+
+def _allocate(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output buffers (every element is written; tests poison them with NaN to prove it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_shape(c: Tensor, offsets: Optional[Tensor]) -> Tuple[int, int, int]:
+    """(sequences, steps of a dense sequence, channels)."""
+    if offsets is None:
+        return c.shape[0], c.shape[1], c.shape[2]
+    return offsets.numel() - 1, 0, c.shape[1]
+
+
+def _tile(channels: int, steps: int) -> Tuple[int, int]:
+    block_d = min(64, triton.next_power_of_2(channels))
+    chunk = 16 if steps and steps <= 16 else 32
+    return chunk, block_d
+
+
+class _FusedBDLRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]):
+        c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), z.contiguous()
+        num_seq, steps, channels = _launch_shape(c, offsets)
+        rate = F.softplus(decay_param.float()).contiguous()
+        out = _allocate(c.shape, c.dtype, c.device)
+        h = _allocate(c.shape, torch.float32, c.device)
+        offsets_arg = offsets if offsets is not None else rate  # unread placeholder when dense
+        chunk, block_d = _tile(channels, steps)
+        grid = (num_seq, triton.cdiv(channels, block_d))
+        if num_seq > 0 and c.numel() > 0:
+            _bdlru_forward_kernel[grid](
+                c, gate_logits, z, rate, out, h, offsets_arg, steps, channels,
+                IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+            )  # fmt: skip
+        ctx.save_for_backward(c, gate_logits, z, decay_param, rate, h, offsets_arg)
+        ctx.is_packed = offsets is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        c, gate_logits, z, decay_param, rate, h, offsets_arg = ctx.saved_tensors
+        offsets = offsets_arg if ctx.is_packed else None
+        num_seq, steps, channels = _launch_shape(c, offsets)
+        dout = dout.contiguous()
+        dc = _allocate(c.shape, c.dtype, c.device)
+        dg = _allocate(gate_logits.shape, gate_logits.dtype, c.device)
+        dz = _allocate(z.shape, z.dtype, c.device)
+        drate_parts = _allocate((num_seq, channels), torch.float32, c.device)
+        chunk, block_d = _tile(channels, steps)
+        grid = (num_seq, triton.cdiv(channels, block_d))
+        if num_seq > 0 and c.numel() > 0:
+            _bdlru_backward_kernel[grid](
+                c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts, offsets_arg, steps, channels,
+                IS_PACKED=ctx.is_packed, CHUNK=chunk, BLOCK_D=block_d,
+            )  # fmt: skip
+        else:
+            drate_parts.zero_()
+        d_decay = drate_parts.sum(dim=0) * torch.sigmoid(decay_param.float())
+        return dc, dg, dz, d_decay.to(decay_param.dtype), None
+
+
+def bdlru_triton(c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]) -> Tensor:
+    """The fused kernel behind ``bdlru(..., backend=ScanBackend.TRITON)``."""
+    if c.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"the Triton BD-LRU takes float32, bfloat16 or float16, got {c.dtype}; use the PyTorch backend")
+    return _FusedBDLRU.apply(c, gate_logits, z, decay_param, offsets)
