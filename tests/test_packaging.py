@@ -44,5 +44,11 @@ def test_wheel_contains_kernels_as_a_subpackage(tmp_path):
         zf.extractall(tmp_path / "site")
     assert "recblr_torchrec/kernels/linear_scan/pytorch.py" in names
     assert not any(n.startswith("kernels/") for n in names)
+    for folder, prefix in (("recblr_torchrec", "recblr_torchrec"), ("kernels", "recblr_torchrec/kernels")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            if "__init__.py" in files:  # every subpackage must be listed in pyproject's packages
+                rel = os.path.relpath(dirpath, os.path.join(ROOT, folder)).replace(os.sep, "/")
+                inner = prefix if rel == "." else f"{prefix}/{rel}"
+                assert f"{inner}/__init__.py" in names, f"{inner} is missing from the wheel; list it in pyproject"
     package, kernels = run_probe(tmp_path, str(tmp_path / "site"))
     assert kernels == os.path.join(str(tmp_path / "site"), "recblr_torchrec", "kernels")
