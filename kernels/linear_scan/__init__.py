@@ -34,9 +34,7 @@ def _check_offset_values(offsets: Tensor, num_rows: int) -> None:
     """Offsets start at 0, end at N and never decrease: one host synchronisation for all three."""
     drops = (offsets[1:] < offsets[:-1]).to(torch.int64)
     first_drop = drops.argmax() if drops.numel() else offsets.new_zeros((), dtype=torch.int64)
-    first, last, any_drop, bad = torch.stack(
-        [offsets[0].long(), offsets[-1].long(), drops.sum(), first_drop]
-    ).tolist()
+    first, last, any_drop, bad = torch.stack([offsets[0].long(), offsets[-1].long(), drops.sum(), first_drop]).tolist()
     if first != 0 or last != num_rows:
         raise ValueError(f"offsets must start at 0 and end at N={num_rows}, got {first} and {last}")
     if any_drop:
@@ -61,9 +59,7 @@ def _check_triton_inputs(log_a: Tensor, b: Tensor, initial_state: Optional[Tenso
         )
 
 
-def check_scan_inputs(
-    log_a: Tensor, b: Tensor, offsets: Optional[Tensor], initial_state: Optional[Tensor]
-) -> int:
+def check_scan_inputs(log_a: Tensor, b: Tensor, offsets: Optional[Tensor], initial_state: Optional[Tensor]) -> int:
     """Validates the arguments of :func:`linear_scan`; returns the number of sequences."""
     if log_a.shape != b.shape:
         raise ValueError(f"log_a {tuple(log_a.shape)} and b {tuple(b.shape)} must have the same shape")
@@ -75,8 +71,7 @@ def check_scan_inputs(
     if offsets is None:
         if log_a.dim() != 3:
             raise ValueError(
-                f"dense input must be [B, T, D], got {tuple(log_a.shape)}; "
-                "for packed [N, D] input pass offsets"
+                f"dense input must be [B, T, D], got {tuple(log_a.shape)}; for packed [N, D] input pass offsets"
             )
         num_sequences = log_a.shape[0]
     else:
