@@ -56,6 +56,29 @@ def _gates(r, i, rate):
 
 
 @triton.jit
+def _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D):
+    """Offsets of a [CHUNK, BLOCK_D] tile in c/z and in the gate logits, and c, r, i, z as fp32."""
+    at = rows[:, None] * D + cols[None, :]
+    at_gate = rows[:, None] * (2 * D) + cols[None, :]
+    c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
+    i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    return at, at_gate, c, r, i, z
+
+
+@triton.jit
+def _program_setup(offsets_ptr, rate_ptr, T, D, IS_PACKED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sequence bounds, channel indices and softplus(Lambda) for its channels."""
+    seq = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start, end = _bounds(seq, offsets_ptr, T, IS_PACKED)
+    rate = tl.load(rate_ptr + cols, mask=col_ok, other=0.0)
+    return seq, cols, col_ok, start, end, rate
+
+
+@triton.jit
 def _bounds(seq, offsets_ptr, T, IS_PACKED: tl.constexpr):
     if IS_PACKED:
         start = tl.load(offsets_ptr + seq).to(tl.int64)
@@ -81,22 +104,13 @@ def _bdlru_forward_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    start, end = _bounds(seq, offsets_ptr, T, IS_PACKED)
-    rate = tl.load(rate_ptr + cols, mask=col_ok, other=0.0)
+    seq, cols, col_ok, start, end, rate = _program_setup(offsets_ptr, rate_ptr, T, D, IS_PACKED, BLOCK_D)
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in range(0, tl.cdiv(end - start, CHUNK)):
         rows = start + k * CHUNK + steps
         mask = (rows < end)[:, None] & col_ok[None, :]
-        at = rows[:, None] * D + cols[None, :]
-        at_gate = rows[:, None] * (2 * D) + cols[None, :]
-        c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
-        i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D)
         sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
         a = tl.where(mask, alpha, 1.0)  # rows past the end carry the state unchanged
         b = tl.where(mask, beta * c, 0.0)
@@ -127,11 +141,7 @@ def _bdlru_backward_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    start, end = _bounds(seq, offsets_ptr, T, IS_PACKED)
-    rate = tl.load(rate_ptr + cols, mask=col_ok, other=0.0)
+    seq, cols, col_ok, start, end, rate = _program_setup(offsets_ptr, rate_ptr, T, D, IS_PACKED, BLOCK_D)
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # delta of the first row of the later tile
     drate = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -141,12 +151,7 @@ def _bdlru_backward_kernel(
         rows = start + (num_chunks - 1 - k) * CHUNK + (CHUNK - 1 - steps)
         row_ok = rows < end
         mask = row_ok[:, None] & col_ok[None, :]
-        at = rows[:, None] * D + cols[None, :]
-        at_gate = rows[:, None] * (2 * D) + cols[None, :]
-        c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
-        i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D)
         h = tl.load(h_ptr + at, mask=mask, other=0.0)
         dout = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
         has_prev = mask & (rows > start)[:, None]
