@@ -5,6 +5,10 @@
 
 Writes <output-dir>/metrics.json ({"valid": {...}, "test": {...}, "config": {...}}), metrics.csv,
 curves.png and checkpoints/; running it again on the same output directory resumes the run.
+
+Unchanged under torchrun / TorchX (`torchx run -s local_cwd dist.ddp -j 1x2 --script launchers/train.py
+-- --config configs/tiny.yaml`): it finds RANK/WORLD_SIZE in the environment and trains with sharded
+tables (DistributedModelParallel, gloo on CPU, NCCL on GPU); see docs/distributed.md.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # plain checkout
 
 from recblr_torchrec.config import load_config, resolve_data_dir  # noqa: E402
+from recblr_torchrec.distributed.env import launched_by_torchrun  # noqa: E402
 from recblr_torchrec.training import train  # noqa: E402
 
 
@@ -28,7 +33,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     output_dir = args.output_dir or os.path.join("runs", config.name)
-    train(config, output_dir, resolve_data_dir(args.data_dir))
+    if launched_by_torchrun():
+        from recblr_torchrec.distributed.trainer import train_distributed
+
+        train_distributed(config, output_dir, resolve_data_dir(args.data_dir))
+        if os.environ.get("RANK") != "0":
+            return 0
+    else:
+        train(config, output_dir, resolve_data_dir(args.data_dir))
     print(f"wrote {os.path.join(output_dir, 'metrics.json')}")
     return 0
 

@@ -13,6 +13,8 @@ import yaml
 from .modules.encoder import RecBLRConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
 
 @dataclass
@@ -47,6 +49,12 @@ class TrainConfig:
     ``prefixes`` (the paper's RecBole protocol: one target per prefix, last T items kept).
     ``micro_batch_size``: sequences per forward/backward when accumulating gradients over a
     batch (0 = the whole batch at once); the update equals the whole batch's, in less memory.
+    ``optimizer``: the dense optimizer (and the local table's): ``adam``, ``adagrad`` or ``sgd``.
+    ``loss``: ``full`` (softmax over the whole catalog, the paper's) or ``sampled`` (in-batch
+    deduplicated targets plus ``num_negatives`` drawn by ``negative_sampler``, ``uniform`` or
+    ``popularity``, with log-Q correction and accidental hits masked), for large catalogs.
+    ``checkpoint_every``: also checkpoint every that many steps inside an epoch (0 = epoch ends).
+    ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
     """
 
     protocol: str = "all_positions"
@@ -60,6 +68,11 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 2
     log_every: int = 10
+    optimizer: str = "adam"
+    loss: str = "full"
+    num_negatives: int = 1024
+    negative_sampler: str = "uniform"
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -73,12 +86,41 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Sharding and the fused sparse optimizer, used when the run is launched by torchrun/TorchX.
+
+    Args:
+        sharding_types: table name -> allowed TorchRec sharding type (``table_wise``,
+            ``row_wise``, ``column_wise``, ``table_row_wise``, ...); unnamed tables are left to
+            the planner. Tables: ``item`` (the item table) and ``context_<feature>``.
+        compute_kernels: table name -> compute kernel (``fused`` by default, the kernel whose
+            optimizer is applied in the backward pass).
+        sparse_optimizer: the fused optimizer of the tables: ``sgd``, ``adagrad``,
+            ``rowwise_adagrad`` (CPU and GPU) or ``adam`` (GPU only).
+        sparse_lr: its learning rate (0 = train.lr).
+        backend: ``auto`` (gloo on CPU, NCCL on GPU), ``gloo`` or ``nccl``.
+        timeout_s: process-group timeout; a failure on one rank frees the others after it.
+        pipeline: ``auto`` (TrainPipelineSparseDist on GPU, plain steps on CPU), ``sparse_dist``
+            or ``none``.
+    """
+
+    sharding_types: Dict[str, str] = field(default_factory=dict)
+    compute_kernels: Dict[str, str] = field(default_factory=dict)
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.0
+    backend: str = "auto"
+    timeout_s: int = 600
+    pipeline: str = "auto"
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: RecBLRConfig = field(default_factory=RecBLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,6 +239,23 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
     if t.lr <= 0:
         raise ValueError(f"train.lr={t.lr} must be > 0")
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if t.loss not in ("full", "sampled"):
+        raise ValueError(f"train.loss={t.loss!r}; choose full or sampled")
+    if t.negative_sampler not in ("uniform", "popularity"):
+        raise ValueError(f"train.negative_sampler={t.negative_sampler!r}; choose uniform or popularity")
+    if t.loss == "sampled" and t.num_negatives < 1:
+        raise ValueError(f"train.num_negatives={t.num_negatives} must be >= 1 with train.loss=sampled")
+    dc = config.distributed
+    if dc.sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"distributed.sparse_optimizer={dc.sparse_optimizer!r}; choose one of {', '.join(SPARSE_OPTIMIZERS)}"
+        )
+    if dc.backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"distributed.backend={dc.backend!r}; choose auto, gloo or nccl")
+    if dc.pipeline not in ("auto", "sparse_dist", "none"):
+        raise ValueError(f"distributed.pipeline={dc.pipeline!r}; choose auto, sparse_dist or none")
     valid_names = {f"{n}@{k}" for n in ("HR", "NDCG", "MRR") for k in config.eval.ks}
     if config.eval.valid_metric not in valid_names:
         raise ValueError(

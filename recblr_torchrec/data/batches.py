@@ -7,7 +7,7 @@ validation or the test item (leave-one-out, SPEC.md section 3).
 """
 
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torchrec.streamable import Pipelineable
 from .sequences import SequenceData
 
 ITEM_HISTORY = "item_history"
+ITEM_CANDIDATES = "item_candidates"  # the loss's candidate ids, looked up through the item table
 HELD_OUT = {"valid": 2, "test": 1}  # items after the input: valid ends before the second-to-last
 
 
@@ -84,36 +85,72 @@ class Batch(Pipelineable):
     Attributes:
         item_history: KeyedJaggedTensor with key ``item_history``: values [N] item ids,
             lengths [B] (one sequence per sample).
+            Optionally key ``item_candidates``: the loss's candidate item ids [C], all in the
+            first sample's bag (the other samples' bags are empty), so one lookup through the
+            (sharded) table serves both the histories and the candidate set.
         targets: [N] the next item at each position, 0 (padding id) where no loss is taken.
-        user_ids: [B] the user row of each sequence.
+        user_ids: [B] the user row of each sequence; -1 marks a filler row (a rank whose slice
+            of the last global batch is empty gets one, without targets, so that every rank
+            joins each collective).
+        candidate_log_q: [C] log of the expected count of each candidate in the sampled set
+            (sampled softmax's log-Q correction); None for the full catalog.
+        global_targets: targets in the whole global batch (over all ranks); 0 = this batch's.
     """
 
     item_history: KeyedJaggedTensor
     targets: Tensor
     user_ids: Tensor
+    candidate_log_q: Optional[Tensor] = None
+    global_targets: int = 0
 
     @property
     def offsets(self) -> Tensor:
-        return self.item_history.offsets()
+        """[B+1] offsets of the histories (key ``item_history``)."""
+        if len(self.item_history.keys()) == 1:
+            return self.item_history.offsets()
+        return self.item_history[ITEM_HISTORY].offsets()
 
     def last_targets(self) -> Tensor:
         """[B] the target after each sequence's last position."""
         return self.targets[self.offsets[1:] - 1]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        log_q = self.candidate_log_q
         return Batch(
             item_history=self.item_history.to(device=device, non_blocking=non_blocking),
             targets=self.targets.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+            candidate_log_q=None if log_q is None else log_q.to(device=device, non_blocking=non_blocking),
+            global_targets=self.global_targets,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.item_history.record_stream(stream)
         self.targets.record_stream(stream)
         self.user_ids.record_stream(stream)
+        if self.candidate_log_q is not None:
+            self.candidate_log_q.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.item_history.pin_memory(), self.targets.pin_memory(), self.user_ids.pin_memory())
+        log_q = None if self.candidate_log_q is None else self.candidate_log_q.pin_memory()
+        return Batch(
+            self.item_history.pin_memory(),
+            self.targets.pin_memory(),
+            self.user_ids.pin_memory(),
+            log_q,
+            self.global_targets,
+        )
+
+    @property
+    def num_targets(self) -> int:
+        """Targets of the whole global batch (the loss's denominator on every rank)."""
+        return self.global_targets or int(torch.count_nonzero(self.targets))
+
+    def candidates(self) -> Optional[Tensor]:
+        """[C] candidate item ids carried by the batch, or None."""
+        if ITEM_CANDIDATES not in self.item_history.keys():
+            return None
+        return self.item_history[ITEM_CANDIDATES].values()
 
     def __len__(self) -> int:
         return self.user_ids.numel()
@@ -122,6 +159,8 @@ class Batch(Pipelineable):
         """Consecutive sub-batches of at most ``max_sequences`` sequences (for gradient accumulation)."""
         if max_sequences <= 0 or max_sequences >= len(self):
             return [self]
+        if self.candidates() is not None:
+            raise ValueError("a batch carrying a candidate set cannot be split; set train.micro_batch_size=0")
         offsets, lengths, values = self.offsets, self.item_history.lengths(), self.item_history.values()
         parts = []
         for first in range(0, len(self), max_sequences):
@@ -132,8 +171,22 @@ class Batch(Pipelineable):
         return parts
 
 
-def make_batch(items: np.ndarray, samples: Samples, index: np.ndarray) -> Batch:
-    """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop)."""
+CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+def make_batch(
+    items: np.ndarray,
+    samples: Samples,
+    index: np.ndarray,
+    candidates: Optional[CandidateFn] = None,
+    batch_number: int = 0,
+    fillers: int = 0,
+) -> Batch:
+    """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop).
+
+    ``candidates(targets, batch_number) -> (ids, log_q)`` adds the loss's candidate set under
+    key ``item_candidates``. The last ``fillers`` samples of ``index`` are filler rows: user -1, no targets.
+    """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -146,13 +199,28 @@ def make_batch(items: np.ndarray, samples: Samples, index: np.ndarray) -> Batch:
         targets = np.zeros_like(nexts)
         last = offsets[1:] - 1
         targets[last] = nexts[last]
+    users = samples.users[index].astype(np.int64)
+    if fillers:
+        targets[offsets[len(index) - fillers] :] = 0
+        users[len(index) - fillers :] = -1
+    if candidates is None:
+        history = KeyedJaggedTensor(
+            keys=[ITEM_HISTORY],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths.astype(np.int64)),
+            offsets=torch.from_numpy(offsets),
+        )
+        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users))
+    ids, log_q = candidates(targets[targets > 0], batch_number)
+    bags = np.zeros(len(index), dtype=np.int64)
+    bags[0] = len(ids)
     history = KeyedJaggedTensor(
-        keys=[ITEM_HISTORY],
-        values=torch.from_numpy(values),
-        lengths=torch.from_numpy(lengths.astype(np.int64)),
-        offsets=torch.from_numpy(offsets),
+        keys=[ITEM_HISTORY, ITEM_CANDIDATES],
+        values=torch.from_numpy(np.concatenate([values, ids.astype(np.int64)])),
+        lengths=torch.from_numpy(np.concatenate([lengths.astype(np.int64), bags])),
     )
-    return Batch(history, torch.from_numpy(targets), torch.from_numpy(samples.users[index].astype(np.int64)))
+    log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
+    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q)
 
 
 class SampleBatches(Dataset):
@@ -161,30 +229,71 @@ class SampleBatches(Dataset):
     Each DataLoader worker builds whole batches; ``set_epoch`` fixes the epoch's order from
     (seed, epoch), so a resumed run sees the same batches, and ``start_batch`` skips those a
     checkpoint already covered.
+
+    Distributed runs: ``batch_size`` is the global batch; rank ``rank`` of ``world_size`` gets
+    its contiguous share of each global batch (np.array_split), so the ranks together see
+    exactly the single-process batches. A rank whose share is empty gets one filler row, so that
+    every rank runs the same number of steps (each step is a collective). ``candidates`` adds
+    the loss's candidate set to every batch (see ``make_batch``).
     """
 
-    def __init__(self, data: SequenceData, samples: Samples, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(
+        self,
+        data: SequenceData,
+        samples: Samples,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        candidates: Optional[CandidateFn] = None,
+    ):
         if len(samples) == 0:
             raise ValueError("no samples: every user is too short for this split and protocol")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.items = data.items
         self.samples = samples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.candidates = candidates
+        self.epoch = 0
         self.start_batch = 0
         self.order = np.arange(len(samples))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if self.shuffle:
             self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        self.epoch = epoch
         self.start_batch = start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
 
     def __len__(self) -> int:
         return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
 
     def __getitem__(self, i: int) -> Batch:
-        first = (i + self.start_batch) * self.batch_size
-        return make_batch(self.items, self.samples, self.order[first : first + self.batch_size])
+        number = i + self.start_batch
+        first = number * self.batch_size
+        index = self.order[first : first + self.batch_size]
+        if self.world_size == 1:
+            return make_batch(self.items, self.samples, index, self.candidates, self._key(number))
+        share = np.array_split(index, self.world_size)[self.rank]
+        fillers = 0 if len(share) else 1
+        share = share if len(share) else index[:1]
+        batch = make_batch(self.items, self.samples, share, self.candidates, self._key(number), fillers)
+        lengths = self.samples.lengths[index]
+        batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
+        return batch
+
+    def _key(self, number: int) -> int:
+        # Seeds a batch's negatives: a function of (epoch, batch, rank), so a resumed run redraws them.
+        return (self.epoch * 1_000_003 + number) * self.world_size + self.rank
 
     @property
     def num_positions(self) -> int:
@@ -192,7 +301,11 @@ class SampleBatches(Dataset):
 
 
 def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over whole batches; workers build them in parallel with training."""
+    """A DataLoader over whole batches; workers build them in parallel with training.
+
+    The loader gets its own generator: by default each new iterator draws a seed from the global
+    torch RNG, which would shift the dropout stream of a run resumed mid-epoch.
+    """
     return DataLoader(
         batches,
         batch_size=None,
@@ -200,4 +313,5 @@ def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = Fal
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(batches.seed),
     )

@@ -1,7 +1,7 @@
 """RecBLR as a TorchRec model: the item table in an EmbeddingCollection, the encoder on its output."""
 
 from functools import partial
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..data.batches import ITEM_HISTORY
+from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY
 from .encoder import RecBLRConfig, RecBLREncoder, init_weights
 
 ITEM_TABLE = "item"
@@ -25,6 +25,10 @@ class RecBLR(nn.Module):
         config: encoder hyper-parameters.
         device: where to build the item table; ``torch.device("meta")`` lets
             DistributedModelParallel materialise it sharded.
+        candidate_feature: the item table also serves the feature ``item_candidates`` (the
+            loss's candidate ids carried by a training batch), so ``embed`` looks up histories
+            and candidates in one call; every input KJT must then carry both keys (``lookup``,
+            ``encode`` and ``item_table`` add an empty one).
 
     Example::
 
@@ -37,19 +41,27 @@ class RecBLR(nn.Module):
         torch.Size([2, 11])
     """
 
-    def __init__(self, num_embeddings: int, config: RecBLRConfig, device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        config: RecBLRConfig,
+        device: Optional[torch.device] = None,
+        candidate_feature: bool = False,
+    ):
         super().__init__()
         if num_embeddings < 2:
             raise ValueError(f"num_embeddings={num_embeddings}: the table needs the padding row and one item")
         self.num_embeddings = num_embeddings
         self.config = config
+        self.candidate_feature = candidate_feature
+        self.feature_names = [ITEM_HISTORY, ITEM_CANDIDATES] if candidate_feature else [ITEM_HISTORY]
         self.item_embeddings = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
                     name=ITEM_TABLE,
                     embedding_dim=config.embedding_dim,
                     num_embeddings=num_embeddings,
-                    feature_names=[ITEM_HISTORY],
+                    feature_names=self.feature_names,
                     init_fn=partial(nn.init.normal_, mean=0.0, std=0.02),
                 )
             ],
@@ -63,9 +75,24 @@ class RecBLR(nn.Module):
         jagged = self.item_embeddings(item_history)[ITEM_HISTORY]
         return self.encoder(jagged.values().to(self.dtype), offsets=jagged.offsets())
 
+    def embed(self, features: KeyedJaggedTensor) -> Tuple[Tensor, Tensor]:
+        """One lookup of histories and candidates: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
+        embedded = self.item_embeddings(features)
+        history = embedded[ITEM_HISTORY]
+        hidden = self.encoder(history.values().to(self.dtype), offsets=history.offsets())
+        return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
+
+    def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
+        """The KJT of histories this model's table expects (an empty candidate bag added if needed)."""
+        if not self.candidate_feature:
+            return KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values, lengths=lengths)
+        return KeyedJaggedTensor(
+            keys=self.feature_names, values=values, lengths=torch.cat([lengths, torch.zeros_like(lengths)])
+        )
+
     def lookup(self, ids: Tensor) -> Tensor:
         """[M, d] embeddings of item ids [M], through the (possibly sharded) collection."""
-        kjt = KeyedJaggedTensor(keys=[ITEM_HISTORY], values=ids, lengths=torch.tensor([ids.numel()], device=ids.device))
+        kjt = self.history_features(ids, torch.tensor([ids.numel()], device=ids.device))
         return self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype)
 
     @property
@@ -91,10 +118,8 @@ class RecBLR(nn.Module):
         """
         check_padded(item_seq, lengths, self.num_embeddings)
         batch, steps = item_seq.shape
-        kjt = KeyedJaggedTensor(
-            keys=[ITEM_HISTORY],
-            values=item_seq.reshape(-1),
-            lengths=torch.full((batch,), steps, dtype=torch.long, device=item_seq.device),
+        kjt = self.history_features(
+            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device)
         )
         embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
         return self.encoder(embedded, lengths=lengths)

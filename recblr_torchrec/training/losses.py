@@ -58,3 +58,30 @@ def full_softmax_loss(hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: i
     if bool((targets <= 0).any()) or bool((targets >= catalog.shape[0]).any()):
         raise ValueError(f"targets must be item ids in [1, {catalog.shape[0]}), got min {int(targets.min())}")
     return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk)
+
+
+def sampled_softmax_loss(
+    hidden: Tensor, targets: Tensor, candidate_ids: Tensor, candidates: Tensor, log_q: Tensor
+) -> Tensor:
+    """Mean sampled-softmax cross-entropy with log-Q correction and accidental hits masked.
+
+    Each position's logits are its target's and every candidate's, all corrected by ``- log_q``;
+    a candidate equal to the position's own target (an accidental hit: the target drawn again,
+    or another position's identical target) is masked, so the target counts once.
+
+    Args:
+        hidden: [M, d] user vectors at positions with a target.
+        targets: [M] item ids, each present in ``candidate_ids``.
+        candidate_ids: [C] distinct item ids; candidates [C, d] their embeddings.
+        log_q: [C] log expected count of each candidate in the sampled set.
+    """
+    if hidden.shape[0] == 0:
+        raise ValueError("no positions carry a target in this batch")
+    order = torch.searchsorted(candidate_ids, targets)
+    order = order.clamp(max=candidate_ids.numel() - 1)
+    if not bool((candidate_ids[order] == targets).all()):
+        raise ValueError("every target must be in the candidate set (the sampler adds the batch's targets)")
+    logits = (hidden @ candidates.T).float() - log_q[None, :].float()
+    positive = logits.gather(1, order[:, None])
+    negatives = logits.masked_fill(candidate_ids[None, :] == targets[:, None], float("-inf"))
+    return (torch.logsumexp(torch.cat([positive, negatives], dim=1), dim=1) - positive[:, 0]).mean()

@@ -17,12 +17,15 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
-from ..data.batches import Batch
+from ..data.batches import Batch, CandidateFn
+from ..data.negatives import FullCatalog, SampledCandidates, item_frequencies
 from ..evaluation import evaluate
 from ..modules import RecBLR
 from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_atomic
 from .history import plot_history, write_history
 from .losses import full_softmax_loss
+from .optimizers import optimizer_factory
+from .task import candidate_loss
 
 METRICS_JSON = "metrics.json"
 
@@ -65,8 +68,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_candidates(config: RunConfig, data: SequenceData, distributed: bool = False) -> Optional[CandidateFn]:
+    """The candidate set each training batch carries: sampled, or (distributed) the whole catalog.
+
+    Local full-softmax runs carry none: the loss reads the unsharded table directly.
+    """
+    t = config.train
+    if t.loss == "sampled":
+        return SampledCandidates(item_frequencies(data), t.num_negatives, t.negative_sampler, t.seed)
+    return FullCatalog(data.num_items + 1) if distributed else None
+
+
 def next_item_loss(model: RecBLR, batch: Batch) -> Tensor:
-    """Softmax cross-entropy over the catalog at every position that carries a target."""
+    """Softmax cross-entropy over the catalog at every position that carries a target.
+
+    A batch carrying its candidate set (sampled softmax) is scored against those candidates.
+    """
+    if batch.candidates() is not None:
+        return candidate_loss(model, batch)[0]
     hidden = model(batch.item_history)
     rows = torch.nonzero(batch.targets, as_tuple=True)[0]
     return full_softmax_loss(hidden[rows], batch.targets[rows], model.item_table())
@@ -91,15 +110,16 @@ class Trainer:
         self.data = load_data(config, data_dir)
         t, e = config.train, config.eval
         max_len = config.data.max_len
-        self.train_batches = SampleBatches(
-            self.data, training_samples(self.data, max_len, t.protocol), t.batch_size, shuffle=True, seed=t.seed
-        )
+        samples = training_samples(self.data, max_len, t.protocol)
+        candidates = training_candidates(config, self.data)
+        self.train_batches = SampleBatches(self.data, samples, t.batch_size, True, t.seed, candidates=candidates)
         self.eval_batches = {
             split: SampleBatches(self.data, evaluation_samples(self.data, max_len, split), e.batch_size, shuffle=False)
             for split in ("valid", "test")
         }
-        self.model = RecBLR(self.data.num_items + 1, config.model).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        sampled = t.loss == "sampled"
+        self.model = RecBLR(self.data.num_items + 1, config.model, candidate_feature=sampled).to(self.device)
+        self.optimizer = optimizer_factory(t)(self.model.parameters())
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state["stopped_early"] = False
         self.history: list = []
@@ -176,10 +196,15 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"train_loss": total_loss / max(steps, 1), "seconds": seconds, "examples_per_second": examples / seconds}
 
+    is_main = True  # the process that writes the run's files and prints (rank 0 when distributed)
+
+    def _announce_resume(self) -> None:
+        print(f"resuming {self.output_dir} after epoch {self.state['epoch']}", flush=True)
+
     def fit(self) -> None:
         t, e = self.config.train, self.config.eval
-        if self.resume():
-            print(f"resuming {self.output_dir} after epoch {self.state['epoch']}", flush=True)
+        if self.resume() and self.is_main:
+            self._announce_resume()
         while not self.state["stopped_early"] and self.state["epoch"] < t.max_epochs:
             epoch = self.state["epoch"] + 1
             stats = self.train_epoch(epoch)
@@ -194,6 +219,8 @@ class Trainer:
             self.state["stopped_early"] = self.state["bad_epochs"] >= t.patience
             self.history.append({"epoch": epoch, **stats, **{f"valid_{k}": v for k, v in valid.items()}})
             self._save(improved)
+            if not self.is_main:
+                continue
             write_history(self.history, self.output_dir)
             plot_history(self.history, self.output_dir, [e.valid_metric, f"HR@{e.ks[0]}"])
             print(

@@ -1,0 +1,39 @@
+"""Sharded (TW/RW/CW) == unsharded, one step == local mode, sampled softmax, evaluation over ranks,
+DCP kill-and-resume: each test is one spawned 2-process gloo run with short timeouts."""
+
+import pytest
+
+from .spawn import run_on_ranks
+from .workers import kill_and_resume, sampled_softmax_step, sharded_equals_local
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_sharded_forward_step_and_evaluation_equal_local_mode(tmp_path, data_dir, cache):
+    results = run_on_ranks(sharded_equals_local, tmp_path, data_dir, cache)
+    for result in results:
+        assert result["checked"] == ["table_wise/sgd", "row_wise/sgd", "column_wise/sgd", "row_wise/adagrad"]
+        for name, value in result["alone"].items():
+            assert result["merged"][name] == pytest.approx(value, abs=1e-12), name
+    assert [r["fillers"] for r in results] == [0, 1]  # rank 1's share of the last batch was empty
+
+
+def test_sampled_softmax_trains_through_the_row_wise_sharded_table(tmp_path, data_dir, cache):
+    results = run_on_ranks(sampled_softmax_step, tmp_path, data_dir, cache)
+    for result in results:
+        assert result["share"] == pytest.approx(result["local_share"], rel=1e-5)
+        assert result["count"] > 0
+    assert sum(r["changed"] for r in results) > 0
+
+
+def test_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data_dir, cache):
+    results = run_on_ranks(kill_and_resume, tmp_path, data_dir, cache, str(tmp_path))
+    for result in results:
+        assert result["resumed_at"] == (result["steps_per_epoch"] + 2, 2)  # the checkpoint at batch 2 of epoch 2
+        straight, resumed = result["losses"]
+        assert straight == resumed
+        assert result["metrics"][0] == result["metrics"][1]
+        assert result["same_table"] and result["same_dense"]

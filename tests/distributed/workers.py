@@ -1,0 +1,175 @@
+"""Functions run on each of 2 gloo ranks by the distributed tests (module level, so spawn can pickle them)."""
+
+import os
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from recblr_torchrec.config import DistributedConfig, load_config
+from recblr_torchrec.data import SampleBatches, evaluation_samples, training_samples
+from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_frequencies
+from recblr_torchrec.distributed.env import DistEnv
+from recblr_torchrec.evaluation import evaluate
+from recblr_torchrec.modules import RecBLR
+from recblr_torchrec.training.optimizers import optimizer_factory
+from recblr_torchrec.training.task import NextItemTask
+from recblr_torchrec.training.trainer import load_data, next_item_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+# 61 users: the last evaluation batch of 30 holds one user, so rank 1 gets a filler row.
+SMALL = ["data.max_users=61", "data.max_len=20", "model.embedding_dim=16", "model.num_layers=1"]
+SMALL += ["train.batch_size=16", "eval.batch_size=15", "train.num_workers=0", "eval.item_chunk_size=500"]
+
+
+def _no_candidates(targets, key):
+    return np.empty(0, dtype=np.int64), None
+
+
+def _table(model) -> Dict[str, Any]:
+    """This rank's shards of the item table: {(row, col): tensor}."""
+    weight = model.state_dict()["model.item_embeddings.embeddings.item.weight"]
+    return {tuple(s.metadata.shard_offsets): s.tensor.detach().clone() for s in weight.local_shards()}
+
+
+def _assert_table(shards: Dict[Any, torch.Tensor], full: torch.Tensor, what: str) -> None:
+    for (row, col), tensor in shards.items():
+        expected = full[row : row + tensor.shape[0], col : col + tensor.shape[1]]
+        torch.testing.assert_close(tensor, expected, rtol=1e-4, atol=1e-6, msg=what)
+
+
+def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Dict[str, Any]:
+    """Forward (TW/RW/CW), one step (SGD; Adagrad row-wise) and evaluation against local mode."""
+    from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
+
+    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.dropout=0.0", "train.lr=0.05"])
+    data = load_data(config, data_dir)
+    num_embeddings = data.num_items + 1
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    samples = training_samples(data, config.data.max_len, config.train.protocol)
+    catalog = FullCatalog(num_embeddings)
+    whole = SampleBatches(data, samples, 16, True, seed=7, candidates=catalog)
+    mine = SampleBatches(data, samples, 16, True, seed=7, rank=rank, world_size=world, candidates=catalog)
+    whole.set_epoch(1)
+    mine.set_epoch(1)
+    global_batch, my_batch = whole[0], mine[0]
+    torch.manual_seed(0)
+    reference = RecBLR(num_embeddings, config.model, candidate_feature=True)
+    full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    checked = []
+    cases = [("table_wise", "sgd"), ("row_wise", "sgd"), ("column_wise", "sgd"), ("row_wise", "adagrad")]
+    for sharding, optimizer in cases:
+        config.train.optimizer = optimizer
+        dc = DistributedConfig(sharding_types={"item": sharding}, sparse_optimizer=optimizer, timeout_s=60)
+        meta = RecBLR(num_embeddings, config.model, device=torch.device("meta"), candidate_feature=True)
+        dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
+        copy_into_sharded(dmp, full_state)
+        plan = str(dmp.plan)
+        assert sharding in plan, plan
+        # Forward: sharded lookup + encoder on this rank's slice == the unsharded model's.
+        with torch.no_grad():
+            hidden, candidates = dmp.module.model.embed(my_batch.item_history)
+            ref_hidden, ref_candidates = reference.embed(my_batch.item_history)
+        torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(candidates, ref_candidates, rtol=1e-5, atol=1e-6)
+        # One step on 2 ranks == one local step on the global batch, same optimizer.
+        local = RecBLR(num_embeddings, config.model, candidate_feature=True)
+        local.load_state_dict(reference.state_dict())
+        local_opt = optimizer_factory(config.train)(local.parameters())
+        local_loss = next_item_loss(local, global_batch)
+        local_loss.backward()
+        local_opt.step()
+        opt = build_optimizer(dmp, config.train)
+        share, _ = dmp(my_batch)
+        share.backward()
+        opt.step()
+        total = share.detach() / world
+        torch.distributed.all_reduce(total)
+        torch.testing.assert_close(total, local_loss.detach(), rtol=1e-5, atol=1e-6)
+        for name, value in local.encoder.state_dict().items():
+            sharded = dmp.module.model.encoder.state_dict()[name]
+            torch.testing.assert_close(sharded, value, rtol=1e-4, atol=1e-6, msg=f"{sharding} {name}")
+        _assert_table(_table(dmp), local.item_embeddings.embeddings["item"].weight.detach(), f"{sharding} table")
+        checked.append(f"{sharding}/{optimizer}")
+    # Evaluation over ranks (with a filler row on rank 1) == single-process evaluation.
+    e = config.eval
+    split = evaluation_samples(data, config.data.max_len, "valid")
+    ranked = SampleBatches(data, split, 30, False, rank=rank, world_size=world, candidates=_no_candidates)
+    single = SampleBatches(data, split, 30, False, candidates=_no_candidates)
+    merged = evaluate(dmp.module.model, ranked, env.device, e.ks, e.item_chunk_size, torch.distributed.group.WORLD)
+    alone = evaluate(local, single, env.device, e.ks, e.item_chunk_size)
+    fillers = sum(int((b.user_ids < 0).sum()) for b in ranked)
+    return {"checked": checked, "merged": merged, "alone": alone, "fillers": fillers, "loss": float(local_loss)}
+
+
+def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Dict[str, Any]:
+    """Sampled softmax through the row-wise sharded lookup: finite loss, rows updated, equal to local."""
+    from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
+
+    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.dropout=0.0", "train.optimizer=sgd"])
+    data = load_data(config, data_dir)
+    num_embeddings = data.num_items + 1
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    samples = training_samples(data, config.data.max_len, config.train.protocol)
+    sampler = SampledCandidates(item_frequencies(data), 64, "popularity", seed=3)
+    mine = SampleBatches(data, samples, 16, True, seed=7, rank=rank, world_size=world, candidates=sampler)
+    mine.set_epoch(1)
+    batch = mine[0]
+    torch.manual_seed(0)
+    reference = RecBLR(num_embeddings, config.model, candidate_feature=True)
+    dc = DistributedConfig(sharding_types={"item": "row_wise"}, sparse_optimizer="sgd")
+    meta = RecBLR(num_embeddings, config.model, device=torch.device("meta"), candidate_feature=True)
+    dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
+    copy_into_sharded(dmp, {f"model.{k}": v for k, v in reference.state_dict().items()})
+    before = _table(dmp)
+    opt = build_optimizer(dmp, config.train)
+    share, count = dmp(batch)
+    share.backward()
+    opt.step()
+    local_share, local_count = NextItemTask(reference, world)(batch)
+    return {
+        "share": float(share),
+        "local_share": float(local_share),
+        "count": int(count),
+        "changed": sum(int((before[k] != v).any(dim=1).sum()) for k, v in _table(dmp).items()),
+    }
+
+
+def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
+    """A run stopped mid-epoch and resumed from its DCP checkpoint ends where a straight run ends."""
+    from recblr_torchrec.distributed.trainer import DistributedTrainer, Interrupted
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=2", "train.checkpoint_every=2"]
+    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
+    config = load_config(TINY, overrides)
+    straight = DistributedTrainer(config, os.path.join(out, "straight"), data_dir, env)
+    straight.fit()
+    steps_per_epoch = straight.train_batches.batches_per_epoch
+    straight_metrics = straight.finish()
+    interrupted = DistributedTrainer(config, os.path.join(out, "resumed"), data_dir, env)
+    interrupted.stop_at_step = steps_per_epoch + 3  # mid-epoch 2, one step after the checkpoint at batch 2
+    try:
+        interrupted.fit()
+        raise AssertionError("the run was not interrupted")
+    except Interrupted:
+        pass
+    del interrupted
+    resumed = DistributedTrainer(config, os.path.join(out, "resumed"), data_dir, env)
+    assert resumed.resume()
+    resumed_at = (resumed.state["step"], resumed.state["batch"])
+    resumed.fit()
+    resumed_metrics = resumed.finish()
+    a, b = _table(straight.dmp), _table(resumed.dmp)
+    same_table = all(torch.equal(a[k], b[k]) for k in a)
+    dense_a, dense_b = straight.model.encoder.state_dict(), resumed.model.encoder.state_dict()
+    same_dense = all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "resumed_at": resumed_at,
+        "losses": ([r["train_loss"] for r in straight.history], [r["train_loss"] for r in resumed.history]),
+        "metrics": (straight_metrics["test"], resumed_metrics["test"]),
+        "same_table": same_table,
+        "same_dense": same_dense,
+    }
