@@ -4,7 +4,8 @@
 
 --checkpoint is a checkpoint file (checkpoints/best.pt) or a training run's --output-dir (its
 best checkpoint is taken). Writes DIR/scorer.pt, DIR/step.pt (TorchScript: load with
-torch.jit.load and nothing but torch) and DIR/manifest.json; see docs/serving.md.
+torch.jit.load and nothing but torch) and DIR/manifest.json; with --aoti-batch B also
+DIR/scorer_aoti.pt2 (torch.export + AOTInductor, batch B, top --aoti-k); see docs/serving.md.
 """
 
 import argparse
@@ -20,8 +21,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder")
     parser.add_argument("--output-dir", required=True, help="where scorer.pt, step.pt and manifest.json go")
+    parser.add_argument(
+        "--aoti-batch",
+        type=int,
+        default=None,
+        help="also write scorer_aoti.pt2 (torch.export + AOTInductor) for this batch size",
+    )
+    parser.add_argument("--aoti-k", type=int, default=100, help="top-k width of scorer_aoti.pt2 (default 100)")
     args = parser.parse_args(argv)
-    manifest = export(args.checkpoint, args.output_dir)
+    manifest = export(args.checkpoint, args.output_dir, aoti_batch=args.aoti_batch, aoti_k=args.aoti_k)
     print(
         f"exported {manifest['checkpoint']['path']} (epoch {manifest['checkpoint']['epoch']}, "
         f"{manifest['num_items']} items, state {manifest['state']['columns']} floats per user) to {args.output_dir}"

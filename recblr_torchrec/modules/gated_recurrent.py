@@ -72,6 +72,27 @@ def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor
     return scan_sequential(a_tm, b_tm, h0)[pos_index, seq_index].to(b.dtype)
 
 
+def _scan_combine(h: Tensor, step: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    a, b = step
+    h = torch.addcmul(b, a, h)
+    return h, h.clone()
+
+
+def scan_exported(log_a: Tensor, b: Tensor) -> Tensor:
+    """The dense scan of :func:`scan_scripted` through torch's scan operator, forward only.
+
+    What ``torch.export`` captures: the operator keeps the time loop as one node, so the exported
+    program takes any T (a Python loop would be unrolled at the example's length).
+    """
+    from torch._higher_order_ops.scan import scan
+
+    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    h0 = torch.zeros(b.shape[0], b.shape[2], dtype=acc, device=b.device)
+    a_tm = log_a.to(acc).transpose(0, 1).exp()
+    _, h = scan(_scan_combine, h0, (a_tm, b.to(acc).transpose(0, 1)))
+    return h.transpose(0, 1).to(b.dtype)
+
+
 class GatedRecurrent(nn.Module):
     """GatedRecurrent(H) of RecBLR: input projection, causal conv, behaviour-dependent gates, scan.
 
@@ -90,7 +111,8 @@ class GatedRecurrent(nn.Module):
 
     :meth:`step` advances one event from a carried state (conv tail [B, k-1, D], h [B, D]) at a
     cost independent of the history's length; :meth:`sequence` also returns the x and h that the
-    state is cut from. Under TorchScript the scan is :func:`scan_scripted` whatever the backend.
+    state is cut from. Under TorchScript the scan is :func:`scan_scripted` whatever the backend,
+    under ``torch.export`` (dense input) :func:`scan_exported`.
     """
 
     def __init__(
@@ -139,6 +161,8 @@ class GatedRecurrent(nn.Module):
         log_alpha, beta = self.gates(c)
         if torch.jit.is_scripting():
             h = scan_scripted(log_alpha, beta * c, offsets)
+        elif offsets is None and torch.compiler.is_exporting():
+            h = scan_exported(log_alpha, beta * c)
         else:
             h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
         return self.output_proj(F.silu(z) * h), x, h

@@ -76,7 +76,10 @@ class RecBLRScorer(CatalogModule):
 
     def forward(self, item_ids: Tensor, lengths: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         """-> (scores [B, k] float32 descending, items [B, k] int64) over the whole catalog."""
-        vectors = self.user_vector(item_ids, lengths)
+        return self.rank(self.user_vector(item_ids, lengths), lengths, k)
+
+    def rank(self, vectors: Tensor, lengths: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """Top-k of the user vectors; zero-length histories get scores 0.0 for items 1..k."""
         scores, items = self.top_k(vectors, k)
         empty = (lengths == 0).unsqueeze(1)
         first_items = torch.arange(1, k + 1, device=items.device).expand(items.shape[0], k)
@@ -86,8 +89,10 @@ class RecBLRScorer(CatalogModule):
     def encode(self, item_ids: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         """-> (user vectors [B, d] at each history's last event, states [B, state_size])."""
         self.check_history(item_ids, lengths)
-        lengths = lengths.long()
-        hidden, state = self.encoder.forward_with_state(F.embedding(item_ids.long(), self.item_table), lengths)
+        return self.encode_unchecked(item_ids.long(), lengths.long())
+
+    def encode_unchecked(self, item_ids: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        hidden, state = self.encoder.forward_with_state(F.embedding(item_ids, self.item_table), lengths)
         last = (lengths - 1).clamp(min=0)  # a zero-length row reads position 0, which is masked to zero
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last], state
 

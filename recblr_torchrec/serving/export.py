@@ -8,7 +8,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .artifacts import RecBLRScorer, RecBLRStep
 SCORER = "scorer.pt"
 STEP = "step.pt"
 MANIFEST = "manifest.json"
+SCORER_AOTI = "scorer_aoti.pt2"
 FORMAT = "recblr-torchrec-serving/1"
 
 
@@ -139,8 +140,12 @@ def versions() -> Dict[str, str]:
     return found
 
 
-def export(checkpoint: str, output_dir: str) -> Dict[str, Any]:
-    """Writes DIR/scorer.pt, DIR/step.pt and DIR/manifest.json from a checkpoint; returns the manifest."""
+def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, aoti_k: int = 100) -> Dict[str, Any]:
+    """Writes DIR/scorer.pt, DIR/step.pt and DIR/manifest.json from a checkpoint; returns the manifest.
+
+    With ``aoti_batch``, also DIR/scorer_aoti.pt2: the scorer through torch.export and AOTInductor
+    for that batch size and top-``aoti_k`` (see :mod:`recblr_torchrec.serving.aot`).
+    """
     source = read_checkpoint(checkpoint)
     model = model_from_source(source)
     scorer, step = serving_modules(model)
@@ -149,10 +154,21 @@ def export(checkpoint: str, output_dir: str) -> Dict[str, Any]:
         tmp = os.path.join(output_dir, f".{name}.tmp-{os.getpid()}")
         script(module).save(tmp)
         os.replace(tmp, os.path.join(output_dir, name))
+    files: Dict[str, Any] = {"scorer": SCORER, "step": STEP}
+    if aoti_batch is not None:
+        from .aot import compile_scorer
+
+        compile_scorer(scorer, aoti_k, aoti_batch, os.path.join(output_dir, SCORER_AOTI))
+        files["scorer_aoti"] = {
+            "file": SCORER_AOTI,
+            "batch": aoti_batch,
+            "k": aoti_k,
+            "load": "torch._inductor.aoti_load_package(path); set AOTI_RUNTIME_CHECK_INPUTS=1 to check shapes",
+        }
     config = model.config
     manifest = {
         "format": FORMAT,
-        "files": {"scorer": SCORER, "step": STEP},
+        "files": files,
         "load": "torch.jit.load(path); needs only `import torch` (no TorchRec or fbgemm op inside)",
         "model": dataclasses.asdict(config),
         "num_embeddings": source.num_embeddings,

@@ -1,0 +1,43 @@
+"""The scorer through torch.export and AOTInductor: same parity as scorer.pt, and its checks."""
+
+import os
+
+import pytest
+import torch
+
+from recblr_torchrec.serving import export
+
+from .conftest import NUM_EMBEDDINGS, random_histories, write_checkpoint
+
+BATCH, K = 3, 5
+
+
+@pytest.fixture(scope="module")
+def packaged(model, tmp_path_factory):
+    run = tmp_path_factory.mktemp("aoti_run")
+    write_checkpoint(model, str(run / "best.pt"))
+    out = tmp_path_factory.mktemp("aoti")
+    manifest = export(str(run / "best.pt"), str(out), aoti_batch=BATCH, aoti_k=K)
+    return str(out), manifest
+
+
+def test_aoti_scorer_equals_torchscript_scorer_at_any_length(packaged, monkeypatch):
+    out, manifest = packaged
+    assert manifest["files"]["scorer_aoti"] == {**manifest["files"]["scorer_aoti"], "batch": BATCH, "k": K}
+    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    compiled = torch._inductor.aoti_load_package(os.path.join(out, "scorer_aoti.pt2"))
+    scorer = torch.jit.load(os.path.join(out, "scorer.pt"))
+    for steps, lengths in ((2, [2, 0, 1]), (9, [9, 4, 1]), (23, [23, 0, 17])):  # one compiled program, any T
+        ids, lengths = random_histories(BATCH, steps, lengths, seed=steps)
+        scores, items = compiled(ids, lengths)
+        ref_scores, ref_items = scorer(ids, lengths, K)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+        assert torch.equal(items, ref_items)
+    with pytest.raises(Exception, match="item_ids must be catalog items"):
+        compiled(ids.masked_fill(ids == 0, NUM_EMBEDDINGS + 3), lengths)
+    with pytest.raises(Exception, match="lengths must be in"):
+        compiled(ids, lengths + 30)
+    with pytest.raises(Exception, match="unmatched dim value"):  # AOTInductor's guards (AOTI_RUNTIME_CHECK_INPUTS)
+        compiled(ids, lengths[:2])
+    with pytest.raises(Exception, match="unmatched dtype"):
+        compiled(ids.int(), lengths)
