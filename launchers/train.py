@@ -14,21 +14,45 @@ tables (DistributedModelParallel, gloo on CPU, NCCL on GPU); see docs/distribute
 import argparse
 import os
 import sys
+from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # plain checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # plain checkout
 
 from recblr_torchrec.config import load_config, resolve_data_dir  # noqa: E402
 from recblr_torchrec.distributed.env import launched_by_torchrun  # noqa: E402
 from recblr_torchrec.training import train  # noqa: E402
 
 
-def main(argv=None) -> int:
+def strip_own_path(argv: List[str]) -> List[str]:
+    """Drops this script's path (and a ``--``) repeated in front of the arguments.
+
+    TorchX's short form `torchx run dist.ddp -j 2x8 launchers/train.py ...` passes the path as
+    an argument of the script that .torchxconfig names (this one), so it arrives here twice.
+    """
+    if argv and argv[0].endswith(".py") and os.path.abspath(argv[0]) == os.path.abspath(__file__):
+        argv = argv[1:]
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = strip_own_path(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument(
+        "--config",
+        default=os.path.join(ROOT, "configs", "tiny.yaml"),
+        help="YAML file in configs/ (default: configs/tiny.yaml, the smoke test)",
+    )
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $RECBLR_DATA_DIR)")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=3e-4"
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. --set train.lr=3e-4 model.dropout=0.1 (TorchX refuses a repeated --set: list them after one)",
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)

@@ -274,6 +274,10 @@ class SampleBatches(Dataset):
     def batches_per_epoch(self) -> int:
         return -(-len(self.samples) // self.batch_size)
 
+    def global_batch_size(self, number: int) -> int:
+        """Sequences in global batch ``number`` of the epoch (all ranks together)."""
+        return max(0, min(self.batch_size, len(self.samples) - number * self.batch_size))
+
     def __len__(self) -> int:
         return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
 

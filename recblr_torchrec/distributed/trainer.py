@@ -176,9 +176,9 @@ class DistributedTrainer(Trainer):
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, disable=not self.env.is_main)
         for share in self._steps(bar):
             s["loss_sum"] += share
+            s["examples"] += self.train_batches.global_batch_size(s["batch"])
             s["batch"] += 1
             s["step"] += 1
-            s["examples"] += self.config.train.batch_size
             s["seconds"] = time.perf_counter() - start
             if self.fail_at_step and s["step"] == self.fail_at_step and self.env.rank == 1 and _first_attempt():
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: simulated crash of rank 1")
