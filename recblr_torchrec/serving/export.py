@@ -4,9 +4,12 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import os
+import pickle
 import platform
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -36,11 +39,24 @@ class ExportSource:
     num_embeddings: int
     epoch: int
     path: str
-    kind: str  # "local" (torch.save file); "distributed" (DCP) is the next reader to add
+    kind: str  # "local" (a torch.save file) or "distributed" (a torch.distributed.checkpoint folder)
+
+
+DCP_METADATA = ".metadata"  # the file that marks a torch.distributed.checkpoint folder
+DCP_LATEST = "LATEST"  # names the newest complete DCP checkpoint of a folder (distributed/checkpoint.py)
+ITEM_TABLE_KEY = "item_embeddings.embeddings.item.weight"
+
+
+def _latest_dcp(root: str) -> Optional[str]:
+    pointer = os.path.join(root, DCP_LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(root, f.read().strip())
 
 
 def resolve_checkpoint(path: str) -> Tuple[str, str]:
-    """(kind, location) of ``path``: a checkpoint file, or a run's --output-dir (its best checkpoint)."""
+    """(kind, location) of ``path``: a checkpoint file or DCP folder, or a run's --output-dir (its best checkpoint)."""
     if os.path.isfile(path):
         return "local", path
     if not os.path.isdir(path):
@@ -48,22 +64,76 @@ def resolve_checkpoint(path: str) -> Tuple[str, str]:
     for candidate in (os.path.join(checkpoint_dir(path), BEST), os.path.join(path, BEST)):
         if os.path.isfile(candidate):
             return "local", candidate
-    for candidate in (path, os.path.join(checkpoint_dir(path), "best"), os.path.join(path, "best")):
-        if os.path.isfile(os.path.join(candidate, ".metadata")):  # torch.distributed.checkpoint's marker
-            return "distributed", candidate
+    if os.path.isfile(os.path.join(path, DCP_METADATA)):
+        return "distributed", path
+    for root in (os.path.join(checkpoint_dir(path), "dcp-best"), path):  # a distributed run's best checkpoints
+        latest = _latest_dcp(root)
+        if latest is not None and os.path.isfile(os.path.join(latest, DCP_METADATA)):
+            return "distributed", latest
     raise FileNotFoundError(
-        f"no checkpoint in {path}: expected {os.path.join(checkpoint_dir(path), BEST)} (a local run) "
-        "or a torch.distributed.checkpoint folder (with .metadata)"
+        f"no checkpoint in {path}: expected {os.path.join(checkpoint_dir(path), BEST)} (a local run), "
+        f"{os.path.join(checkpoint_dir(path), 'dcp-best', DCP_LATEST)} (a distributed run) "
+        f"or a torch.distributed.checkpoint folder (with {DCP_METADATA})"
+    )
+
+
+def _read_dcp(folder: str) -> Dict[str, Any]:
+    """A whole DCP checkpoint as one state dict, sharded tables gathered into full tensors (no process group)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dcp_to_torch_save(folder, os.path.join(tmp, "full.pt"))
+        except (Exception, CheckpointException) as error:
+            raise RuntimeError(f"cannot read the distributed checkpoint {folder}: {error}") from error
+        return torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
+
+
+def _unpickle(value: Any) -> Any:
+    return pickle.loads(value.getvalue() if isinstance(value, io.BytesIO) else value)
+
+
+def read_distributed(folder: str) -> ExportSource:
+    """A distributed run's checkpoint: the model from ``folder``, the run config from the run's training checkpoints.
+
+    ``folder`` is a DCP checkpoint holding ``{"model": DistributedModelParallel.state_dict()}`` (the
+    best ones) or the full training state; keys are those of the wrapped module, whose RecBLR sits
+    under a prefix that is found from the item table's key.
+    """
+    full = _read_dcp(folder)
+    if "model" not in full:
+        raise ValueError(f"{folder} holds no 'model' state; keys: {', '.join(sorted(full))}")
+    model_state = full["model"]
+    tables = [key for key in model_state if key.endswith(ITEM_TABLE_KEY)]
+    if len(tables) != 1:
+        raise ValueError(f"{folder}: expected one item table (a key ending in {ITEM_TABLE_KEY}), found {tables}")
+    prefix = tables[0][: -len(ITEM_TABLE_KEY)]
+    state = {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
+    progress = _unpickle(full["progress"]) if "progress" in full else None
+    if progress is None:  # a best checkpoint holds only the model: the run's training checkpoint holds the rest
+        run_checkpoints = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+        latest = _latest_dcp(os.path.join(run_checkpoints, "dcp"))
+        if latest is None:
+            raise FileNotFoundError(
+                f"{folder} holds only model weights and no run config was found beside it "
+                f"(expected {os.path.join(run_checkpoints, 'dcp', DCP_LATEST)})"
+            )
+        progress = _unpickle(_read_dcp(latest)["progress"])
+    return ExportSource(
+        state_dict=state,
+        run_config=progress["config"],
+        num_embeddings=int(state[ITEM_TABLE_KEY].shape[0]),
+        epoch=int(progress["state"].get("best_epoch", progress["state"].get("epoch", 0))),
+        path=os.path.abspath(folder),
+        kind="distributed",
     )
 
 
 def read_checkpoint(path: str) -> ExportSource:
     kind, location = resolve_checkpoint(path)
     if kind == "distributed":
-        raise NotImplementedError(
-            f"{location} is a distributed (DCP) checkpoint, which the exporter cannot read yet; "
-            "gather it into a local checkpoint first"
-        )
+        return read_distributed(location)
     ckpt = load_checkpoint(location)
     missing = [key for key in ("model", "config", "num_embeddings") if key not in ckpt]
     if missing:
@@ -79,6 +149,12 @@ def read_checkpoint(path: str) -> ExportSource:
 
 
 def model_from_source(source: ExportSource) -> RecBLR:
+    context = source.run_config.get("context", {})
+    if context.get("user_buckets", 0):
+        raise NotImplementedError(
+            f"the run uses context features ({context}); the serving artifacts take item histories only, "
+            "so they would score without them: export a run with context.user_buckets=0"
+        )
     model = RecBLR(source.num_embeddings, RecBLRConfig(**source.run_config["model"]))
     model.load_state_dict(source.state_dict)
     return model.eval()
@@ -176,7 +252,12 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
         "padding_id": 0,
         "trained_max_len": source.run_config.get("data", {}).get("max_len"),
         "state": state_layout(config),
-        "checkpoint": {"path": source.path, "kind": source.kind, "epoch": source.epoch, "sha256": sha256(source.path)},
+        "checkpoint": {
+            "path": source.path,
+            "kind": source.kind,
+            "epoch": source.epoch,
+            "sha256": sha256(source.path) if os.path.isfile(source.path) else None,
+        },
         "run_config": source.run_config,
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -12,7 +12,7 @@ NUM_EMBEDDINGS = 41  # 40 items + the padding row
 def random_model(seed: int = 0, **overrides) -> RecBLR:
     """A small RecBLR with random (not initial) weights, so every parameter matters."""
     torch.manual_seed(seed)
-    config = RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0, **overrides)
+    config = RecBLRConfig(**{"embedding_dim": 8, "num_layers": 2, "dropout": 0.0, **overrides})
     model = RecBLR(NUM_EMBEDDINGS, config)
     with torch.no_grad():
         for p in model.parameters():

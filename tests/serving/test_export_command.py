@@ -69,7 +69,8 @@ def test_checkpoint_resolution(tmp_path):
     assert source.num_embeddings == model.num_embeddings and source.epoch == 3
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="distributed \\(DCP\\) checkpoint"):
+    assert resolve_checkpoint(str(tmp_path / "dcp")) == ("distributed", str(tmp_path / "dcp"))
+    with pytest.raises(RuntimeError, match="cannot read the distributed checkpoint"):
         read_checkpoint(str(tmp_path / "dcp"))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         read_checkpoint(str(tmp_path))
