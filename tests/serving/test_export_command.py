@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from recblr_torchrec.serving import read_checkpoint
+from recblr_torchrec.serving import export, read_checkpoint
 from recblr_torchrec.serving.export import resolve_checkpoint
 
 from .conftest import random_histories, random_model, write_checkpoint
@@ -72,6 +72,11 @@ def test_checkpoint_resolution(tmp_path):
     assert resolve_checkpoint(str(tmp_path / "dcp")) == ("distributed", str(tmp_path / "dcp"))
     with pytest.raises(RuntimeError, match="cannot read the distributed checkpoint"):
         read_checkpoint(str(tmp_path / "dcp"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
+    ckpt["config"]["context"] = {"user_buckets": 7, "embedding_dim": 0, "join": "input"}
+    torch.save(ckpt, tmp_path / "context.pt")
+    with pytest.raises(NotImplementedError, match="context features"):
+        export(str(tmp_path / "context.pt"), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         read_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
