@@ -10,7 +10,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .data.synthetic import SyntheticConfig
 from .modules.encoder import RecBLRConfig
+from .modules.recblr import ContextConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -25,7 +27,8 @@ class DataConfig:
         path: dataset file, relative to the data directory (``--data-dir`` or $RECBLR_DATA_DIR)
             unless absolute, e.g. ``ml-1m/ml-1m.txt.gz``.
         format: ``auto`` (from the file name), ``seq`` (line per user), ``inter`` (RecBole
-            atomic) or ``ratings`` (MovieLens ``::``-separated ratings.dat).
+            atomic), ``ratings`` (MovieLens ``::``-separated ratings.dat) or ``synthetic``
+            (generated from ``synthetic``, no file: the large-catalog workload).
         min_user_interactions / min_item_interactions: iterative k-core thresholds.
         max_len: T, the most recent items a sequence keeps.
         cache_dir: where CSR arrays are cached as .npy (default ~/.cache/recblr-torchrec).
@@ -39,6 +42,7 @@ class DataConfig:
     max_len: int = 200
     cache_dir: str = ""
     max_users: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -77,9 +81,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Full-ranking evaluation (SPEC.md section 3)."""
+    """Full-ranking evaluation (SPEC.md section 3); ``max_users`` > 0 evaluates the first users only
+    (for catalogs too large to rank for every user on a CPU)."""
 
     ks: List[int] = field(default_factory=lambda: [10, 20])
+    max_users: int = 0
     batch_size: int = 1024
     item_chunk_size: int = 65536
     valid_metric: str = "NDCG@10"
@@ -121,6 +127,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +254,10 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"train.negative_sampler={t.negative_sampler!r}; choose uniform or popularity")
     if t.loss == "sampled" and t.num_negatives < 1:
         raise ValueError(f"train.num_negatives={t.num_negatives} must be >= 1 with train.loss=sampled")
+    if config.context.join not in ("input", "output"):
+        raise ValueError(f"context.join={config.context.join!r}; choose input or output")
+    if config.context.user_buckets < 0 or config.context.embedding_dim < 0:
+        raise ValueError("context.user_buckets and context.embedding_dim must be >= 0 (0 = off / the model's d)")
     dc = config.distributed
     if dc.sparse_optimizer not in SPARSE_OPTIMIZERS:
         raise ValueError(

@@ -20,6 +20,7 @@ from .sequences import SequenceData
 
 ITEM_HISTORY = "item_history"
 ITEM_CANDIDATES = "item_candidates"  # the loss's candidate ids, looked up through the item table
+USER_BUCKET = "user_bucket"  # pooled context feature: the user id hashed into buckets
 HELD_OUT = {"valid": 2, "test": 1}  # items after the input: valid ends before the second-to-last
 
 
@@ -95,6 +96,8 @@ class Batch(Pipelineable):
         candidate_log_q: [C] log of the expected count of each candidate in the sampled set
             (sampled softmax's log-Q correction); None for the full catalog.
         global_targets: targets in the whole global batch (over all ranks); 0 = this batch's.
+        context: optional pooled context features for an EmbeddingBagCollection, one bag per
+            sequence (key ``user_bucket``: the user id hashed into buckets).
     """
 
     item_history: KeyedJaggedTensor
@@ -102,6 +105,7 @@ class Batch(Pipelineable):
     user_ids: Tensor
     candidate_log_q: Optional[Tensor] = None
     global_targets: int = 0
+    context: Optional[KeyedJaggedTensor] = None
 
     @property
     def offsets(self) -> Tensor:
@@ -115,13 +119,14 @@ class Batch(Pipelineable):
         return self.targets[self.offsets[1:] - 1]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        log_q = self.candidate_log_q
+        log_q, context = self.candidate_log_q, self.context
         return Batch(
             item_history=self.item_history.to(device=device, non_blocking=non_blocking),
             targets=self.targets.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             candidate_log_q=None if log_q is None else log_q.to(device=device, non_blocking=non_blocking),
             global_targets=self.global_targets,
+            context=None if context is None else context.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -130,15 +135,19 @@ class Batch(Pipelineable):
         self.user_ids.record_stream(stream)
         if self.candidate_log_q is not None:
             self.candidate_log_q.record_stream(stream)
+        if self.context is not None:
+            self.context.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         log_q = None if self.candidate_log_q is None else self.candidate_log_q.pin_memory()
+        context = None if self.context is None else self.context.pin_memory()
         return Batch(
             self.item_history.pin_memory(),
             self.targets.pin_memory(),
             self.user_ids.pin_memory(),
             log_q,
             self.global_targets,
+            context,
         )
 
     @property
@@ -167,8 +176,29 @@ class Batch(Pipelineable):
             last = min(first + max_sequences, len(self))
             lo, hi = int(offsets[first]), int(offsets[last])
             history = KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values[lo:hi], lengths=lengths[first:last])
-            parts.append(Batch(history, self.targets[lo:hi], self.user_ids[first:last]))
+            context = None if self.context is None else _slice_bags(self.context, first, last)
+            parts.append(Batch(history, self.targets[lo:hi], self.user_ids[first:last], context=context))
         return parts
+
+
+def _slice_bags(features: KeyedJaggedTensor, first: int, last: int) -> KeyedJaggedTensor:
+    """Bags ``first:last`` of a one-key KeyedJaggedTensor."""
+    offsets = features.offsets()
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values()[int(offsets[first]) : int(offsets[last])],
+        lengths=features.lengths()[first:last],
+    )
+
+
+def user_bucket_features(users: np.ndarray, buckets: int) -> KeyedJaggedTensor:
+    """Key ``user_bucket``: each user id hashed (multiplicatively) into ``buckets``, one per bag."""
+    hashed = (np.maximum(users, 0).astype(np.uint64) * np.uint64(2654435761)) % np.uint64(buckets)
+    return KeyedJaggedTensor(
+        keys=[USER_BUCKET],
+        values=torch.from_numpy(hashed.astype(np.int64)),
+        lengths=torch.ones(len(users), dtype=torch.int64),
+    )
 
 
 CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
@@ -181,11 +211,13 @@ def make_batch(
     candidates: Optional[CandidateFn] = None,
     batch_number: int = 0,
     fillers: int = 0,
+    user_buckets: int = 0,
 ) -> Batch:
     """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop).
 
     ``candidates(targets, batch_number) -> (ids, log_q)`` adds the loss's candidate set under
     key ``item_candidates``. The last ``fillers`` samples of ``index`` are filler rows: user -1, no targets.
+    ``user_buckets`` > 0 adds the pooled context feature ``user_bucket`` (``batch.context``).
     """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -203,6 +235,7 @@ def make_batch(
     if fillers:
         targets[offsets[len(index) - fillers] :] = 0
         users[len(index) - fillers :] = -1
+    context = user_bucket_features(users, user_buckets) if user_buckets else None
     if candidates is None:
         history = KeyedJaggedTensor(
             keys=[ITEM_HISTORY],
@@ -210,7 +243,7 @@ def make_batch(
             lengths=torch.from_numpy(lengths.astype(np.int64)),
             offsets=torch.from_numpy(offsets),
         )
-        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users))
+        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), context=context)
     ids, log_q = candidates(targets[targets > 0], batch_number)
     bags = np.zeros(len(index), dtype=np.int64)
     bags[0] = len(ids)
@@ -220,7 +253,7 @@ def make_batch(
         lengths=torch.from_numpy(np.concatenate([lengths.astype(np.int64), bags])),
     )
     log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
-    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q)
+    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context)
 
 
 class SampleBatches(Dataset):
@@ -234,7 +267,8 @@ class SampleBatches(Dataset):
     its contiguous share of each global batch (np.array_split), so the ranks together see
     exactly the single-process batches. A rank whose share is empty gets one filler row, so that
     every rank runs the same number of steps (each step is a collective). ``candidates`` adds
-    the loss's candidate set to every batch (see ``make_batch``).
+    the loss's candidate set to every batch and ``user_buckets`` the pooled context feature
+    (see ``make_batch``).
     """
 
     def __init__(
@@ -247,6 +281,7 @@ class SampleBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         candidates: Optional[CandidateFn] = None,
+        user_buckets: int = 0,
     ):
         if len(samples) == 0:
             raise ValueError("no samples: every user is too short for this split and protocol")
@@ -260,6 +295,7 @@ class SampleBatches(Dataset):
         self.rank = rank
         self.world_size = world_size
         self.candidates = candidates
+        self.user_buckets = user_buckets
         self.epoch = 0
         self.start_batch = 0
         self.order = np.arange(len(samples))
@@ -286,11 +322,12 @@ class SampleBatches(Dataset):
         first = number * self.batch_size
         index = self.order[first : first + self.batch_size]
         if self.world_size == 1:
-            return make_batch(self.items, self.samples, index, self.candidates, self._key(number))
+            return make_batch(self.items, self.samples, index, self.candidates, self._key(number), 0, self.user_buckets)
         share = np.array_split(index, self.world_size)[self.rank]
         fillers = 0 if len(share) else 1
         share = share if len(share) else index[:1]
-        batch = make_batch(self.items, self.samples, share, self.candidates, self._key(number), fillers)
+        key = self._key(number)
+        batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets)
         lengths = self.samples.lengths[index]
         batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
         return batch

@@ -55,9 +55,10 @@ def sharding_constraints(dc: DistributedConfig) -> Dict[str, ParameterConstraint
     constraints = {}
     for table in sorted(set(dc.sharding_types) | set(dc.compute_kernels)):
         sharding = dc.sharding_types.get(table)
+        default_kernel = "dense" if sharding == "data_parallel" else "fused"  # replicated tables train densely
         constraints[table] = ParameterConstraints(
             sharding_types=[sharding] if sharding else None,
-            compute_kernels=[dc.compute_kernels.get(table, "fused")],
+            compute_kernels=[dc.compute_kernels.get(table, default_kernel)],
         )
     return constraints
 

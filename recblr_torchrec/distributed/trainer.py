@@ -17,13 +17,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import RunConfig
-from ..data import SampleBatches, evaluation_samples, training_samples
+from ..data import SampleBatches, training_samples
 from ..data.batches import Batch
 from ..evaluation import evaluate
 from ..modules import RecBLR
 from ..training.checkpoint import restore_rng, rng_state
 from ..training.task import NextItemTask
-from ..training.trainer import METRICS_JSON, Trainer, _format_table, load_data, seed_everything, training_candidates
+from ..training.trainer import (
+    METRICS_JSON,
+    Trainer,
+    _format_table,
+    evaluation_users,
+    load_data,
+    seed_everything,
+    training_candidates,
+)
 from . import checkpoint
 from .env import DistEnv
 from .sharding import build_optimizer, shard_model
@@ -59,20 +67,23 @@ class DistributedTrainer(Trainer):
             rank=rank,
             world_size=world,
             candidates=training_candidates(config, self.data, distributed=True),
+            user_buckets=config.context.user_buckets,
         )
         self.eval_batches = {
             split: SampleBatches(
                 self.data,
-                evaluation_samples(self.data, max_len, split),
+                evaluation_users(self.data, max_len, split, e.max_users),
                 e.batch_size * world,
                 shuffle=False,
                 rank=rank,
                 world_size=world,
                 candidates=_no_candidates,
+                user_buckets=config.context.user_buckets,
             )
             for split in ("valid", "test")
         }
-        model = RecBLR(self.data.num_items + 1, config.model, device=torch.device("meta"), candidate_feature=True)
+        meta = torch.device("meta")
+        model = RecBLR(self.data.num_items + 1, config.model, meta, candidate_feature=True, context=config.context)
         self.dmp = shard_model(NextItemTask(model, world), config.distributed, t, env)
         self.model = self.dmp.module.model
         self.optimizer = build_optimizer(self.dmp, t)
@@ -211,6 +222,8 @@ class DistributedTrainer(Trainer):
         checkpoint.load(state, [], best)
         self.dmp.load_state_dict(state["model"])
         results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
+        rss = [0.0] * self.env.world_size
+        dist.all_gather_object(rss, round(peak_rss_mb(), 1))
         summary = {
             **results,
             "best_epoch": self.state["best_epoch"],
@@ -220,7 +233,7 @@ class DistributedTrainer(Trainer):
             "num_items": self.data.num_items,
             "world_size": self.env.world_size,
             "backend": self.env.backend,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb_per_rank": rss,
             "config": self.config.to_dict(),
         }
         if self.env.is_main:

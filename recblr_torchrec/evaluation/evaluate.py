@@ -46,7 +46,7 @@ def evaluate(
         metrics = RankingMetrics(ks)
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            users = last_positions(model(batch.item_history), batch.offsets)
+            users = last_positions(model(batch.item_history, batch.context), batch.offsets)
             targets = batch.last_targets()
             real = batch.user_ids >= 0
             if not bool(real.any()):  # a filler-only batch still takes part in the lookups

@@ -1,18 +1,37 @@
 """RecBLR as a TorchRec model: the item table in an EmbeddingCollection, the encoder on its output."""
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY
+from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY, USER_BUCKET
 from .encoder import RecBLRConfig, RecBLREncoder, init_weights
 
 ITEM_TABLE = "item"
+CONTEXT_USER_TABLE = "context_user"
+
+
+@dataclass
+class ContextConfig:
+    """Pooled context features in an EmbeddingBagCollection, joined to the encoder.
+
+    Args:
+        user_buckets: rows of the ``context_user`` table, indexed by the user id hashed into
+            buckets (feature ``user_bucket``); 0 = no context features (the paper's model).
+        embedding_dim: that table's width (0 = the model's d); projected to d by a linear layer.
+        join: ``input`` (added to every position's item embedding, before the encoder) or
+            ``output`` (added to every position's hidden vector, after it).
+    """
+
+    user_buckets: int = 0
+    embedding_dim: int = 0
+    join: str = "input"
 
 
 class RecBLR(nn.Module):
@@ -29,6 +48,8 @@ class RecBLR(nn.Module):
             loss's candidate ids carried by a training batch), so ``embed`` looks up histories
             and candidates in one call; every input KJT must then carry both keys (``lookup``,
             ``encode`` and ``item_table`` add an empty one).
+        context: pooled context features (an EmbeddingBagCollection, shardable like the item
+            table) and how they join the encoder; None or ``user_buckets=0``: none.
 
     Example::
 
@@ -47,6 +68,7 @@ class RecBLR(nn.Module):
         config: RecBLRConfig,
         device: Optional[torch.device] = None,
         candidate_feature: bool = False,
+        context: Optional[ContextConfig] = None,
     ):
         super().__init__()
         if num_embeddings < 2:
@@ -69,17 +91,56 @@ class RecBLR(nn.Module):
         )
         self.encoder = RecBLREncoder(config)
         init_weights(self.encoder)
+        self.context_embeddings: Optional[EmbeddingBagCollection] = None
+        self.context_join = "input"
+        if context is not None and context.user_buckets > 0:
+            if context.join not in ("input", "output"):
+                raise ValueError(f"context join {context.join!r}; choose input or output")
+            width = context.embedding_dim or config.embedding_dim
+            self.context_embeddings = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=CONTEXT_USER_TABLE,
+                        embedding_dim=width,
+                        num_embeddings=context.user_buckets,
+                        feature_names=[USER_BUCKET],
+                        pooling=PoolingType.SUM,
+                        init_fn=partial(nn.init.normal_, mean=0.0, std=0.02),
+                    )
+                ],
+                device=device,
+            )
+            self.context_proj = nn.Linear(width, config.embedding_dim)
+            self.context_join = context.join
 
-    def forward(self, item_history: KeyedJaggedTensor) -> Tensor:
-        """[N, d] hidden vector at every position of the jagged histories."""
+    def context_vectors(self, context: Optional[KeyedJaggedTensor]) -> Optional[Tensor]:
+        """[B, d] the pooled context of each sequence, projected; None for a model without context."""
+        if self.context_embeddings is None:
+            return None
+        if context is None:
+            raise ValueError("this model has context features: pass the batch's context (batch.context)")
+        return self.context_proj(self.context_embeddings(context).values().to(self.dtype))
+
+    def _encode_jagged(self, values: Tensor, offsets: Tensor, context: Optional[KeyedJaggedTensor]) -> Tensor:
+        vectors = self.context_vectors(context)
+        if vectors is None:
+            return self.encoder(values, offsets=offsets)
+        per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0)
+        if self.context_join == "input":
+            return self.encoder(values + per_position, offsets=offsets)
+        return self.encoder(values, offsets=offsets) + per_position
+
+    def forward(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
+        """[N, d] hidden vector at every position of the jagged histories (``context``: the batch's
+        pooled context features, for a model built with them)."""
         jagged = self.item_embeddings(item_history)[ITEM_HISTORY]
-        return self.encoder(jagged.values().to(self.dtype), offsets=jagged.offsets())
+        return self._encode_jagged(jagged.values().to(self.dtype), jagged.offsets(), context)
 
-    def embed(self, features: KeyedJaggedTensor) -> Tuple[Tensor, Tensor]:
+    def embed(self, features: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tuple[Tensor, Tensor]:
         """One lookup of histories and candidates: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
         embedded = self.item_embeddings(features)
         history = embedded[ITEM_HISTORY]
-        hidden = self.encoder(history.values().to(self.dtype), offsets=history.offsets())
+        hidden = self._encode_jagged(history.values().to(self.dtype), history.offsets(), context)
         return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
 
     def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
@@ -106,12 +167,12 @@ class RecBLR(nn.Module):
         device = self.encoder.input_norm.weight.device
         return self.lookup(torch.arange(start, end, device=device))
 
-    def score_last(self, item_history: KeyedJaggedTensor) -> Tensor:
+    def score_last(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """[B, V] scores of every table row after each history's last item."""
-        hidden = self(item_history)
+        hidden = self(item_history, context)
         return last_positions(hidden, item_history.offsets()) @ self.item_table().T
 
-    def encode(self, item_seq: Tensor, lengths: Tensor) -> Tensor:
+    def encode(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """Padded path: item_seq [B, T] right-padded with 0, lengths [B] -> hidden [B, T, d].
 
         Outputs at padded positions are zero.
@@ -122,11 +183,17 @@ class RecBLR(nn.Module):
             item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device)
         )
         embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
-        return self.encoder(embedded, lengths=lengths)
+        vectors = self.context_vectors(context)
+        if vectors is None:
+            return self.encoder(embedded, lengths=lengths)
+        if self.context_join == "input":
+            return self.encoder(embedded + vectors[:, None], lengths=lengths)
+        mask = torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
+        return self.encoder(embedded, lengths=lengths) + vectors[:, None] * mask[..., None]
 
-    def score(self, item_seq: Tensor, lengths: Tensor) -> Tensor:
+    def score(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """[B, V] scores of every table row (padding included) at position length-1."""
-        hidden = self.encode(item_seq, lengths)
+        hidden = self.encode(item_seq, lengths, context)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return last @ self.item_table().T
 

@@ -19,7 +19,7 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
     targets (a filler row) gives a zero loss that still touches every parameter, so all ranks
     run the same collectives.
     """
-    hidden, candidates = model.embed(batch.item_history)
+    hidden, candidates = model.embed(batch.item_history, batch.context)
     rows = torch.nonzero(batch.targets, as_tuple=True)[0]
     if rows.numel() == 0:
         return hidden.sum() * 0.0 + candidates.sum() * 0.0, 0

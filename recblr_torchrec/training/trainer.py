@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
-from ..data.batches import Batch, CandidateFn
+from ..data.batches import Batch, CandidateFn, Samples
 from ..data.negatives import FullCatalog, SampledCandidates, item_frequencies
+from ..data.synthetic import synthetic_sequences
 from ..evaluation import evaluate
 from ..modules import RecBLR
 from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_atomic
@@ -52,6 +53,8 @@ def resolve_data_path(path: str, data_dir: Optional[str]) -> str:
 
 def load_data(config: RunConfig, data_dir: Optional[str]) -> SequenceData:
     d = config.data
+    if d.format == "synthetic":
+        return synthetic_sequences(d.synthetic)
     data = load_sequences(
         resolve_data_path(d.path, data_dir),
         d.format,
@@ -66,6 +69,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def evaluation_users(data: SequenceData, max_len: int, split: str, max_users: int) -> Samples:
+    """The evaluation samples of ``split``, only the first ``max_users`` users when it is > 0."""
+    samples = evaluation_samples(data, max_len, split)
+    if max_users <= 0 or max_users >= len(samples):
+        return samples
+    return Samples(samples.starts[:max_users], samples.lengths[:max_users], samples.users[:max_users], False)
 
 
 def training_candidates(config: RunConfig, data: SequenceData, distributed: bool = False) -> Optional[CandidateFn]:
@@ -86,7 +97,7 @@ def next_item_loss(model: RecBLR, batch: Batch) -> Tensor:
     """
     if batch.candidates() is not None:
         return candidate_loss(model, batch)[0]
-    hidden = model(batch.item_history)
+    hidden = model(batch.item_history, batch.context)
     rows = torch.nonzero(batch.targets, as_tuple=True)[0]
     return full_softmax_loss(hidden[rows], batch.targets[rows], model.item_table())
 
@@ -112,13 +123,24 @@ class Trainer:
         max_len = config.data.max_len
         samples = training_samples(self.data, max_len, t.protocol)
         candidates = training_candidates(config, self.data)
-        self.train_batches = SampleBatches(self.data, samples, t.batch_size, True, t.seed, candidates=candidates)
+        buckets = config.context.user_buckets
+        self.train_batches = SampleBatches(
+            self.data, samples, t.batch_size, True, t.seed, candidates=candidates, user_buckets=buckets
+        )
         self.eval_batches = {
-            split: SampleBatches(self.data, evaluation_samples(self.data, max_len, split), e.batch_size, shuffle=False)
+            split: SampleBatches(
+                self.data,
+                evaluation_users(self.data, max_len, split, e.max_users),
+                e.batch_size,
+                False,
+                user_buckets=buckets,
+            )
             for split in ("valid", "test")
         }
         sampled = t.loss == "sampled"
-        self.model = RecBLR(self.data.num_items + 1, config.model, candidate_feature=sampled).to(self.device)
+        self.model = RecBLR(
+            self.data.num_items + 1, config.model, candidate_feature=sampled, context=config.context
+        ).to(self.device)
         self.optimizer = optimizer_factory(t)(self.model.parameters())
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state["stopped_early"] = False

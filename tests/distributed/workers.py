@@ -12,6 +12,7 @@ from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_
 from recblr_torchrec.distributed.env import DistEnv
 from recblr_torchrec.evaluation import evaluate
 from recblr_torchrec.modules import RecBLR
+from recblr_torchrec.modules.recblr import ContextConfig
 from recblr_torchrec.training.optimizers import optimizer_factory
 from recblr_torchrec.training.task import NextItemTask
 from recblr_torchrec.training.trainer import load_data, next_item_loss
@@ -27,9 +28,16 @@ def _no_candidates(targets, key):
     return np.empty(0, dtype=np.int64), None
 
 
-def _table(model) -> Dict[str, Any]:
-    """This rank's shards of the item table: {(row, col): tensor}."""
-    weight = model.state_dict()["model.item_embeddings.embeddings.item.weight"]
+ITEM_WEIGHT = "model.item_embeddings.embeddings.item.weight"
+CONTEXT_WEIGHT = "model.context_embeddings.embedding_bags.context_user.weight"
+CONTEXT = ContextConfig(user_buckets=13, join="input")
+
+
+def _table(model, key: str = ITEM_WEIGHT) -> Dict[str, Any]:
+    """This rank's shards of a table: {(row, col): tensor}."""
+    weight = model.state_dict()[key]
+    if not hasattr(weight, "local_shards"):  # data-parallel: replicated
+        return {(0, 0): weight.detach().clone()}
     return {tuple(s.metadata.shard_offsets): s.tensor.detach().clone() for s in weight.local_shards()}
 
 
@@ -40,7 +48,10 @@ def _assert_table(shards: Dict[Any, torch.Tensor], full: torch.Tensor, what: str
 
 
 def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Dict[str, Any]:
-    """Forward (TW/RW/CW), one step (SGD; Adagrad row-wise) and evaluation against local mode."""
+    """Forward (TW/RW/CW), one step (SGD; Adagrad row-wise) and evaluation against local mode.
+
+    The model has both collections: the item table (EmbeddingCollection) and a user-bucket
+    context table (EmbeddingBagCollection, joined at the encoder's input), sharded alike."""
     from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
 
     config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.dropout=0.0", "train.lr=0.05"])
@@ -49,32 +60,39 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
     samples = training_samples(data, config.data.max_len, config.train.protocol)
     catalog = FullCatalog(num_embeddings)
-    whole = SampleBatches(data, samples, 16, True, seed=7, candidates=catalog)
-    mine = SampleBatches(data, samples, 16, True, seed=7, rank=rank, world_size=world, candidates=catalog)
+    whole = SampleBatches(data, samples, 16, True, seed=7, candidates=catalog, user_buckets=13)
+    mine = SampleBatches(data, samples, 16, True, 7, rank, world, candidates=catalog, user_buckets=13)
     whole.set_epoch(1)
     mine.set_epoch(1)
     global_batch, my_batch = whole[0], mine[0]
     torch.manual_seed(0)
-    reference = RecBLR(num_embeddings, config.model, candidate_feature=True)
+    reference = RecBLR(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
     full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
     checked = []
-    cases = [("table_wise", "sgd"), ("row_wise", "sgd"), ("column_wise", "sgd"), ("row_wise", "adagrad")]
-    for sharding, optimizer in cases:
+    # (item table, context table, optimizer); TorchRec has no row-wise EmbeddingBagCollection on CPU.
+    cases = [
+        ("table_wise", "table_wise", "sgd"),
+        ("row_wise", "column_wise", "sgd"),
+        ("column_wise", "column_wise", "sgd"),
+        ("row_wise", "data_parallel", "adagrad"),
+    ]
+    for sharding, context_sharding, optimizer in cases:
         config.train.optimizer = optimizer
-        dc = DistributedConfig(sharding_types={"item": sharding}, sparse_optimizer=optimizer, timeout_s=60)
-        meta = RecBLR(num_embeddings, config.model, device=torch.device("meta"), candidate_feature=True)
+        types = {"item": sharding, "context_user": context_sharding}
+        dc = DistributedConfig(sharding_types=types, sparse_optimizer=optimizer, timeout_s=60)
+        meta = RecBLR(num_embeddings, config.model, torch.device("meta"), candidate_feature=True, context=CONTEXT)
         dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
         copy_into_sharded(dmp, full_state)
         plan = str(dmp.plan)
-        assert sharding in plan, plan
+        assert sharding in plan and context_sharding in plan, plan
         # Forward: sharded lookup + encoder on this rank's slice == the unsharded model's.
         with torch.no_grad():
-            hidden, candidates = dmp.module.model.embed(my_batch.item_history)
-            ref_hidden, ref_candidates = reference.embed(my_batch.item_history)
+            hidden, candidates = dmp.module.model.embed(my_batch.item_history, my_batch.context)
+            ref_hidden, ref_candidates = reference.embed(my_batch.item_history, my_batch.context)
         torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(candidates, ref_candidates, rtol=1e-5, atol=1e-6)
         # One step on 2 ranks == one local step on the global batch, same optimizer.
-        local = RecBLR(num_embeddings, config.model, candidate_feature=True)
+        local = RecBLR(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
         local.load_state_dict(reference.state_dict())
         local_opt = optimizer_factory(config.train)(local.parameters())
         local_loss = next_item_loss(local, global_batch)
@@ -87,16 +105,21 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
         total = share.detach() / world
         torch.distributed.all_reduce(total)
         torch.testing.assert_close(total, local_loss.detach(), rtol=1e-5, atol=1e-6)
-        for name, value in local.encoder.state_dict().items():
-            sharded = dmp.module.model.encoder.state_dict()[name]
+        local_context = local.context_embeddings.embedding_bags["context_user"].weight.detach()
+        _assert_table(_table(dmp, CONTEXT_WEIGHT), local_context, f"{sharding} context table")
+        sharded_dense = dmp.module.model.state_dict()
+        for name, value in local.state_dict().items():
+            if name.endswith(".weight") and ("item_embeddings" in name or "context_embeddings" in name):
+                continue
+            sharded = sharded_dense[name]
             torch.testing.assert_close(sharded, value, rtol=1e-4, atol=1e-6, msg=f"{sharding} {name}")
         _assert_table(_table(dmp), local.item_embeddings.embeddings["item"].weight.detach(), f"{sharding} table")
-        checked.append(f"{sharding}/{optimizer}")
+        checked.append(f"{sharding}/{context_sharding}/{optimizer}")
     # Evaluation over ranks (with a filler row on rank 1) == single-process evaluation.
     e = config.eval
     split = evaluation_samples(data, config.data.max_len, "valid")
-    ranked = SampleBatches(data, split, 30, False, rank=rank, world_size=world, candidates=_no_candidates)
-    single = SampleBatches(data, split, 30, False, candidates=_no_candidates)
+    ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=_no_candidates, user_buckets=13)
+    single = SampleBatches(data, split, 30, False, candidates=_no_candidates, user_buckets=13)
     merged = evaluate(dmp.module.model, ranked, env.device, e.ks, e.item_chunk_size, torch.distributed.group.WORLD)
     alone = evaluate(local, single, env.device, e.ks, e.item_chunk_size)
     fillers = sum(int((b.user_ids < 0).sum()) for b in ranked)
