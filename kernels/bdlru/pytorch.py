@@ -11,11 +11,13 @@ from ..linear_scan.pytorch import linear_scan_pytorch
 MIN_BETA_SQUARE = 1e-12  # keeps sqrt differentiable where alpha rounds to 1
 
 
-def bdlru_gates(gate_logits: Tensor, decay_param: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log alpha, beta), each [..., D], from the gate logits [..., 2D] and Lambda [D]."""
+def bdlru_gates(
+    gate_logits: Tensor, decay_param: Tensor, min_beta_square: float = MIN_BETA_SQUARE
+) -> Tuple[Tensor, Tensor]:
+    """(log alpha, beta), each [..., D], from the gate logits [..., 2D] and Lambda [D]. TorchScript-compatible."""
     r, i = gate_logits.chunk(2, dim=-1)
     log_alpha = -F.softplus(decay_param) * torch.sigmoid(r)
-    beta = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_alpha), MIN_BETA_SQUARE)) * torch.sigmoid(i)
+    beta = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_alpha), min_beta_square)) * torch.sigmoid(i)
     return log_alpha, beta
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import ScanBackend, linear_scan
+from ..kernels.bdlru import bdlru, bdlru_gates
 from ..kernels.linear_scan.pytorch import packed_positions, scan_sequential
 
 # Base decays exp(-softplus(Lambda)) run from 0.9 to 0.999 across channels at initialisation.
@@ -136,19 +137,12 @@ class GatedRecurrent(nn.Module):
 
     def gates(self, c: Tensor) -> Tuple[Tensor, Tensor]:
         """(log alpha, beta) from the conv output c [..., D]."""
-        r, i = self.gate_proj(c).chunk(2, dim=-1)
-        log_alpha = -F.softplus(self.decay_param) * torch.sigmoid(r)
-        # The floor keeps sqrt differentiable where alpha rounds to 1 (a literal: TorchScript reads no float globals).
-        beta = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_alpha), 1e-12)) * torch.sigmoid(i)
-        return log_alpha, beta
+        return bdlru_gates(self.gate_proj(c), self.decay_param)
 
-    def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
-        return self.sequence(hidden, offsets, positions)[0]
-
-    def sequence(
+    def conv_branch(
         self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """(Y, x, h): the output, the conv input x and the recurrent state h at every position [..., D]."""
+        """(x, z, c): the conv input, the output-gate input and c = SiLU(causal conv(x)), each [..., D]."""
         x, z = self.input_proj(hidden).chunk(2, dim=-1)
         bias = self.conv.bias
         assert bias is not None  # always built with a bias; refines Optional for TorchScript
@@ -158,6 +152,22 @@ class GatedRecurrent(nn.Module):
             if positions is None:
                 raise ValueError("packed input needs positions (index of each row inside its sequence)")
             c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
+        return x, z, c
+
+    def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+        if not torch.jit.is_scripting():
+            if self.scan_backend == ScanBackend.TRITON and not torch.compiler.is_exporting():
+                # One fused kernel for gates, scan and output gate (kernels/bdlru).
+                _, z, c = self.conv_branch(hidden, offsets, positions)
+                gated = bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
+                return self.output_proj(gated)
+        return self.sequence(hidden, offsets, positions)[0]
+
+    def sequence(
+        self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(Y, x, h): the output, the conv input x and the recurrent state h at every position [..., D]."""
+        x, z, c = self.conv_branch(hidden, offsets, positions)
         log_alpha, beta = self.gates(c)
         if torch.jit.is_scripting():
             h = scan_scripted(log_alpha, beta * c, offsets)
