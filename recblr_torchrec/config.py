@@ -58,6 +58,8 @@ class TrainConfig:
     deduplicated targets plus ``num_negatives`` drawn by ``negative_sampler``, ``uniform`` or
     ``popularity``, with log-Q correction and accidental hits masked), for large catalogs.
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (0 = epoch ends).
+    ``max_steps_per_epoch``: distributed runs end each epoch after that many steps (0 = all);
+    for throughput measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
     """
 
@@ -77,6 +79,7 @@ class TrainConfig:
     num_negatives: int = 1024
     negative_sampler: str = "uniform"
     checkpoint_every: int = 0
+    max_steps_per_epoch: int = 0
 
 
 @dataclass

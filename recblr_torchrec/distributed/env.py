@@ -29,6 +29,24 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
+def _attempt_store(rank: int, world_size: int, attempt: str, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store seen through a prefix unique to this restart attempt.
+
+    After torchrun restarts crashed workers (--max-restarts), the store can still hold the
+    previous attempt's gloo addresses under the same keys; measured here, the restarted ranks
+    then dial the dead processes' ports and fail. A per-attempt prefix keeps the rounds apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_store,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"recblr/attempt_{attempt}", store)
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600, device: str = "auto") -> DistEnv:
     """Joins the process group torchrun described (env:// rendezvous): gloo on CPU, NCCL on GPU.
 
@@ -48,6 +66,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600, device: str = 
     if chosen == "nccl" and not use_cuda:
         raise ValueError("distributed.backend=nccl needs GPUs; use gloo (or auto) on CPU")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = {"device_id": where} if chosen == "nccl" else {}
-        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and attempt != "0":
+            kwargs.update(store=_attempt_store(rank, world_size, attempt, timeout), rank=rank, world_size=world_size)
+        dist.init_process_group(chosen, timeout=timeout, **kwargs)
     return DistEnv(rank, world_size, local_rank, local_world_size, where, chosen)

@@ -94,12 +94,8 @@ class DistributedTrainer(Trainer):
         self.stop_at_step = 0  # tests: every rank stops (as if killed) after this global step
         if env.is_main:
             os.makedirs(output_dir, exist_ok=True)
-        self.pipeline = None
-        use_pipeline = config.distributed.pipeline
-        if use_pipeline == "sparse_dist" or (use_pipeline == "auto" and env.device.type == "cuda"):
-            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-            self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, env.device)
+        pipeline = config.distributed.pipeline
+        self.use_pipeline = pipeline == "sparse_dist" or (pipeline == "auto" and env.device.type == "cuda")
 
     def evaluate(self, split: str) -> Dict[str, float]:
         e = self.config.eval
@@ -163,17 +159,25 @@ class DistributedTrainer(Trainer):
         return float(loss.detach()) / self.env.world_size
 
     def _steps(self, loader) -> Iterator[float]:
-        if self.pipeline is None:
+        """This rank's loss share of each step: plain steps, or TrainPipelineSparseDist (which
+        overlaps the next batches' copy to the GPU and input all-to-all with this step)."""
+        if not self.use_pipeline:
             for batch in loader:
                 yield self.train_step(batch.to(self.device, non_blocking=True))
             return
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device)
         iterator = iter(loader)
-        while True:
-            try:
-                loss, _ = self.pipeline.progress(iterator)
-            except StopIteration:
-                return
-            yield float(loss.detach()) / self.env.world_size
+        try:
+            while True:
+                try:
+                    stats = pipeline.progress(iterator)
+                except StopIteration:
+                    return
+                yield float(stats[0]) / self.env.world_size
+        finally:
+            pipeline.detach()  # the sharded modules' own forwards back, for evaluation
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         self.dmp.train()
@@ -197,6 +201,8 @@ class DistributedTrainer(Trainer):
                 self.save_checkpoint()
             if s["step"] == self.stop_at_step:
                 raise Interrupted(f"stopped after step {s['step']}")
+            if s["batch"] == self.config.train.max_steps_per_epoch:
+                break
         total = torch.tensor([s["loss_sum"]], dtype=torch.float64)
         dist.all_reduce(total)
         steps = max(s["batch"], 1)

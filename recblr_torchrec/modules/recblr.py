@@ -2,13 +2,13 @@
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY, USER_BUCKET
 from .encoder import RecBLRConfig, RecBLREncoder, init_weights
@@ -113,16 +113,33 @@ class RecBLR(nn.Module):
             self.context_proj = nn.Linear(width, config.embedding_dim)
             self.context_join = context.join
 
-    def context_vectors(self, context: Optional[KeyedJaggedTensor]) -> Optional[Tensor]:
-        """[B, d] the pooled context of each sequence, projected; None for a model without context."""
+    def pool_context(self, context: Optional[KeyedJaggedTensor]) -> Optional[KeyedTensor]:
+        """The EmbeddingBagCollection's pooled output for ``context``; None for a model without context."""
         if self.context_embeddings is None:
             return None
         if context is None:
             raise ValueError("this model has context features: pass the batch's context (batch.context)")
-        return self.context_proj(self.context_embeddings(context).values().to(self.dtype))
+        return self.context_embeddings(context)
+
+    def context_vectors(self, context: Optional[KeyedJaggedTensor]) -> Optional[Tensor]:
+        """[B, d] the pooled context of each sequence, projected; None for a model without context."""
+        return self._project(self.pool_context(context))
+
+    def _project(self, pooled: Optional[KeyedTensor]) -> Optional[Tensor]:
+        return None if pooled is None else self.context_proj(pooled.values().to(self.dtype))
+
+    def after_lookup(
+        self, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """The dense part on the lookups' outputs: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
+        history = embedded[ITEM_HISTORY]
+        hidden = self._encode_with(history.values().to(self.dtype), history.offsets(), self._project(pooled))
+        return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
 
     def _encode_jagged(self, values: Tensor, offsets: Tensor, context: Optional[KeyedJaggedTensor]) -> Tensor:
-        vectors = self.context_vectors(context)
+        return self._encode_with(values, offsets, self.context_vectors(context))
+
+    def _encode_with(self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor]) -> Tensor:
         if vectors is None:
             return self.encoder(values, offsets=offsets)
         per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0)
@@ -138,10 +155,7 @@ class RecBLR(nn.Module):
 
     def embed(self, features: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tuple[Tensor, Tensor]:
         """One lookup of histories and candidates: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
-        embedded = self.item_embeddings(features)
-        history = embedded[ITEM_HISTORY]
-        hidden = self._encode_jagged(history.values().to(self.dtype), history.offsets(), context)
-        return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
+        return self.after_lookup(self.item_embeddings(features), self.pool_context(context))
 
     def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
         """The KJT of histories this model's table expects (an empty candidate bag added if needed)."""

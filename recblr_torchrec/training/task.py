@@ -1,10 +1,11 @@
 """The training objective as a module, ``forward(batch) -> (loss, targets)``: what
 DistributedModelParallel wraps and TrainPipelineSparseDist drives."""
 
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from ..data.batches import Batch
 from ..modules import RecBLR
@@ -20,6 +21,11 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
     run the same collectives.
     """
     hidden, candidates = model.embed(batch.item_history, batch.context)
+    return loss_on_lookups(model, batch, hidden, candidates)
+
+
+def loss_on_lookups(model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor) -> Tuple[Tensor, int]:
+    """``candidate_loss`` after the lookups and the encoder."""
     rows = torch.nonzero(batch.targets, as_tuple=True)[0]
     if rows.numel() == 0:
         return hidden.sum() * 0.0 + candidates.sum() * 0.0, 0
@@ -35,22 +41,48 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
     return loss, rows.numel()
 
 
+class _AfterLookup(nn.Module):
+    """Everything after the lookups (context join, encoder, loss) as one module.
+
+    TrainPipelineSparseDist fx-traces the model to find the sharded modules' inputs; modules
+    without sharded children are leaves, so this keeps the data-dependent loss code out of the
+    trace. It refers to the RecBLR without registering it (its parameters stay where they are).
+    """
+
+    def __init__(self, model: RecBLR, world_size: int):
+        super().__init__()
+        self.__dict__["recblr"] = model
+        self.world_size = world_size
+
+    def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
+        model: RecBLR = self.__dict__["recblr"]
+        hidden, candidates = model.after_lookup(embedded, pooled)
+        loss, count = loss_on_lookups(model, batch, hidden, candidates)
+        scaled = loss * (count * self.world_size / batch.num_targets)
+        return scaled, torch.stack([scaled.detach(), torch.tensor(float(count), device=scaled.device)])
+
+
 class NextItemTask(nn.Module):
-    """RecBLR plus its loss, as ``forward(batch) -> (loss, number of targets)``.
+    """RecBLR plus its loss, as ``forward(batch) -> (loss, [loss (detached), number of targets])``
+    (TrainPipelineSparseDist's ``progress`` returns the second element).
 
     This batch's share of the global batch's mean loss is (sum over its targets) / (targets in
     the global batch); the returned loss is ``world_size`` times that, because data-parallel
     gradients are averaged over ranks (DDP for the dense part, TorchRec's all-to-all backward
     for the tables): the average of the ranks' gradients is then the global batch's gradient.
     Divide by ``world_size`` to report it (``loss / world_size`` summed over ranks is the mean).
+    The forward is only the lookups and a call, so TrainPipelineSparseDist can trace it.
     """
 
     def __init__(self, model: RecBLR, world_size: int = 1):
         super().__init__()
         self.model = model
         self.world_size = world_size
+        self.dense = _AfterLookup(model, world_size)
 
     def forward(self, batch: Batch) -> Tuple[Tensor, Tensor]:
-        loss, count = candidate_loss(self.model, batch)
-        scaled = loss * (count * self.world_size / batch.num_targets)
-        return scaled, torch.tensor(count, device=scaled.device)
+        embedded = self.model.item_embeddings(batch.item_history)
+        pooled = None
+        if self.model.context_embeddings is not None:
+            pooled = self.model.context_embeddings(batch.context)
+        return self.dense(batch, embedded, pooled)

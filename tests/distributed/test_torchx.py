@@ -24,12 +24,13 @@ def torchx(args, extra_env=None, timeout=300):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_training(tmp_path, name, data_dir, topology, component_args=(), extra_env=None):
+def run_training(tmp_path, name, data_dir, topology, component_args=(), extra_env=None, overrides=()):
     out = tmp_path / name
-    script_args = ["--data-dir", data_dir, "--output-dir", str(out), "--set", *OVERRIDES]
+    script_args = ["--data-dir", data_dir, "--output-dir", str(out), "--set", *OVERRIDES, *overrides]
     script_args.append(f"data.cache_dir={tmp_path / 'cache'}")
     args = ["-s", "local_cwd", "dist.ddp", "-j", topology, "--rdzv_port", str(free_port()), *component_args]
     result = torchx([*args, "--script", "launchers/train.py", "--", *script_args], extra_env)
+    (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0 and "SUCCEEDED" in result.stderr + result.stdout, result.stderr[-4000:]
     return json.loads((out / "metrics.json").read_text()), result.stdout + result.stderr
 
@@ -41,7 +42,8 @@ def runs(tmp_path_factory, data_dir):
     # since local_cwd has no scheduler retries) and they resume from the checkpoint at step 2.
     crash = {"PET_MAX_RESTARTS": "1", "RECBLR_FAIL_AT_STEP": "3"}
     one_node = run_training(tmp, "1x2", data_dir, "1x2", ["--max_retries", "1"], crash)
-    two_nodes = run_training(tmp, "2x1", data_dir, "2x1")
+    # 2x1 through TrainPipelineSparseDist (what GPUs use), so equal metrics also check it against plain steps.
+    two_nodes = run_training(tmp, "2x1", data_dir, "2x1", overrides=["distributed.pipeline=sparse_dist"])
     return one_node, two_nodes
 
 
@@ -51,7 +53,7 @@ def test_torchx_1x2_run_restarts_a_crashed_worker_and_resumes(runs):
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo" and metrics["epochs"] == 2
 
 
-def test_torchx_2x1_run_over_two_nodes_ends_where_the_resumed_1x2_run_ends(runs):
+def test_torchx_2x1_pipelined_run_over_two_nodes_ends_where_the_resumed_1x2_run_ends(runs):
     (one_node, _), (two_nodes, log) = runs
     assert two_nodes["world_size"] == 2 and "resuming" not in log
     assert two_nodes["test"] == one_node["test"] and two_nodes["valid"] == one_node["valid"]

@@ -147,14 +147,14 @@ def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Di
     copy_into_sharded(dmp, {f"model.{k}": v for k, v in reference.state_dict().items()})
     before = _table(dmp)
     opt = build_optimizer(dmp, config.train)
-    share, count = dmp(batch)
+    share, stats = dmp(batch)
     share.backward()
     opt.step()
     local_share, local_count = NextItemTask(reference, world)(batch)
     return {
         "share": float(share),
         "local_share": float(local_share),
-        "count": int(count),
+        "count": int(stats[1]),
         "changed": sum(int((before[k] != v).any(dim=1).sum()) for k, v in _table(dmp).items()),
     }
 
