@@ -203,7 +203,7 @@ class DistributedTrainer(Trainer):
                 raise Interrupted(f"stopped after step {s['step']}")
             if s["batch"] == self.config.train.max_steps_per_epoch:
                 break
-        total = torch.tensor([s["loss_sum"]], dtype=torch.float64)
+        total = torch.tensor([s["loss_sum"]], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(total)
         steps = max(s["batch"], 1)
         seconds = time.perf_counter() - start
@@ -230,6 +230,9 @@ class DistributedTrainer(Trainer):
         results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
         rss = [0.0] * self.env.world_size
         dist.all_gather_object(rss, round(peak_rss_mb(), 1))
+        gpu = [0.0] * self.env.world_size
+        if self.device.type == "cuda":
+            dist.all_gather_object(gpu, round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1))
         summary = {
             **results,
             "best_epoch": self.state["best_epoch"],
@@ -240,12 +243,14 @@ class DistributedTrainer(Trainer):
             "world_size": self.env.world_size,
             "backend": self.env.backend,
             "peak_rss_mb_per_rank": rss,
+            "peak_gpu_mb_per_rank": gpu,
             "config": self.config.to_dict(),
         }
         if self.env.is_main:
             with open(os.path.join(self.output_dir, METRICS_JSON), "w") as f:
                 json.dump(summary, f, indent=2)
             print(_format_table(results), flush=True)
+            print(f"peak memory per rank: host {rss} MB, GPU {gpu} MB", flush=True)
         return summary
 
 

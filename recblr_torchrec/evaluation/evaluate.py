@@ -56,7 +56,9 @@ def evaluate(
             metrics.update(ranks)
         if process_group is not None:
             merged = torch.cat([metrics.sums, torch.tensor([float(metrics.count)], dtype=torch.float64)])
+            merged = merged.to(device)  # NCCL reduces GPU tensors only
             dist.all_reduce(merged, group=process_group)
+            merged = merged.cpu()
             metrics.sums, metrics.count = merged[:-1], int(merged[-1])
         return metrics.compute()
     finally:
