@@ -27,7 +27,7 @@ for t in range(inputs["ids"].shape[1]):
     new_state, _, _ = step(state, torch.where(real, inputs["ids"][:, t], torch.ones_like(real, dtype=torch.long)), 5)
     state = torch.where(real.unsqueeze(1), new_state, state)
 torch.save({"scores": scores, "items": items, "state": state, "user_state": scorer.user_state(inputs["ids"],
-           inputs["lengths"]), "modules": sorted(m for m in sys.modules if "torchrec" in m)}, out + "/fresh.pt")
+           inputs["lengths"]), "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "recblr_torchrec", "fbgemm_gpu"))}, out + "/fresh.pt")
 """
 
 
