@@ -26,8 +26,11 @@ for t in range(inputs["ids"].shape[1]):
     real = t < inputs["lengths"]
     new_state, _, _ = step(state, torch.where(real, inputs["ids"][:, t], torch.ones_like(real, dtype=torch.long)), 5)
     state = torch.where(real.unsqueeze(1), new_state, state)
-torch.save({"scores": scores, "items": items, "state": state, "user_state": scorer.user_state(inputs["ids"],
-           inputs["lengths"]), "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "recblr_torchrec", "fbgemm_gpu"))}, out + "/fresh.pt")
+project = ("torchrec", "recblr_torchrec", "fbgemm_gpu")
+modules = sorted(m for m in sys.modules if m.split(".")[0] in project)
+user_state = scorer.user_state(inputs["ids"], inputs["lengths"])
+torch.save({"scores": scores, "items": items, "state": state, "user_state": user_state, "modules": modules},
+           out + "/fresh.pt")
 """
 
 
