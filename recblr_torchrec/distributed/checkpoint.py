@@ -36,10 +36,11 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return path
 
 
-def save(state: Dict[str, Any], objects: Dict[str, Any], root: str, name: str) -> str:
+def save(state: Dict[str, Any], objects: Dict[str, Any], root: str, name: str, keep: int = KEEP) -> str:
     """Writes ``state`` (tensors, ShardedTensors) plus pickled ``objects`` as checkpoint ``name``.
 
-    ``objects`` keys that differ by rank (``rank<r>``) are written by their rank only.
+    ``objects`` keys that differ by rank (``rank<r>``) are written by their rank only. The newest
+    ``keep`` checkpoints under ``root`` are kept (a 10M-row table is gigabytes per copy).
     """
     path = os.path.join(root, name)
     full = dict(state)
@@ -52,7 +53,7 @@ def save(state: Dict[str, Any], objects: Dict[str, Any], root: str, name: str) -
             f.write(name)
         os.replace(tmp, os.path.join(root, LATEST))
         old = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
-        for stale in old[: max(0, len(old) - (KEEP - 1))]:
+        for stale in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     dist.barrier()
     return path

@@ -146,7 +146,7 @@ class DistributedTrainer(Trainer):
         self.save_checkpoint()
         if improved:
             root = os.path.join(self.output_dir, "checkpoints", "dcp-best")
-            checkpoint.save({"model": self.dmp.state_dict()}, {}, root, f"step-{self.state['step']:09d}")
+            checkpoint.save({"model": self.dmp.state_dict()}, {}, root, f"step-{self.state['step']:09d}", keep=1)
 
     # Training ------------------------------------------------------------------------------
 
