@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,33 @@ def test_a_target_outside_the_candidate_set_is_refused():
         sampled_softmax_loss(
             torch.randn(1, 2), torch.tensor([4]), torch.tensor([1, 2]), torch.randn(2, 2), torch.zeros(2)
         )
+
+
+def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(data_dir, tmp_path):
+    """The distributed path (candidates 1..V-1 looked up with the histories) == the local path."""
+    from recblr_torchrec.config import load_config
+    from recblr_torchrec.data import SampleBatches, training_samples
+    from recblr_torchrec.data.negatives import FullCatalog
+    from recblr_torchrec.modules import RecBLR
+    from recblr_torchrec.training.trainer import load_data, next_item_loss
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    overrides = ["data.max_users=40", "model.embedding_dim=16", "model.dropout=0.0", f"data.cache_dir={tmp_path}"]
+    config = load_config(os.path.join(root, "configs", "tiny.yaml"), overrides)
+    data = load_data(config, data_dir)
+    samples = training_samples(data, 20, "all_positions")
+    plain = SampleBatches(data, samples, 8, True, seed=1)
+    carried = SampleBatches(data, samples, 8, True, seed=1, candidates=FullCatalog(data.num_items + 1))
+    plain.set_epoch(1)
+    carried.set_epoch(1)
+    torch.manual_seed(0)
+    model = RecBLR(data.num_items + 1, config.model, candidate_feature=True)
+    local_model = RecBLR(data.num_items + 1, config.model)
+    local_model.load_state_dict(model.state_dict())
+    local = next_item_loss(local_model, plain[0])
+    local_grads = torch.autograd.grad(local, list(local_model.parameters()))
+    distributed = next_item_loss(model, carried[0])
+    grads = torch.autograd.grad(distributed, list(model.parameters()))
+    torch.testing.assert_close(distributed, local, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, local_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
