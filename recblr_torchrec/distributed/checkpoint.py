@@ -60,10 +60,16 @@ def save(state: Dict[str, Any], objects: Dict[str, Any], root: str, name: str, k
 
 
 def load(state: Dict[str, Any], object_keys: list, path: str) -> Dict[str, Any]:
-    """Loads checkpoint ``path`` into ``state`` in place; returns the unpickled objects."""
+    """Loads checkpoint ``path`` into ``state`` in place; returns the unpickled objects.
+
+    Objects the checkpoint lacks are left out of the result (a rank that did not exist when it
+    was written: DCP reshards the tables for the new world size, per-rank objects cannot be).
+    """
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    present = [key for key in object_keys if key in saved]
     full = dict(state)
-    full.update({key: b"" for key in object_keys})
+    full.update({key: b"" for key in present})
     dcp.load(full, checkpoint_id=path)
     for key in state:
         state[key] = full[key]
-    return {key: pickle.loads(full[key]) for key in object_keys}
+    return {key: pickle.loads(full[key]) for key in present}

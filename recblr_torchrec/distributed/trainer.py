@@ -109,7 +109,12 @@ class DistributedTrainer(Trainer):
 
     def _objects(self) -> Dict[str, Any]:
         return {
-            "progress": {"state": self.state, "history": self.history, "config": self.config.to_dict()},
+            "progress": {
+                "state": self.state,
+                "history": self.history,
+                "config": self.config.to_dict(),
+                "world_size": self.env.world_size,
+            },
             f"rank{self.env.rank}": {"rng": rng_state(), "loss_sum": self.state["loss_sum"]},
         }
 
@@ -137,7 +142,14 @@ class DistributedTrainer(Trainer):
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state, self.history = objects["progress"]["state"], objects["progress"]["history"]
-        mine = objects[f"rank{self.env.rank}"]
+        mine = objects.get(f"rank{self.env.rank}")
+        if mine is None or objects["progress"].get("world_size", self.env.world_size) != self.env.world_size:
+            # Restarted on a different number of ranks (e.g. fewer nodes): tables and optimizer
+            # states are resharded by DCP and the global batches are the same, but per-rank RNG
+            # streams and loss sums cannot carry over; reseed from (seed, step, rank).
+            self.state["loss_sum"] = 0.0
+            seed_everything(hash((self.config.train.seed, self.state["step"], self.env.rank)) % 2**31)
+            return True
         self.state["loss_sum"] = mine["loss_sum"]
         restore_rng(mine["rng"])
         return True

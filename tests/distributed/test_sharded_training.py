@@ -4,7 +4,7 @@ DCP kill-and-resume: each test is one spawned 2-process gloo run with short time
 import pytest
 
 from .spawn import run_on_ranks
-from .workers import kill_and_resume, sampled_softmax_step, sharded_equals_local
+from .workers import kill_and_resume, resume_on_fewer_ranks, sampled_softmax_step, sharded_equals_local
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +42,6 @@ def test_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, dat
         assert straight == resumed
         assert result["metrics"][0] == result["metrics"][1]
         assert result["same_table"] and result["same_dense"]
+    (tmp_path / "one").mkdir()
+    (fewer,) = run_on_ranks(resume_on_fewer_ranks, tmp_path / "one", data_dir, cache, str(tmp_path), world=1)
+    assert fewer == {"resumed_after_epoch": 2, "epochs": [1, 2, 3]}

@@ -196,3 +196,18 @@ def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) 
         "same_table": same_table,
         "same_dense": same_dense,
     }
+
+
+def resume_on_fewer_ranks(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
+    """The 2-rank run's checkpoint resumed by 1 rank (a job restarted on fewer nodes): DCP
+    reshards the tables and optimizer states, the global batches continue where they stopped."""
+    from recblr_torchrec.distributed.trainer import DistributedTrainer
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=3", "train.checkpoint_every=2"]
+    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
+    trainer = DistributedTrainer(load_config(TINY, overrides), os.path.join(out, "straight"), data_dir, env)
+    assert trainer.resume()
+    before = trainer.state["epoch"]
+    trainer.fit()
+    return {"resumed_after_epoch": before, "epochs": [row["epoch"] for row in trainer.history]}
