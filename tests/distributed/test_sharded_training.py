@@ -21,8 +21,10 @@ def test_sharded_forward_step_and_evaluation_equal_local_mode(tmp_path, data_dir
             "column_wise/column_wise/sgd",
             "row_wise/data_parallel/adagrad",
         ]
-        for name, value in result["alone"].items():
-            assert result["merged"][name] == pytest.approx(value, abs=1e-12), name
+        assert len(result["evaluations"]) == 4
+        for merged, alone in result["evaluations"]:
+            for name, value in alone.items():
+                assert merged[name] == pytest.approx(value, abs=1e-12), name
     assert [r["fillers"] for r in results] == [0, 1]  # rank 1's share of the last batch was empty
 
 

@@ -68,7 +68,11 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     torch.manual_seed(0)
     reference = RecBLR(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
     full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
-    checked = []
+    checked, evaluations = [], []
+    e = config.eval
+    split = evaluation_samples(data, config.data.max_len, "valid")
+    ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=_no_candidates, user_buckets=13)
+    single = SampleBatches(data, split, 30, False, candidates=_no_candidates, user_buckets=13)
     # (item table, context table, optimizer); TorchRec has no row-wise EmbeddingBagCollection on CPU.
     cases = [
         ("table_wise", "table_wise", "sgd"),
@@ -115,15 +119,12 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
             torch.testing.assert_close(sharded, value, rtol=1e-4, atol=1e-6, msg=f"{sharding} {name}")
         _assert_table(_table(dmp), local.item_embeddings.embeddings["item"].weight.detach(), f"{sharding} table")
         checked.append(f"{sharding}/{context_sharding}/{optimizer}")
-    # Evaluation over ranks (with a filler row on rank 1) == single-process evaluation.
-    e = config.eval
-    split = evaluation_samples(data, config.data.max_len, "valid")
-    ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=_no_candidates, user_buckets=13)
-    single = SampleBatches(data, split, 30, False, candidates=_no_candidates, user_buckets=13)
-    merged = evaluate(dmp.module.model, ranked, env.device, e.ks, e.item_chunk_size, torch.distributed.group.WORLD)
-    alone = evaluate(local, single, env.device, e.ks, e.item_chunk_size)
+        # Evaluation over ranks (with a filler row on rank 1) == single-process evaluation; row-wise and
+        # table-wise tables rank against local rows, column-wise ones look the catalog up.
+        merged = evaluate(dmp.module.model, ranked, env.device, e.ks, 500, torch.distributed.group.WORLD)
+        evaluations.append((merged, evaluate(local, single, env.device, e.ks, 500)))
     fillers = sum(int((b.user_ids < 0).sum()) for b in ranked)
-    return {"checked": checked, "merged": merged, "alone": alone, "fillers": fillers, "loss": float(local_loss)}
+    return {"checked": checked, "evaluations": evaluations, "fillers": fillers}
 
 
 def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Dict[str, Any]:
