@@ -241,8 +241,18 @@ def validate_config(config: RunConfig) -> None:
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     from .kernels import ScanBackend
+    from .modules.recblr import ARCHITECTURES
 
     ScanBackend.parse(m.scan_backend)
+    if m.architecture not in ARCHITECTURES:
+        raise ValueError(f"model.architecture={m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if m.architecture == "sasrec":
+        if m.embedding_dim % m.num_heads:
+            raise ValueError(
+                f"model.embedding_dim={m.embedding_dim} must be divisible by model.num_heads={m.num_heads}"
+            )
+        if m.max_positions < d.max_len:
+            raise ValueError(f"model.max_positions={m.max_positions} must be >= data.max_len={d.max_len} for sasrec")
     if t.micro_batch_size < 0:
         raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be >= 0 (0 = no accumulation)")
     if not 0.0 <= m.dropout < 1.0:

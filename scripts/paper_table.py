@@ -24,6 +24,7 @@ METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
 PLAN = [
     ("ML-1M RecBLR (prefixes)", "configs/ml-1m.yaml", []),
     ("ML-1M RecBLR (all_positions)", "configs/ml-1m.yaml", ["train.protocol=all_positions", "train.batch_size=128"]),
+    ("ML-1M SASRec-style (prefixes)", "configs/ml-1m-sasrec.yaml", []),
     ("Beauty RecBLR (prefixes)", "configs/beauty.yaml", []),
 ]
 SEEDS = (0, 1, 2)

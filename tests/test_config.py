@@ -7,7 +7,7 @@ from recblr_torchrec.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["tiny", "ml-1m", "ml-1m-cpu", "beauty", "video_games"])
+@pytest.mark.parametrize("name", ["tiny", "ml-1m", "ml-1m-cpu", "ml-1m-sasrec", "beauty", "video_games"])
 def test_every_shipped_config_loads(name):
     config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
     assert config.name == name

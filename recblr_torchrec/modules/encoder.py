@@ -14,7 +14,13 @@ from .gated_recurrent import GatedRecurrent
 
 @dataclass
 class RecBLRConfig:
-    """RecBLR hyper-parameters (SPEC.md section 1); the paper's ML-1M values are the defaults."""
+    """RecBLR hyper-parameters (SPEC.md section 1); the paper's ML-1M values are the defaults.
+
+    ``architecture: sasrec`` swaps the encoder for the SASRec-style Transformer baseline
+    (:mod:`.sasrec`) on the same table, loss and evaluation; it uses ``num_heads`` and
+    ``max_positions`` (its learned position table, >= data.max_len), and ignores ``expand``,
+    ``conv_width`` and ``scan_backend``.
+    """
 
     embedding_dim: int = 64
     num_layers: int = 2
@@ -23,6 +29,9 @@ class RecBLRConfig:
     dropout: float = 0.2
     layer_norm_eps: float = 1e-12
     scan_backend: str = "pytorch"
+    architecture: str = "recblr"
+    num_heads: int = 2
+    max_positions: int = 512
 
 
 class RecBLRLayer(nn.Module):

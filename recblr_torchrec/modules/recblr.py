@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY, USER_BUCKET
 from .encoder import RecBLRConfig, RecBLREncoder, init_weights
+from .sasrec import SASRecConfig, SASRecEncoder
 
 ITEM_TABLE = "item"
 CONTEXT_USER_TABLE = "context_user"
@@ -34,10 +35,34 @@ class ContextConfig:
     join: str = "input"
 
 
+ARCHITECTURES = ("recblr", "sasrec")
+
+
+def build_encoder(config: RecBLRConfig) -> nn.Module:
+    """The sequence encoder named by ``config.architecture``: RecBLR, or the SASRec-style baseline."""
+    if config.architecture == "recblr":
+        return RecBLREncoder(config)
+    if config.architecture == "sasrec":
+        return SASRecEncoder(
+            SASRecConfig(
+                embedding_dim=config.embedding_dim,
+                num_layers=config.num_layers,
+                num_heads=config.num_heads,
+                dropout=config.dropout,
+                attention_dropout=config.dropout,
+                max_len=config.max_positions,
+                layer_norm_eps=config.layer_norm_eps,
+            )
+        )
+    raise ValueError(f"model.architecture={config.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
 class RecBLR(nn.Module):
     """Next-item model: EmbeddingCollection (item table, V rows, row 0 padding) + RecBLR encoder.
 
-    Scores are dot products with the same (tied) item table, as in the paper.
+    Scores are dot products with the same (tied) item table, as in the paper. With
+    ``config.architecture = "sasrec"`` the encoder is the SASRec-style baseline instead, so the
+    comparison shares the table, the data path, the loss and the evaluation.
 
     Args:
         num_embeddings: V, rows of the item table including the padding row 0.
@@ -89,7 +114,7 @@ class RecBLR(nn.Module):
             ],
             device=device,
         )
-        self.encoder = RecBLREncoder(config)
+        self.encoder = build_encoder(config)
         init_weights(self.encoder)
         self.context_embeddings: Optional[EmbeddingBagCollection] = None
         self.context_join = "input"

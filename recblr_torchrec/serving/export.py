@@ -155,7 +155,13 @@ def model_from_source(source: ExportSource) -> RecBLR:
             f"the run uses context features ({context}); the serving artifacts take item histories only, "
             "so they would score without them: export a run with context.user_buckets=0"
         )
-    model = RecBLR(source.num_embeddings, RecBLRConfig(**source.run_config["model"]))
+    config = RecBLRConfig(**source.run_config["model"])
+    if config.architecture != "recblr":
+        raise NotImplementedError(
+            f"the run trained model.architecture={config.architecture!r}; the serving artifacts carry "
+            "RecBLR's recurrent state, so only architecture=recblr runs can be exported"
+        )
+    model = RecBLR(source.num_embeddings, config)
     model.load_state_dict(source.state_dict)
     return model.eval()
 

@@ -22,3 +22,31 @@ def test_sasrec_jagged_equals_padded_and_is_causal():
     changed = padded.clone()
     changed[:, 2] += 1.0
     torch.testing.assert_close(encoder(changed)[:, :2], encoder(padded)[:, :2], rtol=0, atol=1e-12)
+
+
+def test_the_model_trains_the_sasrec_baseline_on_the_same_table_and_loss():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recblr_torchrec.modules import RecBLR, RecBLRConfig
+
+    torch.manual_seed(0)
+    model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1, architecture="sasrec", max_positions=6))
+    assert isinstance(model.encoder, SASRecEncoder)
+    history = KeyedJaggedTensor(
+        keys=["item_history"], values=torch.tensor([3, 1, 4, 1, 5, 9]), lengths=torch.tensor([2, 4])
+    )
+    scores = model.score_last(history)
+    assert scores.shape == (2, 13)
+    scores.logsumexp(-1).sum().backward()
+    assert model.encoder.positions.weight.grad is not None
+
+
+def test_sasrec_config_errors_name_the_fix():
+    import pytest
+
+    from recblr_torchrec.config import load_config
+
+    with pytest.raises(ValueError, match="model.max_positions=100 must be >= data.max_len=200"):
+        load_config(None, ["model.architecture=sasrec", "model.max_positions=100"])
+    with pytest.raises(ValueError, match="choose one of recblr, sasrec"):
+        load_config(None, ["model.architecture=mamba"])
