@@ -245,19 +245,13 @@ class DistributedTrainer(Trainer):
         gpu = [0.0] * self.env.world_size
         if self.device.type == "cuda":
             dist.all_gather_object(gpu, round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1))
-        summary = {
-            **results,
-            "best_epoch": self.state["best_epoch"],
-            "epochs": self.state["epoch"],
-            "train_seconds": sum(row["seconds"] for row in self.history),
-            "num_users": self.data.num_users,
-            "num_items": self.data.num_items,
-            "world_size": self.env.world_size,
-            "backend": self.env.backend,
-            "peak_rss_mb_per_rank": rss,
-            "peak_gpu_mb_per_rank": gpu,
-            "config": self.config.to_dict(),
-        }
+        summary = self.summary(
+            results,
+            world_size=self.env.world_size,
+            backend=self.env.backend,
+            peak_rss_mb_per_rank=rss,
+            peak_gpu_mb_per_rank=gpu,
+        )
         if self.env.is_main:
             with open(os.path.join(self.output_dir, METRICS_JSON), "w") as f:
                 json.dump(summary, f, indent=2)

@@ -252,6 +252,19 @@ class Trainer:
                 flush=True,
             )
 
+    def summary(self, results: Dict[str, Dict[str, float]], **extra: Any) -> Dict[str, Any]:
+        """metrics.json's content: the split metrics, the run's progress and size, ``extra``, the config."""
+        return {
+            **results,
+            "best_epoch": self.state["best_epoch"],
+            "epochs": self.state["epoch"],
+            "train_seconds": sum(row["seconds"] for row in self.history),
+            "num_users": self.data.num_users,
+            "num_items": self.data.num_items,
+            **extra,
+            "config": self.config.to_dict(),
+        }
+
     def finish(self) -> Dict[str, Any]:
         """Evaluates the best checkpoint on valid and test; writes metrics.json."""
         best = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), BEST))
@@ -259,15 +272,7 @@ class Trainer:
             raise RuntimeError(f"no best checkpoint in {self.output_dir}; train at least one epoch")
         self.model.load_state_dict(best["model"])
         results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
-        summary = {
-            **results,
-            "best_epoch": self.state["best_epoch"],
-            "epochs": self.state["epoch"],
-            "train_seconds": sum(row["seconds"] for row in self.history),
-            "num_users": self.data.num_users,
-            "num_items": self.data.num_items,
-            "config": self.config.to_dict(),
-        }
+        summary = self.summary(results)
         with open(os.path.join(self.output_dir, METRICS_JSON), "w") as f:
             json.dump(summary, f, indent=2)
         print(_format_table(results), flush=True)
