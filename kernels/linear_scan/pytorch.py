@@ -64,6 +64,17 @@ def packed_positions(offsets: Tensor, num_positions: int) -> Tuple[Tensor, Tenso
     return seq_index, pos_index
 
 
+def pad_packed(values: Tensor, offsets: Tensor, seq_index: Tensor, pos_index: Tensor) -> Tensor:
+    """Packed rows [N, D] -> a right-padded block [S, T_max, D] with zeros after each sequence.
+
+    ``seq_index``/``pos_index`` come from :func:`packed_positions`; TorchScript-compatible.
+    """
+    num_seq = offsets.shape[0] - 1
+    t_max = int((offsets[1:] - offsets[:-1]).max()) if num_seq > 0 else 0
+    padded = values.new_zeros(num_seq, t_max, values.shape[-1])
+    return padded.index_put((seq_index, pos_index), values)
+
+
 def linear_scan_pytorch(
     log_a: Tensor, b: Tensor, offsets: Optional[Tensor], initial_state: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
@@ -80,13 +91,9 @@ def linear_scan_pytorch(
         return h.to(b.dtype), final
     # Packed: scatter into a right-padded [S, T_max, D] block whose padding steps have a = 1 and
     # b = 0, so the state is carried unchanged to the end and the last step is the final state.
-    lengths = offsets[1:] - offsets[:-1]
-    t_max = int(lengths.max()) if num_seq > 0 else 0
     seq_index, pos_index = packed_positions(offsets, log_a.shape[0])
-    log_a_pad = log_a.new_zeros(num_seq, t_max, channels, dtype=acc)
-    b_pad = b.new_zeros(num_seq, t_max, channels, dtype=acc)
-    log_a_pad = log_a_pad.index_put((seq_index, pos_index), log_a.to(acc))
-    b_pad = b_pad.index_put((seq_index, pos_index), b.to(acc))
+    log_a_pad = pad_packed(log_a.to(acc), offsets, seq_index, pos_index)
+    b_pad = pad_packed(b.to(acc), offsets, seq_index, pos_index)
     h_pad, final = _SequentialScan.apply(log_a_pad, b_pad, h0)
     return h_pad[seq_index, pos_index].to(b.dtype), final
 

@@ -188,6 +188,16 @@ def _tile_number(counter_ptr, DYNAMIC_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED: tl.constexpr, CHUNK: tl.constexpr):
+    """Tiles in the launch: packed chunks (counted on the device) or dense chunks, times channel blocks."""
+    if IS_PACKED:
+        num_chunks = tl.load(chunk_offsets_ptr + num_seq).to(tl.int32)
+    else:
+        num_chunks = num_seq * tl.cdiv(T, CHUNK)
+    return num_chunks * num_d_blocks
+
+
+@triton.jit
 def _scan_forward_kernel(
     log_a_ptr,
     b_ptr,
@@ -216,11 +226,7 @@ def _scan_forward_kernel(
     WINDOW_ROWS: tl.constexpr,
 ):
     tile = _tile_number(counter_ptr, DYNAMIC_ORDER)
-    if IS_PACKED:
-        num_tiles = tl.load(chunk_offsets_ptr + num_seq).to(tl.int32) * num_d_blocks
-    else:
-        num_tiles = num_seq * tl.cdiv(T, CHUNK) * num_d_blocks
-    if tile < num_tiles:
+    if tile < _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED, CHUNK):
         seq, d_block, row0, end, chunk, order, slot0 = _locate_tile(
             tile,
             offsets_ptr,
@@ -302,11 +308,7 @@ def _scan_backward_kernel(
     WINDOW_ROWS: tl.constexpr,
 ):
     tile = _tile_number(counter_ptr, DYNAMIC_ORDER)
-    if IS_PACKED:
-        num_tiles = tl.load(chunk_offsets_ptr + num_seq).to(tl.int32) * num_d_blocks
-    else:
-        num_tiles = num_seq * tl.cdiv(T, CHUNK) * num_d_blocks
-    if tile < num_tiles:
+    if tile < _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED, CHUNK):
         seq, d_block, row0, end, chunk, order, slot0 = _locate_tile(
             tile,
             offsets_ptr,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..kernels import ScanBackend, linear_scan
 from ..kernels.bdlru import bdlru, bdlru_gates
-from ..kernels.linear_scan.pytorch import packed_positions, scan_sequential
+from ..kernels.linear_scan.pytorch import packed_positions, pad_packed, scan_sequential
 
 # Base decays exp(-softplus(Lambda)) run from 0.9 to 0.999 across channels at initialisation.
 DECAY_RANGE = (0.9, 0.999)
@@ -57,20 +57,17 @@ def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor
     """
     acc = torch.float64 if b.dtype == torch.float64 else torch.float32
     if offsets is None:
-        h0 = torch.zeros(b.shape[0], b.shape[2], dtype=acc, device=b.device)
-        a_tm = log_a.to(acc).transpose(0, 1).exp().contiguous()
-        h = scan_sequential(a_tm, b.to(acc).transpose(0, 1).contiguous(), h0)
-        return h.transpose(0, 1).to(b.dtype)
-    num_seq = offsets.shape[0] - 1
-    channels = b.shape[-1]
-    t_max = int((offsets[1:] - offsets[:-1]).max()) if num_seq > 0 else 0
+        return _scan_dense_scripted(log_a.to(acc), b.to(acc)).to(b.dtype)
     seq_index, pos_index = packed_positions(offsets, b.shape[0])
-    a_tm = torch.ones(t_max, num_seq, channels, dtype=acc, device=b.device)
-    b_tm = torch.zeros(t_max, num_seq, channels, dtype=acc, device=b.device)
-    a_tm = a_tm.index_put((pos_index, seq_index), log_a.to(acc).exp())
-    b_tm = b_tm.index_put((pos_index, seq_index), b.to(acc))
-    h0 = torch.zeros(num_seq, channels, dtype=acc, device=b.device)
-    return scan_sequential(a_tm, b_tm, h0)[pos_index, seq_index].to(b.dtype)
+    log_a_pad = pad_packed(log_a.to(acc), offsets, seq_index, pos_index)
+    b_pad = pad_packed(b.to(acc), offsets, seq_index, pos_index)
+    return _scan_dense_scripted(log_a_pad, b_pad)[seq_index, pos_index].to(b.dtype)
+
+
+def _scan_dense_scripted(log_a: Tensor, b: Tensor) -> Tensor:
+    h0 = torch.zeros(b.shape[0], b.shape[2], dtype=b.dtype, device=b.device)
+    a_tm = log_a.transpose(0, 1).exp().contiguous()
+    return scan_sequential(a_tm, b.transpose(0, 1).contiguous(), h0).transpose(0, 1)
 
 
 def _scan_combine(h: Tensor, step: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:

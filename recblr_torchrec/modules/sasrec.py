@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.linear_scan.pytorch import packed_positions
+from ..kernels.linear_scan.pytorch import packed_positions, pad_packed
 
 
 @dataclass
@@ -81,9 +81,7 @@ class SASRecEncoder(nn.Module):
             padded = embeddings
         else:
             seq_index, pos_index = packed_positions(offsets, embeddings.shape[0])
-            steps = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
-            padded = embeddings.new_zeros(offsets.numel() - 1, steps, embeddings.shape[-1])
-            padded = padded.index_put((seq_index, pos_index), embeddings)
+            padded = pad_packed(embeddings, offsets, seq_index, pos_index)
         steps = padded.shape[1]
         if steps > self.config.max_len:
             raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")
