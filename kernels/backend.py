@@ -2,16 +2,26 @@
 
 from enum import Enum
 
+import torch
+
 
 class ScanBackend(str, Enum):
     """Which implementation computes the linear recurrence h_t = a_t * h_{t-1} + b_t.
 
     ``PYTORCH`` is the reference: plain tensor ops, runs on any device, under TorchScript and
     in float64. ``TRITON`` is the GPU kernel (also runs on CPU under ``TRITON_INTERPRET=1``).
+    ``AUTO`` picks per call: ``TRITON`` for CUDA tensors, ``PYTORCH`` for any other device.
     """
 
     PYTORCH = "pytorch"
     TRITON = "triton"
+    AUTO = "auto"
+
+    def resolve(self, device: torch.device) -> "ScanBackend":
+        """The concrete backend for tensors on ``device`` (``AUTO`` resolved, others unchanged)."""
+        if self is ScanBackend.AUTO:
+            return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
+        return self
 
     @classmethod
     def parse(cls, value: "str | ScanBackend") -> "ScanBackend":

@@ -1,6 +1,6 @@
 """Train RecBLR and evaluate it with full ranking.
 
-    python launchers/train.py --config configs/ml-1m.yaml [--data-dir DIR] [--output-dir DIR]
+    python launchers/train.py --config configs/ml-1m/recblr-paper.yaml [--data-dir DIR] [--output-dir DIR]
                               [--set key=value ...]
 
 Writes <output-dir>/metrics.json ({"valid": {...}, "test": {...}, "config": {...}}), metrics.csv,

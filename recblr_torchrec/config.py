@@ -16,6 +16,7 @@ from .modules.recblr import ContextConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
 OPTIMIZERS = ("adam", "adagrad", "sgd")
+PRECISIONS = ("fp32", "bf16")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
 
@@ -61,6 +62,11 @@ class TrainConfig:
     ``max_steps_per_epoch``: distributed runs end each epoch after that many steps (0 = all);
     for throughput measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
+    ``precision``: ``fp32``, or ``bf16`` (the forward and backward under bfloat16 autocast: matmuls
+    and the fused recurrence read bfloat16, the recurrent state, LayerNorm, softmax sums and the
+    parameters stay float32).
+    ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
+    counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
     """
 
     protocol: str = "all_positions"
@@ -80,14 +86,18 @@ class TrainConfig:
     negative_sampler: str = "uniform"
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
+    precision: str = "fp32"
+    time_budget_s: float = 0.0
 
 
 @dataclass
 class EvalConfig:
     """Full-ranking evaluation (SPEC.md section 3); ``max_users`` > 0 evaluates the first users only
-    (for catalogs too large to rank for every user on a CPU)."""
+    (for catalogs too large to rank for every user on a CPU). ``every``: validate after every that
+    many epochs (and after the last); ``train.patience`` counts validations."""
 
     ks: List[int] = field(default_factory=lambda: [10, 20])
+    every: int = 1
     max_users: int = 0
     batch_size: int = 1024
     item_chunk_size: int = 65536
@@ -237,6 +247,7 @@ def validate_config(config: RunConfig) -> None:
         ("model.conv_width", m.conv_width),
         ("eval.batch_size", config.eval.batch_size),
         ("eval.item_chunk_size", config.eval.item_chunk_size),
+        ("eval.every", config.eval.every),
     ):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
@@ -261,6 +272,10 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"train.lr={t.lr} must be > 0")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if t.time_budget_s < 0:
+        raise ValueError(f"train.time_budget_s={t.time_budget_s} must be >= 0 (0 = no budget)")
     if t.loss not in ("full", "sampled"):
         raise ValueError(f"train.loss={t.loss!r}; choose full or sampled")
     if t.negative_sampler not in ("uniform", "popularity"):

@@ -1,100 +1,192 @@
 """Runs the paper-table experiments in resumable slices and writes the results table.
 
 Each run is ``launchers/train.py`` with a config and a seed, in its own output directory. A call
-works through the plan until its time budget is spent; a run cut off mid-way resumes from its last
-epoch checkpoint on the next call (the GPU machine allows 10-minute calls). Finished runs
-(``metrics.json`` present) are skipped. The table (mean and standard deviation over seeds, with
-wall time and epochs) is written to ``<runs-dir>/table.md`` after every call.
+works through the plan until its time budget is spent, ``--parallel`` runs at a time spread over
+the visible GPUs (the models are small: several runs share a GPU well); runs still going at the
+deadline are stopped and resume from their last epoch checkpoint on the next call (the GPU machine
+allows 10-minute calls). Finished runs (``metrics.json`` present) are skipped. The table (mean and
+standard deviation over seeds, with training wall time and epochs, beside the paper's rows) is
+written to ``<runs-dir>/table.md`` after every call.
 
-    python scripts/paper_table.py --data-dir ../shared/data --runs-dir runs/paper --budget-minutes 9
+    python scripts/paper_table.py --data-dir ../shared/data --runs-dir runs/paper --budget-minutes 9 \
+        --parallel 8 [--only ML-1M] [--seeds 0 1 2]
 """
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
 # (row name, config, extra overrides); every row runs once per seed.
-PLAN = [
-    ("ML-1M RecBLR (prefixes)", "configs/ml-1m.yaml", []),
-    ("ML-1M RecBLR (all_positions)", "configs/ml-1m.yaml", ["train.protocol=all_positions", "train.batch_size=128"]),
-    ("ML-1M SASRec-style (prefixes)", "configs/ml-1m-sasrec.yaml", []),
-    ("Beauty RecBLR (prefixes)", "configs/beauty.yaml", []),
+PLAN: List[Tuple[str, str, List[str]]] = [
+    ("ML-1M RecBLR (prefixes, paper)", "configs/ml-1m/recblr-paper.yaml", []),
+    ("ML-1M RecBLR (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", []),
+    ("ML-1M SASRec-style (prefixes)", "configs/ml-1m/sasrec-paper.yaml", []),
+    ("Beauty RecBLR (prefixes, paper)", "configs/beauty/recblr-paper.yaml", []),
+    ("Beauty SASRec-style (prefixes)", "configs/beauty/sasrec-paper.yaml", []),
 ]
-SEEDS = (0, 1, 2)
+# The paper's Table 1 (SPEC.md section 3), test set, full ranking.
+PAPER = {
+    "ML-1M": {
+        "SASRec": (0.2993, 0.1692, 0.1294, 0.4053, 0.1958, 0.1367),
+        "RecBLR": (0.3285, 0.1901, 0.1478, 0.4336, 0.2161, 0.1547),
+    },
+    "Beauty": {
+        "SASRec": (0.0829, 0.0409, 0.0281, 0.1163, 0.0494, 0.0304),
+        "RecBLR": (0.0881, 0.0446, 0.0313, 0.1243, 0.0538, 0.0338),
+    },
+}
 
 
 def run_dir(runs_dir: str, row: str, seed: int) -> str:
-    slug = "".join(ch if ch.isalnum() else "-" for ch in row.lower()).strip("-")
+    slug = "-".join("".join(ch if ch.isalnum() else " " for ch in row.lower()).split())
     return os.path.join(runs_dir, f"{slug}-seed{seed}")
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs runs are spread over: $CUDA_VISIBLE_DEVICES's list, else every GPU torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g for g in listed.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Tuple[str, int, List[str]]]:
+    runs = []
+    for row, config, overrides in plan:
+        for seed in args.seeds:
+            out = run_dir(args.runs_dir, row, seed)
+            if os.path.isfile(os.path.join(out, "metrics.json")):
+                continue
+            command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
+            command += ["--data-dir", args.data_dir, "--output-dir", out, "--set", f"train.seed={seed}"]
+            for item in overrides + args.set:
+                command += ["--set", item]
+            runs.append((f"{row} seed {seed}", out, command))
+    return runs
+
+
+def _stop(processes: List[subprocess.Popen]) -> None:
+    """SIGTERM to all, then SIGKILL to any left after 20 s: each run keeps its last epoch
+    checkpoint (written atomically)."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 20
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_slice(args: argparse.Namespace, plan: Sequence) -> bool:
     """Advances the plan within the budget; returns True when every run has finished."""
     deadline = time.monotonic() + 60 * args.budget_minutes
-    for row, config, overrides in plan:
-        for seed in SEEDS:
-            out = run_dir(args.runs_dir, row, seed)
-            if os.path.isfile(os.path.join(out, "metrics.json")):
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining < 30:
-                return False
-            command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
-            command += ["--data-dir", args.data_dir, "--output-dir", out, "--set", f"train.seed={seed}"]
-            for item in overrides + args.set:
-                command += ["--set", item]
-            print(f"[{row} seed {seed}] {' '.join(command)}", flush=True)
-            try:
-                subprocess.run(command, cwd=ROOT, timeout=remaining, check=True)
-            except subprocess.TimeoutExpired:
-                print(f"[{row} seed {seed}] budget spent; the next call resumes it", flush=True)
-                return False
-    return True
+    queue = pending_runs(args, plan)
+    gpus = visible_gpus()
+    running: Dict[str, Tuple[subprocess.Popen, Optional[str], object]] = {}
+    failed = []
+    while queue or running:
+        for name, (process, _, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                del running[name]
+                print(f"[{name}] exited with {process.returncode}", flush=True)
+                if process.returncode != 0:
+                    failed.append(name)
+        if time.monotonic() > deadline:
+            _stop([process for process, _, _ in running.values()])
+            for name, (_, _, log) in running.items():
+                log.close()
+                print(f"[{name}] budget spent; the next call resumes it", flush=True)
+            return False
+        while queue and len(running) < args.parallel and deadline - time.monotonic() > 60:
+            name, out, command = queue.pop(0)
+            env = dict(os.environ)
+            gpu = None
+            if gpus:  # the GPU with the fewest of this call's runs on it
+                load = {g: sum(1 for _, used, _ in running.values() if used == g) for g in gpus}
+                gpu = min(gpus, key=lambda g: load[g])
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            os.makedirs(out, exist_ok=True)
+            log = open(os.path.join(out, "train.log"), "a")
+            print(f"[{name}] gpu {gpu}: {' '.join(command)}", flush=True)
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (process, gpu, log)
+        if not queue and not running:
+            break
+        if queue and deadline - time.monotonic() <= 60 and not running:
+            return False
+        time.sleep(2)
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)}; see train.log in their output directories")
+    return not pending_runs(args, plan)
 
 
-def summarise(runs_dir: str, plan: Sequence) -> str:
+def _cells(values: List[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+
+def summarise(runs_dir: str, plan: Sequence, seeds: Sequence[int]) -> str:
     lines = [
-        "| run | seeds | " + " | ".join(METRICS) + " | train time (s) | epochs |",
+        "| run | seeds | " + " | ".join(METRICS) + " | train time (s) | epochs (best) |",
         "|---|---|" + "---|" * (len(METRICS) + 2),
     ]
+    for dataset, rows in PAPER.items():
+        for model, values in rows.items():
+            lines.append(f"| {dataset} {model} (paper) | - | " + " | ".join(f"{v:.4f}" for v in values) + " | - | - |")
     for row, _, _ in plan:
         done: List[Dict] = []
-        for seed in SEEDS:
+        for seed in seeds:
             path = os.path.join(run_dir(runs_dir, row, seed), "metrics.json")
             if os.path.isfile(path):
                 with open(path) as f:
                     done.append(json.load(f))
         if not done:
             continue
-        cells = []
-        for name in METRICS:
-            values = [m["test"][name] for m in done]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} ± {spread:.4f}")
+        cells = [_cells([m["test"][name] for m in done]) for name in METRICS]
         seconds = statistics.mean(m["train_seconds"] for m in done)
         epochs = statistics.mean(m["epochs"] for m in done)
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {seconds:.0f} | {epochs:.0f} |")
+        best = statistics.mean(m["best_epoch"] for m in done)
+        lines.append(
+            f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {seconds:.0f} | {epochs:.0f} ({best:.0f}) |"
+        )
     return "\n".join(lines)
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"), required=False)
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "paper"))
     parser.add_argument("--budget-minutes", type=float, default=9.0)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=[], help="rows whose name contains one of these")
     parser.add_argument("--set", action="append", default=[], help="override applied to every run")
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("pass --data-dir or set RECBLR_DATA_DIR")
-    finished = run_slice(args, PLAN)
-    table = summarise(args.runs_dir, PLAN)
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel} must be >= 1")
+    plan = [entry for entry in PLAN if not args.only or any(word in entry[0] for word in args.only)]
+    if not plan:
+        parser.error(f"--only {args.only} matches no row; rows: {[row for row, _, _ in PLAN]}")
+    finished = run_slice(args, plan)
+    table = summarise(args.runs_dir, PLAN, args.seeds)
     os.makedirs(args.runs_dir, exist_ok=True)
     with open(os.path.join(args.runs_dir, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -7,14 +7,27 @@ from recblr_torchrec.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["tiny", "ml-1m", "ml-1m-cpu", "ml-1m-sasrec", "beauty", "video_games"])
-def test_every_shipped_config_loads(name):
-    config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
-    assert config.name == name
+SHIPPED = sorted(
+    os.path.relpath(os.path.join(folder, name), os.path.join(ROOT, "configs"))
+    for folder, _, names in os.walk(os.path.join(ROOT, "configs"))
+    for name in names
+    if name.endswith(".yaml")
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_config_loads(path):
+    config = load_config(os.path.join(ROOT, "configs", path))
+    expected = path[: -len(".yaml")].replace(os.sep, "-")  # the run's name says where its config lives
+    assert config.name == expected
+
+
+def test_the_paper_configs_are_shipped():
+    assert {"ml-1m/recblr-paper.yaml", "ml-1m/sasrec-paper.yaml", "beauty/recblr-paper.yaml"} <= set(SHIPPED)
 
 
 def test_paper_hyper_parameters_in_the_ml1m_config():
-    c = load_config(os.path.join(ROOT, "configs", "ml-1m.yaml"))
+    c = load_config(os.path.join(ROOT, "configs", "ml-1m", "recblr-paper.yaml"))
     assert (c.model.embedding_dim, c.model.num_layers, c.model.expand, c.model.conv_width) == (64, 2, 2, 4)
     assert (c.model.dropout, c.data.max_len, c.train.batch_size, c.train.lr) == (0.2, 200, 2048, 1e-3)
 
@@ -46,8 +59,8 @@ def test_missing_config_file():
 
 
 def test_a_config_inherits_its_base_and_overrides_it():
-    cpu = load_config(os.path.join(ROOT, "configs", "ml-1m-cpu.yaml"))
-    paper = load_config(os.path.join(ROOT, "configs", "ml-1m.yaml"))
+    cpu = load_config(os.path.join(ROOT, "configs", "ml-1m", "recblr-cpu.yaml"))
+    paper = load_config(os.path.join(ROOT, "configs", "ml-1m", "recblr-paper.yaml"))
     assert cpu.model == paper.model and cpu.data == paper.data
     assert (cpu.train.protocol, paper.train.protocol) == ("all_positions", "prefixes")
     assert cpu.train.lr == paper.train.lr and cpu.train.batch_size == 128

@@ -67,13 +67,14 @@ def bdlru(
         z: like c, the output-gate input.
         decay_param: [D], Lambda.
         offsets: None, or [S+1] int64 TorchRec offsets (zero-length sequences allowed).
-        backend: ``TRITON`` (fused kernel) or ``PYTORCH`` (reference).
+        backend: ``TRITON`` (fused kernel), ``PYTORCH`` (reference) or ``AUTO`` (the kernel for
+            CUDA tensors, the reference elsewhere).
 
     Returns:
         [like c] in c's dtype; accumulation in float32 at least.
     """
     _check(c, gate_logits, z, decay_param, offsets)
-    backend = ScanBackend.parse(backend)
+    backend = ScanBackend.parse(backend).resolve(c.device)
     if backend is ScanBackend.PYTORCH:
         return bdlru_pytorch(c, gate_logits, z, decay_param, offsets)
     from . import triton as _triton  # lazily: the reference needs no Triton

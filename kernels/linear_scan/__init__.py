@@ -116,7 +116,8 @@ def linear_scan(
             (TorchRec's jagged offsets); zero-length sequences are allowed.
         initial_state: optional [B or S, D] state before the first step (zeros when None).
         output_final_state: also return the state after each sequence's last step.
-        backend: ``ScanBackend.TRITON`` (GPU kernel) or ``ScanBackend.PYTORCH`` (reference).
+        backend: ``ScanBackend.TRITON`` (GPU kernel), ``ScanBackend.PYTORCH`` (reference) or
+            ``ScanBackend.AUTO`` (the kernel for CUDA tensors, the reference elsewhere).
 
     Returns:
         ``(h, final_state)``: h has the shape and dtype of ``b``; final_state is [B or S, D] in
@@ -124,7 +125,7 @@ def linear_scan(
         Accumulation is in float32 at least, whatever the input dtype.
     """
     check_scan_inputs(log_a, b, offsets, initial_state)
-    backend = ScanBackend.parse(backend)
+    backend = ScanBackend.parse(backend).resolve(b.device)
     if backend is ScanBackend.PYTORCH:
         h, final = _pytorch.linear_scan_pytorch(log_a, b, offsets, initial_state)
     else:

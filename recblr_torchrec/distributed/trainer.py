@@ -165,7 +165,8 @@ class DistributedTrainer(Trainer):
     def train_step(self, batch: Batch) -> float:
         """One update on this rank's slice; returns its loss share (the shares sum to the global mean)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.dmp(batch)
+        with self.autocast():
+            loss, _ = self.dmp(batch)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach()) / self.env.world_size
@@ -184,7 +185,8 @@ class DistributedTrainer(Trainer):
         try:
             while True:
                 try:
-                    stats = pipeline.progress(iterator)
+                    with self.autocast():  # forward and backward both run inside progress()
+                        stats = pipeline.progress(iterator)
                 except StopIteration:
                     return
                 yield float(stats[0]) / self.env.world_size

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data.batches import Batch
-from ..modules.recblr import ITEM_TABLE, RecBLR, last_positions
+from ..modules.recblr import ITEM_TABLE, RecBLR
 from .metrics import RankingMetrics, target_ranks
 
 CACHE_LIMIT = 1 << 26  # floats of catalog embeddings kept across batches (256 MB in fp32)
@@ -51,7 +51,7 @@ def evaluate(
         shards = local_rows(model, process_group) if process_group is not None else None
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            users = last_positions(model(batch.item_history, batch.context), batch.offsets)
+            users = model(batch.item_history, batch.context, rows=batch.offsets[1:] - 1)  # last positions
             targets = batch.last_targets()
             real = batch.user_ids >= 0
             if shards is not None:  # rank against the rows this rank holds; no catalog lookups

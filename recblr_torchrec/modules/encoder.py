@@ -28,7 +28,7 @@ class RecBLRConfig:
     conv_width: int = 4
     dropout: float = 0.2
     layer_norm_eps: float = 1e-12
-    scan_backend: str = "pytorch"
+    scan_backend: str = "auto"
     architecture: str = "recblr"
     num_heads: int = 2
     max_positions: int = 512
@@ -47,8 +47,17 @@ class RecBLRLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
-        return self.mix(self.recurrent(hidden, offsets, positions), hidden)
+    def forward(
+        self,
+        hidden: Tensor,
+        offsets: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The layer's output at every position, or only at packed ``rows`` (the recurrence still
+        runs over every position; the residual mix and the FFN run on the requested rows only)."""
+        recurrent_out = self.recurrent(hidden, offsets, positions, rows)
+        return self.mix(recurrent_out, hidden if rows is None else hidden[rows])
 
     def mix(self, recurrent_out: Tensor, hidden: Tensor) -> Tensor:
         """The residual LayerNorm and the FFN around the GatedRecurrent output."""
@@ -75,7 +84,9 @@ class RecBLREncoder(nn.Module):
         (``jt.values()``, ``jt.offsets()``);
       - padded: ``embeddings`` [B, T, d], right-padded; optional ``lengths`` [B] zeroes the
         outputs at padded positions (padding never changes a real output either way).
-    Output: the hidden state of the last layer, same shape as the input.
+    Output: the hidden state of the last layer, same shape as the input; with jagged input and
+    ``rows`` [M] (indices into the N positions), only those rows [M, d]: the loss of the paper's
+    protocol needs one row per sequence, and the last layer then mixes and projects M rows, not N.
 
     Example::
 
@@ -106,7 +117,13 @@ class RecBLREncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
 
-    def forward(self, embeddings: Tensor, offsets: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        offsets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
         d = self.embedding_dim
         if embeddings.shape[-1] != d:
             raise ValueError(f"embeddings have width {embeddings.shape[-1]} but the encoder expects d={d}")
@@ -117,9 +134,12 @@ class RecBLREncoder(nn.Module):
             positions = packed_positions(offsets, embeddings.shape[0])[1]
         elif embeddings.dim() != 3:
             raise ValueError(f"padded input must be [B, T, d], got {list(embeddings.shape)}; or pass offsets")
+        if rows is not None and offsets is None:
+            raise ValueError("rows select packed positions: pass jagged input with offsets")
         hidden = self.input_norm(self.dropout(embeddings))
-        for layer in self.layers:
-            hidden = layer(hidden, offsets, positions)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, offsets, positions, rows if i == last else None)
         if offsets is None and lengths is not None:
             hidden = hidden * self._real_steps(hidden, lengths)
         return hidden

@@ -39,6 +39,7 @@ def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     Tap j reads the row j steps back, masked where that row belongs to an earlier sequence.
     """
     k = weight.shape[-1]
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # under bf16 autocast: a bf16 conv, like F.conv1d
     out = torch.addcmul(bias, x, weight[:, 0, k - 1])
     for j in range(1, min(k, x.shape[0] + 1)):
         shifted = F.pad(x[:-j], (0, 0, j, 0))
@@ -102,7 +103,8 @@ class GatedRecurrent(nn.Module):
         embedding_dim: d, the width of H and Y.
         expand: E; the recurrence has D = E * d channels.
         conv_width: k, taps of the causal depthwise convolution.
-        scan_backend: which implementation computes the scan.
+        scan_backend: which implementation computes the scan; ``AUTO`` (the default) runs the
+            fused Triton kernel on CUDA and the PyTorch reference elsewhere.
 
     Input is [B, T, d] (padded, ``offsets`` None) or [N, d] packed with ``offsets`` [S+1] and
     ``positions`` [N] (index of each row inside its sequence); the output has the input's shape.
@@ -113,9 +115,7 @@ class GatedRecurrent(nn.Module):
     under ``torch.export`` (dense input) :func:`scan_exported`.
     """
 
-    def __init__(
-        self, embedding_dim: int, expand: int, conv_width: int, scan_backend: ScanBackend = ScanBackend.PYTORCH
-    ):
+    def __init__(self, embedding_dim: int, expand: int, conv_width: int, scan_backend: ScanBackend = ScanBackend.AUTO):
         super().__init__()
         channels = expand * embedding_dim
         self.channels = channels
@@ -151,14 +151,22 @@ class GatedRecurrent(nn.Module):
             c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
         return x, z, c
 
-    def forward(self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        offsets: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Y at every position, or only at packed ``rows`` [M] (the output projection then runs on M rows)."""
         if not torch.jit.is_scripting():
-            if self.scan_backend == ScanBackend.TRITON and not torch.compiler.is_exporting():
+            if self.scan_backend.resolve(hidden.device) == ScanBackend.TRITON and not torch.compiler.is_exporting():
                 # One fused kernel for gates, scan and output gate (kernels/bdlru).
                 _, z, c = self.conv_branch(hidden, offsets, positions)
                 gated = bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
-                return self.output_proj(gated)
-        return self.sequence(hidden, offsets, positions)[0]
+                return self.output_proj(gated if rows is None else gated[rows])
+        out = self.sequence(hidden, offsets, positions)[0]
+        return out if rows is None else out[rows]
 
     def sequence(
         self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None

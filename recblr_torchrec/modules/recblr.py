@@ -154,33 +154,43 @@ class RecBLR(nn.Module):
         return None if pooled is None else self.context_proj(pooled.values().to(self.dtype))
 
     def after_lookup(
-        self, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None
+        self, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None, rows: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tensor]:
-        """The dense part on the lookups' outputs: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
+        """The dense part on the lookups' outputs: ([N, d] hidden vectors, or [M, d] at packed
+        ``rows``; [C, d] candidate embeddings)."""
         history = embedded[ITEM_HISTORY]
-        hidden = self._encode_with(history.values().to(self.dtype), history.offsets(), self._project(pooled))
+        hidden = self._encode_with(history.values().to(self.dtype), history.offsets(), self._project(pooled), rows)
         return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
 
-    def _encode_jagged(self, values: Tensor, offsets: Tensor, context: Optional[KeyedJaggedTensor]) -> Tensor:
-        return self._encode_with(values, offsets, self.context_vectors(context))
-
-    def _encode_with(self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor]) -> Tensor:
+    def _encode_with(
+        self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor], rows: Optional[Tensor] = None
+    ) -> Tensor:
         if vectors is None:
-            return self.encoder(values, offsets=offsets)
+            return self.encoder(values, offsets=offsets, rows=rows)
         per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0)
         if self.context_join == "input":
-            return self.encoder(values + per_position, offsets=offsets)
-        return self.encoder(values, offsets=offsets) + per_position
+            return self.encoder(values + per_position, offsets=offsets, rows=rows)
+        return self.encoder(values, offsets=offsets, rows=rows) + (per_position if rows is None else per_position[rows])
 
-    def forward(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
-        """[N, d] hidden vector at every position of the jagged histories (``context``: the batch's
-        pooled context features, for a model built with them)."""
+    def forward(
+        self,
+        item_history: KeyedJaggedTensor,
+        context: Optional[KeyedJaggedTensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        """[N, d] hidden vector at every position of the jagged histories, or [M, d] at the packed
+        positions ``rows`` only (cheaper: the encoder's last layer runs on those rows). ``context``:
+        the batch's pooled context features, for a model built with them."""
         jagged = self.item_embeddings(item_history)[ITEM_HISTORY]
-        return self._encode_jagged(jagged.values().to(self.dtype), jagged.offsets(), context)
+        vectors = self.context_vectors(context)
+        return self._encode_with(jagged.values().to(self.dtype), jagged.offsets(), vectors, rows)
 
-    def embed(self, features: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tuple[Tensor, Tensor]:
-        """One lookup of histories and candidates: ([N, d] hidden vectors, [C, d] candidate embeddings)."""
-        return self.after_lookup(self.item_embeddings(features), self.pool_context(context))
+    def embed(
+        self, features: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None, rows: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """One lookup of histories and candidates: ([N, d] hidden vectors, or [M, d] at ``rows``;
+        [C, d] candidate embeddings)."""
+        return self.after_lookup(self.item_embeddings(features), self.pool_context(context), rows)
 
     def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
         """The KJT of histories this model's table expects (an empty candidate bag added if needed)."""
@@ -208,8 +218,8 @@ class RecBLR(nn.Module):
 
     def score_last(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """[B, V] scores of every table row after each history's last item."""
-        hidden = self(item_history, context)
-        return last_positions(hidden, item_history.offsets()) @ self.item_table().T
+        last = self(item_history, context, rows=item_history.offsets()[1:] - 1)
+        return last @ self.item_table().T
 
     def encode(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """Padded path: item_seq [B, T] right-padded with 0, lengths [B] -> hidden [B, T, d].

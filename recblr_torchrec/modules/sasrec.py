@@ -56,16 +56,39 @@ class SASRecBlock(nn.Module):
             is_causal=True,  # right padding sits after every real key, so it is never attended
         )
         attended = self.out(attended.transpose(1, 2).reshape(batch, steps, d))
-        hidden = self.attn_norm(hidden + self.dropout(attended))
+        return self._ffn(self.attn_norm(hidden + self.dropout(attended)))
+
+    def _ffn(self, hidden: Tensor) -> Tensor:
         ffn = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden))))
         return self.ffn_norm(hidden + self.dropout(ffn))
+
+    def forward_at(self, hidden: Tensor, seq: Tensor, pos: Tensor) -> Tensor:
+        """The block's output [M, d] at the M queries (sequence ``seq``, position ``pos``) only:
+        each attends to its own sequence's keys 0..pos. For a few queries per sequence."""
+        batch, steps, d = hidden.shape
+        heads, width = self.num_heads, d // self.num_heads
+        _, k, v = self.qkv(hidden).view(batch, steps, 3, heads, width).unbind(2)
+        query = hidden[seq, pos]
+        q = F.linear(query, self.qkv.weight[:d], self.qkv.bias[:d] if self.qkv.bias is not None else None)
+        visible = torch.arange(steps, device=hidden.device)[None, :] <= pos[:, None]  # [M, T]
+        attended = F.scaled_dot_product_attention(
+            q.view(-1, heads, 1, width),
+            k[seq].transpose(1, 2),
+            v[seq].transpose(1, 2),
+            attn_mask=visible[:, None, None, :],
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        attended = self.out(attended.reshape(-1, d))
+        return self._ffn(self.attn_norm(query + self.dropout(attended)))
 
 
 class SASRecEncoder(nn.Module):
     """Causal Transformer over jagged or padded item embeddings; output has the input's shape.
 
     Positions count from each sequence's first item (0 .. T-1), so a jagged sequence and its
-    right-padded copy see the same positions.
+    right-padded copy see the same positions. With jagged input, ``rows`` [M] (packed indices)
+    returns only those rows; when there is at most one per sequence (the paper's protocol) the last
+    block computes its queries, residuals and FFN at those rows only.
     """
 
     def __init__(self, config: SASRecConfig):
@@ -76,7 +99,15 @@ class SASRecEncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_layers)])
 
-    def forward(self, embeddings: Tensor, offsets: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        offsets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        if rows is not None and offsets is None:
+            raise ValueError("rows select packed positions: pass jagged input with offsets")
         if offsets is None:
             padded = embeddings
         else:
@@ -87,10 +118,14 @@ class SASRecEncoder(nn.Module):
             raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")
         hidden = padded + self.positions.weight[:steps].to(padded.dtype)
         hidden = self.input_norm(self.dropout(hidden))
-        for block in self.blocks:
+        few_rows = rows is not None and rows.numel() <= padded.shape[0]
+        for i, block in enumerate(self.blocks):
+            if few_rows and i == len(self.blocks) - 1:
+                return block.forward_at(hidden, seq_index[rows], pos_index[rows])
             hidden = block(hidden)
         if offsets is not None:
-            return hidden[seq_index, pos_index]
+            packed = hidden[seq_index, pos_index]
+            return packed if rows is None else packed[rows]
         if lengths is not None:
             real = torch.arange(steps, device=hidden.device) < lengths.unsqueeze(1)
             hidden = hidden * real.unsqueeze(-1).to(hidden.dtype)

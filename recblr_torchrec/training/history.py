@@ -11,7 +11,7 @@ CURVES_PNG = "curves.png"
 def write_history(rows: List[Dict[str, Any]], output_dir: str) -> None:
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # epochs without validation lack some
     with open(os.path.join(output_dir, HISTORY_CSV), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -31,7 +31,9 @@ def plot_history(rows: List[Dict[str, Any]], output_dir: str, valid_metrics: Lis
     left.plot(epochs, [row["train_loss"] for row in rows], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="training loss")
     for name in valid_metrics:
-        right.plot(epochs, [row[f"valid_{name}"] for row in rows], marker="o", label=name)
+        validated = [row for row in rows if f"valid_{name}" in row]
+        xs, ys = [row["epoch"] for row in validated], [row[f"valid_{name}"] for row in validated]
+        right.plot(xs, ys, marker="o", label=name)
     right.set(xlabel="epoch", ylabel="validation metric", title="validation (full ranking)")
     right.legend()
     fig.tight_layout()

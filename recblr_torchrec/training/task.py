@@ -20,13 +20,21 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
     targets (a filler row) gives a zero loss that still touches every parameter, so all ranks
     run the same collectives.
     """
-    hidden, candidates = model.embed(batch.item_history, batch.context)
-    return loss_on_lookups(model, batch, hidden, candidates)
+    rows = target_rows(batch)
+    hidden, candidates = model.embed(batch.item_history, batch.context, rows)
+    return loss_on_lookups(model, batch, hidden, candidates, rows)
 
 
-def loss_on_lookups(model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor) -> Tuple[Tensor, int]:
-    """``candidate_loss`` after the lookups and the encoder."""
-    rows = torch.nonzero(batch.targets, as_tuple=True)[0]
+def target_rows(batch: Batch) -> Tensor:
+    """[M] the packed positions that carry a loss target (one per sequence in the paper's protocol)."""
+    return torch.nonzero(batch.targets, as_tuple=True)[0]
+
+
+def loss_on_lookups(
+    model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor, rows: Tensor
+) -> Tuple[Tensor, int]:
+    """``candidate_loss`` after the lookups and the encoder; ``hidden`` [M, d] holds the rows
+    ``target_rows(batch)`` only."""
     if rows.numel() == 0:
         return hidden.sum() * 0.0 + candidates.sum() * 0.0, 0
     targets = batch.targets[rows]
@@ -36,8 +44,8 @@ def loss_on_lookups(model: RecBLR, batch: Batch, hidden: Tensor, candidates: Ten
                 f"full-softmax batches carry items 1..{model.num_embeddings - 1}, got {candidates.shape[0]} candidates"
             )
         catalog = torch.cat([candidates.new_zeros(1, candidates.shape[1]), candidates])  # row 0: padding, masked
-        return full_softmax_loss(hidden[rows], targets, catalog), rows.numel()
-    loss = sampled_softmax_loss(hidden[rows], targets, batch.candidates(), candidates, batch.candidate_log_q)
+        return full_softmax_loss(hidden, targets, catalog), rows.numel()
+    loss = sampled_softmax_loss(hidden, targets, batch.candidates(), candidates, batch.candidate_log_q)
     return loss, rows.numel()
 
 
@@ -56,8 +64,9 @@ class _AfterLookup(nn.Module):
 
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
         model: RecBLR = self.__dict__["recblr"]
-        hidden, candidates = model.after_lookup(embedded, pooled)
-        loss, count = loss_on_lookups(model, batch, hidden, candidates)
+        rows = target_rows(batch)
+        hidden, candidates = model.after_lookup(embedded, pooled, rows)
+        loss, count = loss_on_lookups(model, batch, hidden, candidates, rows)
         scaled = loss * (count * self.world_size / batch.num_targets)
         return scaled, torch.stack([scaled.detach(), torch.tensor(float(count), device=scaled.device)])
 

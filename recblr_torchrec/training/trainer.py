@@ -26,7 +26,7 @@ from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng
 from .history import plot_history, write_history
 from .losses import full_softmax_loss
 from .optimizers import optimizer_factory
-from .task import candidate_loss
+from .task import candidate_loss, target_rows
 
 METRICS_JSON = "metrics.json"
 
@@ -97,9 +97,9 @@ def next_item_loss(model: RecBLR, batch: Batch) -> Tensor:
     """
     if batch.candidates() is not None:
         return candidate_loss(model, batch)[0]
-    hidden = model(batch.item_history, batch.context)
-    rows = torch.nonzero(batch.targets, as_tuple=True)[0]
-    return full_softmax_loss(hidden[rows], batch.targets[rows], model.item_table())
+    rows = target_rows(batch)
+    hidden = model(batch.item_history, batch.context, rows)
+    return full_softmax_loss(hidden, batch.targets[rows], model.item_table())
 
 
 def _format_table(results: Dict[str, Dict[str, float]]) -> str:
@@ -187,16 +187,22 @@ class Trainer:
             save_atomic({**best, "epoch": self.state["epoch"]}, os.path.join(folder, BEST))
         save_atomic(ckpt, os.path.join(folder, LAST))
 
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast for ``train.precision=bf16``; a disabled context for fp32."""
+        bf16 = self.config.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def train_step(self, batch: Batch) -> float:
         """One optimizer update on ``batch``, accumulated over micro-batches; returns the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         num_targets = int(torch.count_nonzero(batch.targets))
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)
         for part in batch.split(self.config.train.micro_batch_size):
             weight = int(torch.count_nonzero(part.targets)) / num_targets
-            loss = next_item_loss(self.model, part) * weight
+            with self.autocast():
+                loss = next_item_loss(self.model, part) * weight
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         self.optimizer.step()
         return loss_sum
 
@@ -204,53 +210,71 @@ class Trainer:
         self.model.train()
         self.train_batches.set_epoch(epoch)
         loader = self._loader(self.train_batches)
-        total_loss, steps, examples = 0.0, 0, 0
+        total_loss, steps, examples = torch.zeros((), device=self.device), 0, 0
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(self.device, non_blocking=True)
-            total_loss += self.train_step(batch)
+            total_loss += self.train_step(batch)  # stays on the device: no host sync per step
             steps += 1
             examples += len(batch)
             if steps % self.config.train.log_every == 0 or steps == 1:
                 rate = examples / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{total_loss / steps:.4f}", ex_per_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}", ex_per_s=f"{rate:.0f}")
+        mean_loss = total_loss.item() / max(steps, 1)
         seconds = time.perf_counter() - start
-        return {"train_loss": total_loss / max(steps, 1), "seconds": seconds, "examples_per_second": examples / seconds}
+        return {"train_loss": mean_loss, "seconds": seconds, "examples_per_second": examples / seconds}
 
     is_main = True  # the process that writes the run's files and prints (rank 0 when distributed)
 
     def _announce_resume(self) -> None:
         print(f"resuming {self.output_dir} after epoch {self.state['epoch']}", flush=True)
 
+    def _out_of_time(self) -> bool:
+        budget = self.config.train.time_budget_s
+        return budget > 0 and sum(row["seconds"] for row in self.history) >= budget
+
+    def _finished(self) -> bool:
+        """Early-stopped, at max_epochs, or past the time budget."""
+        return self.state["stopped_early"] or self.state["epoch"] >= self.config.train.max_epochs or self._out_of_time()
+
     def fit(self) -> None:
-        t, e = self.config.train, self.config.eval
+        e = self.config.eval
         if self.resume() and self.is_main:
             self._announce_resume()
-        while not self.state["stopped_early"] and self.state["epoch"] < t.max_epochs:
+        while not self._finished():
             epoch = self.state["epoch"] + 1
             stats = self.train_epoch(epoch)
-            valid = self.evaluate("valid")
-            score = valid[e.valid_metric]
-            improved = score > self.state["best"]
             self.state.update(epoch=epoch)
-            if improved:
-                self.state.update(best=score, best_epoch=epoch, bad_epochs=0)
-            else:
-                self.state["bad_epochs"] += 1
-            self.state["stopped_early"] = self.state["bad_epochs"] >= t.patience
-            self.history.append({"epoch": epoch, **stats, **{f"valid_{k}": v for k, v in valid.items()}})
+            self.history.append({"epoch": epoch, **stats})
+            validate = epoch % e.every == 0 or self._finished()
+            improved = validate and self._validate(epoch)
             self._save(improved)
             if not self.is_main:
                 continue
             write_history(self.history, self.output_dir)
-            plot_history(self.history, self.output_dir, [e.valid_metric, f"HR@{e.ks[0]}"])
-            print(
-                f"epoch {epoch}: loss {stats['train_loss']:.4f}, {stats['examples_per_second']:.0f} ex/s, "
-                f"{stats['seconds']:.1f} s, valid {e.valid_metric} {score:.4f}"
-                + (" (best)" if improved else f" (best {self.state['best']:.4f} at {self.state['best_epoch']})"),
-                flush=True,
-            )
+            if validate and (epoch % (10 * e.every) == 0 or self._finished()):
+                plot_history(self.history, self.output_dir, [e.valid_metric, f"HR@{e.ks[0]}"])
+            line = f"epoch {epoch}: loss {stats['train_loss']:.4f}, {stats['examples_per_second']:.0f} ex/s, "
+            line += f"{stats['seconds']:.1f} s"
+            if validate:
+                best = self.state["best"]
+                line += f", valid {e.valid_metric} {self.history[-1]['valid_' + e.valid_metric]:.4f}"
+                line += " (best)" if improved else f" (best {best:.4f} at {self.state['best_epoch']})"
+            print(line, flush=True)
+
+    def _validate(self, epoch: int) -> bool:
+        """Validates, records the metrics in the history and the early-stopping state; True if best so far."""
+        valid = self.evaluate("valid")
+        self.history[-1].update({f"valid_{k}": v for k, v in valid.items()})
+        score = valid[self.config.eval.valid_metric]
+        improved = score > self.state["best"]
+        if improved:
+            self.state.update(best=score, best_epoch=epoch, bad_epochs=0)
+        else:
+            self.state["bad_epochs"] += 1
+        self.state["stopped_early"] = self.state["bad_epochs"] >= self.config.train.patience
+        return improved
 
     def summary(self, results: Dict[str, Dict[str, float]], **extra: Any) -> Dict[str, Any]:
         """metrics.json's content: the split metrics, the run's progress and size, ``extra``, the config."""

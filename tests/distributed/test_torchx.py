@@ -60,10 +60,11 @@ def test_torchx_2x1_pipelined_run_over_two_nodes_ends_where_the_resumed_1x2_run_
 
 
 def test_the_short_form_runs_the_launcher_through_the_repository_torchxconfig():
-    result = torchx(["--dryrun", "dist.ddp", "-j", "2x8", "launchers/train.py", "--config", "configs/ml-1m.yaml"])
+    config = "configs/ml-1m/recblr-paper.yaml"
+    result = torchx(["--dryrun", "dist.ddp", "-j", "2x8", "launchers/train.py", "--config", config])
     assert result.returncode == 0, result.stderr[-3000:]
     gap = r"['\"\s]*"  # the dry run pretty-prints the command as wrapped string literals
-    pattern = gap.join([r"--role", r"launchers/train\.py", r"launchers/train\.py", r"--config", r"configs/ml-1m\.yaml"])
+    pattern = gap.join([r"--role", r"launchers/train\.py", r"launchers/train\.py", r"--config", re.escape(config)])
     assert re.search(pattern, result.stdout), result.stdout[:3000]
 
 

@@ -129,3 +129,22 @@ def test_triton_backend_runs_the_fused_layer_and_matches_the_reference():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "triton"])
+def test_requested_rows_equal_the_full_output_at_those_rows(backend):
+    encoder = set_scan_backend(make_encoder(3).float(), backend)
+    lengths = [3, 1, 6, 2]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    values = torch.randn(sum(lengths), 8, requires_grad=True)
+    rows = offsets[1:] - 1  # the paper's protocol: each sequence's last position
+    full = encoder(values, offsets=offsets)[rows]
+    part = encoder(values, offsets=offsets, rows=rows)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(full)
+    want = torch.autograd.grad((full * weights).sum(), [values, *encoder.parameters()])
+    got = torch.autograd.grad((part * weights).sum(), [values, *encoder.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="rows select packed positions"):
+        encoder(values[None], rows=rows)

@@ -50,3 +50,20 @@ def test_sasrec_config_errors_name_the_fix():
         load_config(None, ["model.architecture=sasrec", "model.max_positions=100"])
     with pytest.raises(ValueError, match="choose one of recblr, sasrec"):
         load_config(None, ["model.architecture=mamba"])
+
+
+def test_sasrec_rows_compute_the_last_block_at_those_rows_only():
+    encoder = make(1).double()
+    lengths = [1, 4, 3]
+    offsets = torch.tensor([0, 1, 5, 8])
+    values = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    for rows in (offsets[1:] - 1, torch.tensor([0, 2, 6]), torch.arange(8)):  # last, arbitrary, more than S
+        full = encoder(values, offsets=offsets)[rows]
+        part = encoder(values, offsets=offsets, rows=rows)
+        torch.testing.assert_close(part, full, rtol=0, atol=1e-10)
+        want = torch.autograd.grad(full.sum(), [values, *encoder.parameters()], allow_unused=True)
+        got = torch.autograd.grad(part.sum(), [values, *encoder.parameters()], allow_unused=True)
+        for a, b in zip(got, want):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert len(lengths) == 3

@@ -82,3 +82,30 @@ def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
     assert int(torch.count_nonzero(batch.targets)) == len(batch)  # one target per prefix
     trainer.fit()
     assert trainer.history[0]["train_loss"] > 0 and trainer.state["epoch"] == 1
+
+
+def test_bf16_autocast_step_tracks_the_fp32_step(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0"]
+    fp32 = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
+    bf16 = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), str(tmp_path / "b"), data_dir)
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    fp32.train_batches.set_epoch(1)
+    batch = fp32.train_batches[0]
+    loss32, loss16 = float(fp32.train_step(batch)), float(bf16.train_step(batch))
+    assert loss16 != loss32  # autocast did run in bfloat16
+    assert abs(loss32 - loss16) < 0.02 * loss32, (loss32, loss16)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
+
+
+def test_validation_every_n_epochs_and_the_time_budget(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=3", "eval.every=2"]
+    trainer = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
+    trainer.fit()
+    validated = ["valid_NDCG@10" in row for row in trainer.history]
+    assert validated == [False, True, True]  # epoch 2, and the last epoch
+    with open(os.path.join(tmp_path / "a", "metrics.csv")) as f:
+        assert "valid_NDCG@10" in f.readline()
+    budget = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=50", "train.time_budget_s=0.001"]
+    short = Trainer(load_config(TINY, budget), str(tmp_path / "b"), data_dir)
+    short.fit()
+    assert short.state["epoch"] == 1 and "valid_NDCG@10" in short.history[-1]

@@ -1,0 +1,27 @@
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("paper_table", os.path.join(ROOT, "scripts", "paper_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_table_runs_seeds_in_parallel_and_tabulates_them(tmp_path, data_dir, monkeypatch):
+    table = load_script()
+    small = ["data.max_users=60", "model.embedding_dim=8", "train.max_epochs=1", f"data.cache_dir={tmp_path / 'c'}"]
+    monkeypatch.setattr(table, "PLAN", [("Tiny RecBLR", "configs/tiny.yaml", small)])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    runs = str(tmp_path / "runs")
+    args = ["--data-dir", data_dir, "--runs-dir", runs, "--parallel", "2", "--seeds", "0", "1"]
+    assert table.main(args) == 0
+    for seed in (0, 1):
+        assert os.path.isfile(os.path.join(table.run_dir(runs, "Tiny RecBLR", seed), "metrics.json"))
+    with open(os.path.join(runs, "table.md")) as f:
+        text = f.read()
+    assert "| Tiny RecBLR | 2 |" in text and "ML-1M RecBLR (paper)" in text
+    assert table.pending_runs(table.argparse.Namespace(seeds=[0, 1], runs_dir=runs), table.PLAN) == []
