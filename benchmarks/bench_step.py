@@ -200,6 +200,7 @@ def plot(rows: List[Dict], path: str) -> None:
                 axis.plot(*zip(*points), marker="o", label=model_name)
         axis.set(xlabel="maximum length", ylabel=label, xscale="log", yscale="log")
         lengths = sorted({r["length"] for r in rows})
+        axis.minorticks_off()
         axis.set_xticks(lengths, [str(length) for length in lengths])
         axis.legend()
     first = rows[0]

@@ -1,0 +1,47 @@
+"""The benchmark scripts' own logic (their GPU measurements run on the device machine)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def test_saved_activation_bytes_are_charged_to_the_innermost_module():
+    memory = load("activation_memory")
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    x = torch.randn(3, 4, requires_grad=True)
+    totals = memory.saved_bytes_by_module(model, lambda: model(x).sum())
+    assert totals == {"0": 3 * 4 * 4, "1": 3 * 8 * 4}  # Linear keeps its input, ReLU its output
+
+
+def test_step_table_reports_ratios_against_sasrec_and_the_sweep_plots(tmp_path):
+    bench = load("bench_step")
+    rows = []
+    for model, ms in (("recblr", 10.0), ("sasrec", 20.0)):
+        row = {"model": model, "batch": 8, "length": 16, "precision": "fp32", "train_ms": ms}
+        row.update(train_examples_per_s=800.0, train_peak_gib=1.0, infer_ms=1.0, infer_examples_per_s=8000.0)
+        row.update(train_epoch_s=ms / 100, infer_epoch_s=0.01)
+        rows.append(row)
+    rows.append({**rows[0], "length": 32})
+    table = bench.step_table(rows).splitlines()
+    assert table[2].endswith("| 0.50x |") and table[3].endswith("| 1.00x |") and table[4].endswith("| - |")
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"rows": rows}))
+    bench.main(["--plot", str(path), "--plot-out", str(tmp_path / "figure.png")])
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
