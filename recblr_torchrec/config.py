@@ -34,6 +34,8 @@ class DataConfig:
         max_len: T, the most recent items a sequence keeps.
         cache_dir: where CSR arrays are cached as .npy (default ~/.cache/recblr-torchrec).
         max_users: keep only the first users (after filtering) for quick runs; 0 keeps all.
+        tie_order: interactions with the same timestamp keep the ``file`` order (RecBole) or are
+            sorted by ``item`` id (LRURec's ML-1M); SEQ files carry no timestamps (no ties).
     """
 
     path: str = "ml-1m/ml-1m.txt.gz"
@@ -43,6 +45,7 @@ class DataConfig:
     max_len: int = 200
     cache_dir: str = ""
     max_users: int = 0
+    tie_order: str = "file"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -272,6 +275,8 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"train.lr={t.lr} must be > 0")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if d.tie_order not in ("file", "item"):
+        raise ValueError(f"data.tie_order={d.tie_order!r}; choose file or item")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if t.time_budget_s < 0:

@@ -81,8 +81,19 @@ def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -
         keep = new_keep
 
 
-def build_sequences(interactions: Interactions, min_user: int, min_item: int) -> SequenceData:
-    """k-core filters, orders each user's items by time (file order breaks ties), remaps ids."""
+TIE_ORDERS = ("file", "item")
+
+
+def build_sequences(interactions: Interactions, min_user: int, min_item: int, tie_order: str = "file") -> SequenceData:
+    """k-core filters, orders each user's items by time, remaps ids.
+
+    ``tie_order`` breaks ties between interactions with the same timestamp: ``file`` keeps the
+    file's order (RecBole's stable sort), ``item`` sorts them by item id (numerically when ids are
+    integers; LRURec's preprocessing of ML-1M). It decides which item of a same-second group is the
+    held-out target, so it moves the metrics (see the README's results).
+    """
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"data.tie_order={tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
     user_vocab, user_code = _encode(interactions.users)
     item_vocab, item_code = _encode(interactions.items)
     keep = k_core(user_code, item_code, min_user, min_item)
@@ -93,7 +104,8 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int) ->
         )
     file_order = np.arange(len(keep))[keep]
     user_code, item_code, times = user_code[keep], item_code[keep], interactions.times[keep]
-    order = np.lexsort((file_order, times, user_code))
+    ties = file_order if tie_order == "file" else np.stack([file_order, item_code])
+    order = np.lexsort((*np.atleast_2d(ties), times, user_code))
     user_code, item_code = user_code[order], item_code[order]
     kept_items, item_dense = np.unique(item_code, return_inverse=True)
     kept_users, user_dense = np.unique(user_code, return_inverse=True)
@@ -109,9 +121,10 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int) ->
     )
 
 
-def _cache_key(path: str, fmt: str, min_user: int, min_item: int) -> str:
+def _cache_key(path: str, fmt: str, min_user: int, min_item: int, tie_order: str) -> str:
     stat = os.stat(path)
-    text = json.dumps([CACHE_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns, fmt, min_user, min_item])
+    fields = [CACHE_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns, fmt, min_user, min_item]
+    text = json.dumps(fields + ([tie_order] if tie_order != "file" else []))  # old caches stay valid
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -128,6 +141,7 @@ def load_sequences(
     min_user: int = 5,
     min_item: int = 5,
     cache_dir: Optional[str] = None,
+    tie_order: str = "file",
 ) -> SequenceData:
     """Reads, filters and caches a dataset; later calls with the same file and settings hit the cache."""
     if min_user < MIN_SPLIT_LENGTH:
@@ -142,14 +156,14 @@ def load_sequences(
         )
     cache_root = cache_dir or default_cache_dir()
     stem = os.path.basename(path).split(".")[0]
-    folder = os.path.join(cache_root, f"{stem}-{_cache_key(path, fmt, min_user, min_item)}")
+    folder = os.path.join(cache_root, f"{stem}-{_cache_key(path, fmt, min_user, min_item, tie_order)}")
     meta_path = os.path.join(folder, "meta.json")
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
         arrays = {name: np.load(os.path.join(folder, f"{name}.npy")) for name in _ARRAYS}
         return SequenceData(num_items=meta["num_items"], **arrays)
-    data = build_sequences(read_interactions(path, fmt), min_user, min_item)
+    data = build_sequences(read_interactions(path, fmt), min_user, min_item, tie_order)
     os.makedirs(cache_root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp-")
     try:

@@ -48,6 +48,46 @@ def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     return out
 
 
+def _shift(x: Tensor, j: int) -> Tensor:
+    """Rows moved j steps later (row t holds x[t - j]; the first j rows are zero)."""
+    return F.pad(x[:-j], (0, 0, j, 0)) if j < x.shape[0] else torch.zeros_like(x)
+
+
+class _CausalConvSiLUPacked(torch.autograd.Function):
+    """SiLU(causal_conv_packed(x)) that keeps only its inputs for backward and recomputes the rest.
+
+    Autograd through :func:`causal_conv_packed` keeps a shifted, masked copy of x per tap and the
+    pre-SiLU output ([N, D] each); x itself is a view of the input projection, which the output
+    gate keeps anyway, so here the conv adds nothing to the activations held between forward and
+    backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, positions)
+        return F.silu(causal_conv_packed(x, weight, bias, positions))
+
+    @staticmethod
+    def backward(ctx, grad_c: Tensor):
+        x, weight, bias, positions = ctx.saved_tensors
+        k = weight.shape[-1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
+        pre = causal_conv_packed(x, weight, bias, positions).to(acc)
+        gate = torch.sigmoid(pre)
+        grad_pre = grad_c.to(acc) * gate * (1.0 + pre * (1.0 - gate))  # d SiLU(p) / dp
+        del pre, gate
+        xs, w = x.to(acc), weight[:, 0].to(acc)
+        grad_x = grad_pre * w[:, k - 1]
+        grad_w = torch.empty(weight.shape[0], k, dtype=acc, device=x.device)
+        grad_w[:, k - 1] = (grad_pre * xs).sum(0)
+        for j in range(1, k):
+            reaches = (positions >= j).unsqueeze(-1)  # rows whose tap j reads a row of their own sequence
+            grad_w[:, k - 1 - j] = (grad_pre * _shift(xs, j) * reaches).sum(0)
+            grad_x += F.pad((grad_pre * reaches * w[:, k - 1 - j])[j:], (0, 0, 0, j))[: x.shape[0]]
+        grad_bias = grad_pre.sum(0)
+        return grad_x.to(x.dtype), grad_w.view_as(weight).to(weight.dtype), grad_bias.to(bias.dtype), None
+
+
 def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor:
     """h_t = exp(log_a_t) h_{t-1} + b_t from h = 0, forward only: the PyTorch scan backend under TorchScript.
 
@@ -148,7 +188,10 @@ class GatedRecurrent(nn.Module):
         else:
             if positions is None:
                 raise ValueError("packed input needs positions (index of each row inside its sequence)")
-            c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
+            if not torch.jit.is_scripting() and torch.is_grad_enabled():
+                c = _CausalConvSiLUPacked.apply(x, self.conv.weight, bias, positions)
+            else:
+                c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
         return x, z, c
 
     def forward(

@@ -61,6 +61,7 @@ def load_data(config: RunConfig, data_dir: Optional[str]) -> SequenceData:
         d.min_user_interactions,
         d.min_item_interactions,
         d.cache_dir or None,
+        d.tie_order,
     )
     return data.head(d.max_users)
 

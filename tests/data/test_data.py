@@ -175,3 +175,20 @@ def test_loader_with_workers_serves_the_same_batches_every_resume(tmp_path):
     assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] == in_process[2:]
     batches.set_epoch(3)
     assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] != in_process
+
+
+def test_same_timestamp_ties_follow_the_file_or_the_item_id(tmp_path):
+    inter = tmp_path / "ties.inter"
+    rows = [("u1", "30", 5), ("u1", "4", 1), ("u1", "12", 5), ("u1", "7", 2), ("u1", "2", 5)]
+    inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+    with open(inter, "a") as f:
+        f.writelines(f"{u}\t{i}\t1\t{t}\n" for u, i, t in rows)
+    by_file = build_sequences(read_interactions(str(inter)), 1, 1, "file")
+    by_item = build_sequences(read_interactions(str(inter)), 1, 1, "item")
+    assert list(by_file.item_tokens[by_file.items]) == ["4", "7", "30", "12", "2"]  # RecBole: stable in time
+    assert list(by_item.item_tokens[by_item.items]) == ["4", "7", "2", "12", "30"]  # numeric item order
+    with pytest.raises(ValueError, match="data.tie_order='time'; choose one of file, item"):
+        build_sequences(read_interactions(str(inter)), 1, 1, "time")
+    cached = load_sequences(str(inter), "auto", 3, 1, str(tmp_path / "cache"), "item")
+    assert np.array_equal(cached.items, by_item.items)
+    assert np.array_equal(load_sequences(str(inter), "auto", 3, 1, str(tmp_path / "cache")).items, by_file.items)
