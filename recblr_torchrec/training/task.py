@@ -21,7 +21,7 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
     run the same collectives.
     """
     rows = target_rows(batch)
-    hidden, candidates = model.embed(batch.item_history, batch.context, rows)
+    hidden, candidates = model.embed(batch.item_history, batch.context, encoder_rows(batch, rows))
     return loss_on_lookups(model, batch, hidden, candidates, rows)
 
 
@@ -30,11 +30,18 @@ def target_rows(batch: Batch) -> Tensor:
     return torch.nonzero(batch.targets, as_tuple=True)[0]
 
 
+def encoder_rows(batch: Batch, rows: Tensor) -> Optional[Tensor]:
+    """``rows`` for the encoder's ``rows=`` argument, None when they are every position (the
+    all-positions protocol; ``rows`` is sorted, so it is then 0..N-1): a gather of all N rows
+    would only cost time."""
+    return None if rows.numel() == batch.targets.numel() else rows
+
+
 def loss_on_lookups(
     model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor, rows: Tensor
 ) -> Tuple[Tensor, int]:
     """``candidate_loss`` after the lookups and the encoder; ``hidden`` [M, d] holds the rows
-    ``target_rows(batch)`` only."""
+    ``target_rows(batch)`` only (every position, in order, when those are all of them)."""
     if rows.numel() == 0:
         return hidden.sum() * 0.0 + candidates.sum() * 0.0, 0
     targets = batch.targets[rows]
@@ -65,7 +72,7 @@ class _AfterLookup(nn.Module):
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
         model: RecBLR = self.__dict__["recblr"]
         rows = target_rows(batch)
-        hidden, candidates = model.after_lookup(embedded, pooled, rows)
+        hidden, candidates = model.after_lookup(embedded, pooled, encoder_rows(batch, rows))
         loss, count = loss_on_lookups(model, batch, hidden, candidates, rows)
         scaled = loss * (count * self.world_size / batch.num_targets)
         return scaled, torch.stack([scaled.detach(), torch.tensor(float(count), device=scaled.device)])

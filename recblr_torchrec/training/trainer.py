@@ -26,7 +26,7 @@ from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng
 from .history import plot_history, write_history
 from .losses import full_softmax_loss
 from .optimizers import optimizer_factory
-from .task import candidate_loss, target_rows
+from .task import candidate_loss, encoder_rows, target_rows
 
 METRICS_JSON = "metrics.json"
 
@@ -99,7 +99,7 @@ def next_item_loss(model: RecBLR, batch: Batch) -> Tensor:
     if batch.candidates() is not None:
         return candidate_loss(model, batch)[0]
     rows = target_rows(batch)
-    hidden = model(batch.item_history, batch.context, rows)
+    hidden = model(batch.item_history, batch.context, encoder_rows(batch, rows))
     return full_softmax_loss(hidden, batch.targets[rows], model.item_table())
 
 
