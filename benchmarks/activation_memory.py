@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_step import import_without_torchrec  # noqa: E402
+from profile_step import EncoderStep  # noqa: E402
 
 
 def saved_bytes_by_module(model: nn.Module, run) -> Dict[str, int]:
@@ -66,30 +66,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--items", type=int, default=3417)
     parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
     parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
+    parser.add_argument("--recompute-mix", action="store_true", help="RecBLRConfig.recompute_mix")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    encoder_mod = import_without_torchrec("modules", "encoder")
-    sasrec_mod = import_without_torchrec("modules", "sasrec")
-    full_softmax_loss = import_without_torchrec("training", "losses").full_softmax_loss
     device = torch.device("cuda" if args.backend == "triton" and torch.cuda.is_available() else "cpu")
     batch, steps = args.batch, args.length
-    ids = torch.randint(1, args.items, (batch * steps,), device=device)
-    offsets = torch.arange(batch + 1, device=device) * steps
-    rows, targets = offsets[1:] - 1, torch.randint(1, args.items, (batch,), device=device)
     results = {"batch": batch, "length": steps, "backend": args.backend, "dtype": "float32"}
+    results["recompute_mix"] = args.recompute_mix
     for arch in args.architectures:
-        torch.manual_seed(0)
-        if arch == "recblr":
-            encoder = encoder_mod.RecBLREncoder(encoder_mod.RecBLRConfig(scan_backend=args.backend))
-        else:
-            encoder = sasrec_mod.SASRecEncoder(sasrec_mod.SASRecConfig(max_len=steps))
-        model = nn.ModuleDict({"table": nn.Embedding(args.items, 64), "encoder": encoder}).to(device)
+        extra = {"recompute_mix": True} if args.recompute_mix and arch == "recblr" else {}
+        model = EncoderStep(arch, batch, steps, args.items, args.backend, device, **extra)
 
-        def run(model=model):
-            hidden = model["encoder"](model["table"](ids), offsets=offsets, rows=rows)
-            return full_softmax_loss(hidden, targets, model["table"].weight)
-
-        totals = saved_bytes_by_module(model, run)
+        totals = saved_bytes_by_module(model, model)
         total = sum(totals.values())
         results[arch] = {"total_gib": total / 2**30, "by_module_gib": {k: v / 2**30 for k, v in totals.items()}}
         positions = batch * steps

@@ -13,7 +13,6 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import types
 from typing import List, Optional
@@ -23,6 +22,7 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_without_torchrec(subpackage: str, name: str):
@@ -38,6 +38,35 @@ def import_without_torchrec(subpackage: str, name: str):
     return importlib.import_module(f"{package}.{name}")
 
 
+class EncoderStep(nn.Module):
+    """The measured model without TorchRec: an ``nn.Embedding`` table, the encoder with the loss
+    rows only in its last layer, the chunked full softmax at each history's last position."""
+
+    def __init__(
+        self, arch: str, batch: int, steps: int, items: int, backend: str, device: torch.device, **recblr: bool
+    ):
+        super().__init__()
+        encoder_mod = import_without_torchrec("modules", "encoder")
+        sasrec_mod = import_without_torchrec("modules", "sasrec")
+        self.loss_fn = import_without_torchrec("training", "losses").full_softmax_loss
+        torch.manual_seed(0)
+        if arch == "recblr":
+            self.encoder = encoder_mod.RecBLREncoder(encoder_mod.RecBLRConfig(scan_backend=backend, **recblr))
+        else:
+            self.encoder = sasrec_mod.SASRecEncoder(sasrec_mod.SASRecConfig(max_len=steps))
+        self.table = nn.Embedding(items, 64)
+        nn.init.normal_(self.table.weight, std=0.02)  # as the model's item table
+        self.to(device)
+        self.ids = torch.randint(1, items, (batch * steps,), device=device)
+        self.offsets = torch.arange(batch + 1, device=device) * steps
+        self.rows = self.offsets[1:] - 1
+        self.targets = torch.randint(1, items, (batch,), device=device)
+
+    def forward(self) -> torch.Tensor:
+        hidden = self.encoder(self.table(self.ids), offsets=self.offsets, rows=self.rows)
+        return self.loss_fn(hidden, self.targets, self.table.weight)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2048)
@@ -48,46 +77,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    encoder_mod = import_without_torchrec("modules", "encoder")
-    sasrec_mod = import_without_torchrec("modules", "sasrec")
-    full_softmax_loss = import_without_torchrec("training", "losses").full_softmax_loss
+    from bench_step import median_ms
 
     device = torch.device("cuda")
     batch, steps = args.batch, args.length
-    ids = torch.randint(1, args.items, (batch * steps,), device=device)
-    offsets = torch.arange(batch + 1, device=device) * steps
-    rows = offsets[1:] - 1
-    targets = torch.randint(1, args.items, (batch,), device=device)
     results = {"batch": batch, "length": steps, "precision": args.precision, "device": torch.cuda.get_device_name()}
     for arch in args.architectures:
-        torch.manual_seed(0)
-        if arch == "recblr":
-            encoder = encoder_mod.RecBLREncoder(encoder_mod.RecBLRConfig(scan_backend="triton"))
-        else:
-            encoder = sasrec_mod.SASRecEncoder(sasrec_mod.SASRecConfig(max_len=steps))
-        table = nn.Embedding(args.items, 64)
-        model = nn.ModuleDict({"table": table, "encoder": encoder}).to(device)
+        model = EncoderStep(arch, batch, steps, args.items, "triton", device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-        def step(encoder=encoder, table=table, optimizer=optimizer, autocast=autocast):
+        def step(model=model, optimizer=optimizer, autocast=autocast):
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                hidden = encoder(table(ids), offsets=offsets, rows=rows)
-                loss = full_softmax_loss(hidden, targets, table.weight)
+                loss = model()
             loss.backward()
             optimizer.step()
 
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(args.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        step_ms = median_ms(step, args.reps)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
@@ -100,8 +107,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             if self_us > 0:
                 ops.append({"op": event.key, "self_cuda_ms_per_step": self_us / 3e3, "cuda_ms_per_step": cuda_us / 3e3})
         ops.sort(key=lambda o: -o["self_cuda_ms_per_step"])
-        results[arch] = {"step_ms": statistics.median(times), "ops": ops[:40]}
-        print(f"{arch}: step {statistics.median(times):.2f} ms (encoder + table + loss + Adam, no TorchRec)")
+        results[arch] = {"step_ms": step_ms, "ops": ops[:40]}
+        print(f"{arch}: step {step_ms:.2f} ms (encoder + table + loss + Adam, no TorchRec)")
         for o in ops[:25]:
             print(f"  {o['self_cuda_ms_per_step']:7.3f} ms  {o['op'][:100]}")
     if args.out:

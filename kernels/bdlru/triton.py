@@ -199,51 +199,129 @@ def _tile(channels: int, steps: int) -> Tuple[int, int]:
     return chunk, block_d
 
 
+def bdlru_forward(
+    c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """(SiLU(z) * h in c's dtype, h in float32 for backward); inputs made contiguous here."""
+    c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), z.contiguous()
+    num_seq, steps, channels = _launch_shape(c, offsets)
+    rate = F.softplus(decay_param.float()).contiguous()
+    out = _allocate(c.shape, c.dtype, c.device)
+    h = _allocate(c.shape, torch.float32, c.device)
+    chunk, block_d = _tile(channels, steps)
+    grid = (num_seq, triton.cdiv(channels, block_d))
+    if num_seq > 0 and c.numel() > 0:
+        _bdlru_forward_kernel[grid](
+            c, gate_logits, z, rate, out, h, offsets if offsets is not None else rate, steps, channels,
+            IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+        )  # fmt: skip
+    return out, h
+
+
+def bdlru_backward(
+    dout: Tensor,
+    c: Tensor,
+    gate_logits: Tensor,
+    z: Tensor,
+    decay_param: Tensor,
+    h: Tensor,
+    offsets: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
+    c, gate_logits, z, dout = c.contiguous(), gate_logits.contiguous(), z.contiguous(), dout.contiguous()
+    num_seq, steps, channels = _launch_shape(c, offsets)
+    rate = F.softplus(decay_param.float()).contiguous()
+    dc = _allocate(c.shape, c.dtype, c.device)
+    dg = _allocate(gate_logits.shape, gate_logits.dtype, c.device)
+    dz = _allocate(z.shape, z.dtype, c.device)
+    drate_parts = _allocate((num_seq, channels), torch.float32, c.device)
+    chunk, block_d = _tile(channels, steps)
+    grid = (num_seq, triton.cdiv(channels, block_d))
+    if num_seq > 0 and c.numel() > 0:
+        _bdlru_backward_kernel[grid](
+            c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts,
+            offsets if offsets is not None else rate, steps, channels,
+            IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+        )  # fmt: skip
+    else:
+        drate_parts.zero_()
+    d_decay = drate_parts.sum(dim=0) * torch.sigmoid(decay_param.float())
+    return dc, dg, dz, d_decay.to(decay_param.dtype)
+
+
+# The custom op: one opaque node for torch.compile (shapes from the fakes, gradients registered).
+
+
+@torch.library.custom_op("recblr_torchrec::bdlru", mutates_args=())
+def _bdlru_op(
+    c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    return bdlru_forward(c, gate_logits, z, decay_param, offsets)
+
+
+@_bdlru_op.register_fake
+def _(c, gate_logits, z, decay_param, offsets):
+    return torch.empty_like(c, memory_format=torch.contiguous_format), c.new_empty(c.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("recblr_torchrec::bdlru_backward", mutates_args=())
+def _bdlru_backward_op(
+    dout: Tensor,
+    c: Tensor,
+    gate_logits: Tensor,
+    z: Tensor,
+    decay_param: Tensor,
+    h: Tensor,
+    offsets: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return bdlru_backward(dout, c, gate_logits, z, decay_param, h, offsets)
+
+
+@_bdlru_backward_op.register_fake
+def _(dout, c, gate_logits, z, decay_param, h, offsets):
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(c, memory_format=contiguous),
+        torch.empty_like(gate_logits, memory_format=contiguous),
+        torch.empty_like(z, memory_format=contiguous),
+        torch.empty_like(decay_param),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    c, gate_logits, z, decay_param, offsets = inputs
+    ctx.save_for_backward(c, gate_logits, z, decay_param, output[1], offsets)
+
+
+def _backward(ctx, dout: Optional[Tensor], _dh: Optional[Tensor]):
+    c, gate_logits, z, decay_param, h, offsets = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(c)
+    return (*_bdlru_backward_op(dout, c, gate_logits, z, decay_param, h, offsets), None)
+
+
+torch.library.register_autograd("recblr_torchrec::bdlru", _backward, setup_context=_setup_context)
+
+
 class _FusedBDLRU(torch.autograd.Function):
+    """The eager path: the same kernels as the custom op, without its dispatch costs (host time)."""
+
     @staticmethod
     def forward(ctx, c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]):
-        c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), z.contiguous()
-        num_seq, steps, channels = _launch_shape(c, offsets)
-        rate = F.softplus(decay_param.float()).contiguous()
-        out = _allocate(c.shape, c.dtype, c.device)
-        h = _allocate(c.shape, torch.float32, c.device)
-        offsets_arg = offsets if offsets is not None else rate  # unread placeholder when dense
-        chunk, block_d = _tile(channels, steps)
-        grid = (num_seq, triton.cdiv(channels, block_d))
-        if num_seq > 0 and c.numel() > 0:
-            _bdlru_forward_kernel[grid](
-                c, gate_logits, z, rate, out, h, offsets_arg, steps, channels,
-                IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
-            )  # fmt: skip
-        ctx.save_for_backward(c, gate_logits, z, decay_param, rate, h, offsets_arg)
-        ctx.is_packed = offsets is not None
+        out, h = bdlru_forward(c, gate_logits, z, decay_param, offsets)
+        ctx.save_for_backward(c, gate_logits, z, decay_param, h, offsets)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        c, gate_logits, z, decay_param, rate, h, offsets_arg = ctx.saved_tensors
-        offsets = offsets_arg if ctx.is_packed else None
-        num_seq, steps, channels = _launch_shape(c, offsets)
-        dout = dout.contiguous()
-        dc = _allocate(c.shape, c.dtype, c.device)
-        dg = _allocate(gate_logits.shape, gate_logits.dtype, c.device)
-        dz = _allocate(z.shape, z.dtype, c.device)
-        drate_parts = _allocate((num_seq, channels), torch.float32, c.device)
-        chunk, block_d = _tile(channels, steps)
-        grid = (num_seq, triton.cdiv(channels, block_d))
-        if num_seq > 0 and c.numel() > 0:
-            _bdlru_backward_kernel[grid](
-                c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts, offsets_arg, steps, channels,
-                IS_PACKED=ctx.is_packed, CHUNK=chunk, BLOCK_D=block_d,
-            )  # fmt: skip
-        else:
-            drate_parts.zero_()
-        d_decay = drate_parts.sum(dim=0) * torch.sigmoid(decay_param.float())
-        return dc, dg, dz, d_decay.to(decay_param.dtype), None
+        c, gate_logits, z, decay_param, h, offsets = ctx.saved_tensors
+        return (*bdlru_backward(dout, c, gate_logits, z, decay_param, h, offsets), None)
 
 
 def bdlru_triton(c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]) -> Tensor:
     """The fused kernel behind ``bdlru(..., backend=ScanBackend.TRITON)``."""
     if c.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the Triton BD-LRU takes float32, bfloat16 or float16, got {c.dtype}; use the PyTorch backend")
+    if torch.compiler.is_compiling():
+        return torch.ops.recblr_torchrec.bdlru(c, gate_logits, z, decay_param, offsets)[0]  # one graph node
     return _FusedBDLRU.apply(c, gate_logits, z, decay_param, offsets)

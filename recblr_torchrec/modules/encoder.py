@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..kernels import ScanBackend
 from ..kernels.linear_scan.pytorch import packed_positions
@@ -20,6 +21,11 @@ class RecBLRConfig:
     (:mod:`.sasrec`) on the same table, loss and evaluation; it uses ``num_heads`` and
     ``max_positions`` (its learned position table, >= data.max_len), and ignores ``expand``,
     ``conv_width`` and ``scan_backend``.
+
+    ``recompute_mix``: in training, the residual LayerNorms and the FFN of every layer that runs
+    at all positions keep only their inputs for backward and are recomputed there
+    (``torch.utils.checkpoint``; dropout masks replayed): ~4.4 KB less per position at d=64 for
+    one more FFN forward.
     """
 
     embedding_dim: int = 64
@@ -32,6 +38,7 @@ class RecBLRConfig:
     architecture: str = "recblr"
     num_heads: int = 2
     max_positions: int = 512
+    recompute_mix: bool = False
 
 
 class RecBLRLayer(nn.Module):
@@ -46,6 +53,7 @@ class RecBLRLayer(nn.Module):
         self.ffn_out = nn.Linear(4 * d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        self.recompute_mix = config.recompute_mix
 
     def forward(
         self,
@@ -57,7 +65,11 @@ class RecBLRLayer(nn.Module):
         """The layer's output at every position, or only at packed ``rows`` (the recurrence still
         runs over every position; the residual mix and the FFN run on the requested rows only)."""
         recurrent_out = self.recurrent(hidden, offsets, positions, rows)
-        return self.mix(recurrent_out, hidden if rows is None else hidden[rows])
+        residual = hidden if rows is None else hidden[rows]
+        if not torch.jit.is_scripting():
+            if self.recompute_mix and self.training and rows is None and torch.is_grad_enabled():
+                return checkpoint(self.mix, recurrent_out, residual, use_reentrant=False)
+        return self.mix(recurrent_out, residual)
 
     def mix(self, recurrent_out: Tensor, hidden: Tensor) -> Tensor:
         """The residual LayerNorm and the FFN around the GatedRecurrent output."""

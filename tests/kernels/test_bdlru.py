@@ -74,3 +74,34 @@ def test_shape_errors_name_the_problem(device):
         bdlru(c, gates, z, decay[:2])
     with pytest.raises(ValueError, match="packed"):
         bdlru(c, gates, z, decay, offsets=torch.tensor([0, 8], device=device))
+
+
+def test_custom_op_passes_opcheck(device):
+    offsets = torch.tensor([0, 4, 4, 11], device=device)
+    packed = inputs((11, 8), device, seed=3)
+    dense = inputs((2, 5, 8), device, seed=4)
+    for args in [(*packed, offsets), (*dense, None)]:
+        torch.library.opcheck(torch.ops.recblr_torchrec.bdlru.default, args)
+
+
+def test_a_layer_using_the_fused_kernel_compiles_without_graph_breaks(device):
+    torch._dynamo.reset()
+    weight = torch.randn(8, 32, device=device, requires_grad=True)
+    decay = torch.linspace(-2.2, -6.9, 8, device=device).requires_grad_()
+
+    def layer(x, offsets):
+        projected = x @ weight  # c, the gate logits and z from one projection
+        c, gates, z = projected[:, :8], projected[:, 8:24], projected[:, 24:]
+        return bdlru(c, gates, z, decay, offsets=offsets, backend=ScanBackend.TRITON).square().mean()
+
+    on_gpu = device.type == "cuda"
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if on_gpu else "aot_eager")
+    x = torch.randn(12, 8, device=device)
+    offsets = torch.tensor([0, 5, 5, 12], device=device)
+    eager_loss = layer(x, offsets)
+    eager_grads = torch.autograd.grad(eager_loss, [weight, decay])
+    compiled_loss = compiled(x, offsets)  # fullgraph=True: any graph break raises
+    compiled_grads = torch.autograd.grad(compiled_loss, [weight, decay])
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)

@@ -170,3 +170,19 @@ def test_packed_conv_recomputing_backward_matches_autograd():
     ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda *t: _CausalConvSiLUPacked.apply(*t, positions), (x, weight, bias))
+
+
+def test_recomputing_the_mix_gives_the_same_training_gradients():
+    lengths = [3, 1, 6]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    values = torch.randn(sum(lengths), 8)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(7)
+        encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute)).train()
+        torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
+        out = encoder(values, offsets=offsets)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
