@@ -118,7 +118,7 @@ class SASRecEncoder(nn.Module):
             raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")
         hidden = padded + self.positions.weight[:steps].to(padded.dtype)
         hidden = self.input_norm(self.dropout(hidden))
-        few_rows = rows is not None and rows.numel() <= padded.shape[0]
+        few_rows = rows is not None and 0 < rows.numel() <= padded.shape[0]
         for i, block in enumerate(self.blocks):
             if few_rows and i == len(self.blocks) - 1:
                 return block.forward_at(hidden, seq_index[rows], pos_index[rows])

@@ -66,4 +66,6 @@ def test_sasrec_rows_compute_the_last_block_at_those_rows_only():
         for a, b in zip(got, want):
             if b is not None:
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    empty = encoder(values, offsets=offsets, rows=torch.tensor([], dtype=torch.long))  # a filler batch
+    assert empty.shape == (0, 8)
     assert len(lengths) == 3
