@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .data.sequences import TIE_ORDERS
 from .data.synthetic import SyntheticConfig
 from .modules.encoder import RecBLRConfig
 from .modules.recblr import ContextConfig
@@ -275,8 +276,8 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"train.lr={t.lr} must be > 0")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if d.tie_order not in ("file", "item"):
-        raise ValueError(f"data.tie_order={d.tie_order!r}; choose file or item")
+    if d.tie_order not in TIE_ORDERS:
+        raise ValueError(f"data.tie_order={d.tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if t.time_budget_s < 0:

@@ -104,8 +104,8 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int, ti
         )
     file_order = np.arange(len(keep))[keep]
     user_code, item_code, times = user_code[keep], item_code[keep], interactions.times[keep]
-    ties = file_order if tie_order == "file" else np.stack([file_order, item_code])
-    order = np.lexsort((*np.atleast_2d(ties), times, user_code))
+    ties = (file_order,) if tie_order == "file" else (file_order, item_code)  # lexsort: last key first
+    order = np.lexsort((*ties, times, user_code))
     user_code, item_code = user_code[order], item_code[order]
     kept_items, item_dense = np.unique(item_code, return_inverse=True)
     kept_users, user_dense = np.unique(user_code, return_inverse=True)

@@ -33,6 +33,11 @@ def causal_conv_dense(x: Tensor, weight: Tensor, bias: Tensor, history: Optional
     return out.transpose(1, 2)
 
 
+def _shift(x: Tensor, j: int) -> Tensor:
+    """Rows moved j steps later (row t holds x[t - j]; the first j rows are zero)."""
+    return F.pad(x[:-j], (0, 0, j, 0)) if j < x.shape[0] else torch.zeros_like(x)
+
+
 def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
     """The same conv on packed rows. x [N, D]; positions [N] index inside each sequence.
 
@@ -41,16 +46,10 @@ def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     k = weight.shape[-1]
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # under bf16 autocast: a bf16 conv, like F.conv1d
     out = torch.addcmul(bias, x, weight[:, 0, k - 1])
-    for j in range(1, min(k, x.shape[0] + 1)):
-        shifted = F.pad(x[:-j], (0, 0, j, 0))
-        shifted = shifted * (positions >= j).unsqueeze(-1).to(x.dtype)
+    for j in range(1, k):
+        shifted = _shift(x, j) * (positions >= j).unsqueeze(-1).to(x.dtype)
         out = torch.addcmul(out, shifted, weight[:, 0, k - 1 - j])
     return out
-
-
-def _shift(x: Tensor, j: int) -> Tensor:
-    """Rows moved j steps later (row t holds x[t - j]; the first j rows are zero)."""
-    return F.pad(x[:-j], (0, 0, j, 0)) if j < x.shape[0] else torch.zeros_like(x)
 
 
 class _CausalConvSiLUPacked(torch.autograd.Function):

@@ -193,13 +193,15 @@ class Trainer:
         bf16 = self.config.train.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def train_step(self, batch: Batch) -> float:
-        """One optimizer update on ``batch``, accumulated over micro-batches; returns the mean loss."""
+    def train_step(self, batch: Batch) -> Tensor:
+        """One optimizer update on ``batch``, accumulated over micro-batches; returns the mean loss
+        as a 0-dim tensor on the device (reading it is the caller's host sync, not every step's)."""
         self.optimizer.zero_grad(set_to_none=True)
-        num_targets = int(torch.count_nonzero(batch.targets))
+        parts = batch.split(self.config.train.micro_batch_size)
+        num_targets = int(torch.count_nonzero(batch.targets)) if len(parts) > 1 else 0
         loss_sum = torch.zeros((), device=self.device)
-        for part in batch.split(self.config.train.micro_batch_size):
-            weight = int(torch.count_nonzero(part.targets)) / num_targets
+        for part in parts:
+            weight = int(torch.count_nonzero(part.targets)) / num_targets if len(parts) > 1 else 1.0
             with self.autocast():
                 loss = next_item_loss(self.model, part) * weight
             loss.backward()
@@ -216,7 +218,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(self.device, non_blocking=True)
-            total_loss += self.train_step(batch)  # stays on the device: no host sync per step
+            total_loss += self.train_step(batch)  # summed on the device; read at log steps only
             steps += 1
             examples += len(batch)
             if steps % self.config.train.log_every == 0 or steps == 1:
