@@ -2,11 +2,14 @@
 
 One run measures, for each batch x length, precision and model:
   recblr            - this project's model: EmbeddingCollection table, RecBLR encoder on the fused
-                      Triton BD-LRU (``scan_backend: triton``), the last layer on the loss rows only;
+                      Triton BD-LRU and conv kernels (``scan_backend: triton``), the last layer on
+                      the loss rows only;
+  recblr-compiled   - the same with ``train.compile: inductor`` (the encoder through torch.compile);
   recblr-reference  - the same model on the PyTorch reference backend (torch ops around the
                       sequential scan, nothing fused);
   sasrec            - the SASRec-style Transformer of the same size on the same table and loss
-                      (PyTorch scaled_dot_product_attention; its last block also on the loss rows only).
+                      (PyTorch scaled_dot_product_attention; its last block also on the loss rows only);
+  sasrec-compiled   - that Transformer's encoder through torch.compile, the peer of recblr-compiled.
 A training step is the paper's (RecBole) step: B histories of T items, softmax cross-entropy over
 the whole catalog at each history's last position, backward, Adam; the inference pass scores the
 whole catalog after each history and takes the top 10. Reported: median milliseconds (CUDA events
@@ -41,9 +44,12 @@ NUM_ITEMS = 3416  # ML-1M after 5-core filtering; the table has a padding row mo
 NUM_USERS = 6040
 MODELS = {
     "recblr": {"architecture": "recblr", "scan_backend": "triton"},
+    "recblr-compiled": {"architecture": "recblr", "scan_backend": "triton", "compile": True},
     "recblr-reference": {"architecture": "recblr", "scan_backend": "pytorch"},
     "sasrec": {"architecture": "sasrec"},
+    "sasrec-compiled": {"architecture": "sasrec", "compile": True},
 }
+PEERS = ("sasrec", "sasrec-compiled")
 SHAPES = [(2048, 200), (256, 2048)]
 SWEEP_LENGTHS = [200, 512, 1024, 2048, 4096]
 
@@ -51,8 +57,12 @@ SWEEP_LENGTHS = [200, 512, 1024, 2048, 4096]
 def build(model_name: str, steps: int, device: torch.device):
     from recblr_torchrec.modules import RecBLR, RecBLRConfig
 
-    config = RecBLRConfig(embedding_dim=64, num_layers=2, dropout=0.2, max_positions=steps, **MODELS[model_name])
+    spec = dict(MODELS[model_name])
+    compiled = spec.pop("compile", False)
+    config = RecBLRConfig(embedding_dim=64, num_layers=2, dropout=0.2, max_positions=steps, **spec)
     model = RecBLR(NUM_ITEMS + 1, config).to(device)
+    if compiled:
+        model.compile_encoder("inductor")  # as train.compile=inductor
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
@@ -132,19 +142,10 @@ def measure_and_free(*args) -> Dict:
 def step_table(rows: List[Dict]) -> str:
     lines = [
         "| B x T | precision | model | train step (ms) | train ex/s | train peak (GiB) | inference (ms) "
-        "| inference ex/s | train vs sasrec |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| inference ex/s | train vs sasrec | train vs sasrec-compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        peer = next(
-            (
-                r
-                for r in rows
-                if r["model"] == "sasrec" and (r["batch"], r["length"], r["precision"]) == key(row) and "train_ms" in r
-            ),
-            None,
-        )
-        ratio = f"{row['train_ms'] / peer['train_ms']:.2f}x" if peer and "train_ms" in row else "-"
         cells = [
             f"{row['batch']} x {row['length']}",
             row["precision"],
@@ -152,10 +153,18 @@ def step_table(rows: List[Dict]) -> str:
             *(_cell(row, f"{phase}_{what}") for phase in ("train",) for what in ("ms", "examples_per_s", "peak_gib")),
             _cell(row, "infer_ms"),
             _cell(row, "infer_examples_per_s"),
-            ratio,
+            *(_ratio(row, rows, peer) for peer in PEERS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(row: Dict, rows: List[Dict], peer_name: str) -> str:
+    """The row's training step over the peer's at the same shape and precision."""
+    for peer in rows:
+        if peer["model"] == peer_name and key(peer) == key(row) and "train_ms" in peer and "train_ms" in row:
+            return f"{row['train_ms'] / peer['train_ms']:.2f}x"
+    return "-"
 
 
 def key(row: Dict):

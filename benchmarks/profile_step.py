@@ -75,15 +75,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--recompute-mix", action="store_true", help="RecBLR with model.recompute_mix")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     from bench_step import median_ms
 
     device = torch.device("cuda")
     batch, steps = args.batch, args.length
-    results = {"batch": batch, "length": steps, "precision": args.precision, "device": torch.cuda.get_device_name()}
+    results = {"batch": batch, "length": steps, "precision": args.precision, "compile": args.compile}
+    results.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
     for arch in args.architectures:
-        model = EncoderStep(arch, batch, steps, args.items, "triton", device)
+        options = {"recompute_mix": True} if args.recompute_mix and arch == "recblr" else {}
+        model = EncoderStep(arch, batch, steps, args.items, "triton", device, **options)
+        if args.compile:
+            model.encoder = torch.compile(model.encoder)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -94,7 +100,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             loss.backward()
             optimizer.step()
 
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         step_ms = median_ms(step, args.reps)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
@@ -107,8 +116,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             if self_us > 0:
                 ops.append({"op": event.key, "self_cuda_ms_per_step": self_us / 3e3, "cuda_ms_per_step": cuda_us / 3e3})
         ops.sort(key=lambda o: -o["self_cuda_ms_per_step"])
-        results[arch] = {"step_ms": step_ms, "ops": ops[:40]}
-        print(f"{arch}: step {step_ms:.2f} ms (encoder + table + loss + Adam, no TorchRec)")
+        results[arch] = {"step_ms": step_ms, "peak_gib": peak_gib, "ops": ops[:40]}
+        print(f"{arch}: step {step_ms:.2f} ms, peak {peak_gib:.2f} GiB (encoder + table + loss + Adam, no TorchRec)")
         for o in ops[:25]:
             print(f"  {o['self_cuda_ms_per_step']:7.3f} ms  {o['op'][:100]}")
     if args.out:

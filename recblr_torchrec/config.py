@@ -69,6 +69,10 @@ class TrainConfig:
     ``precision``: ``fp32``, or ``bf16`` (the forward and backward under bfloat16 autocast: matmuls
     and the fused recurrence read bfloat16, the recurrent state, LayerNorm, softmax sums and the
     parameters stay float32).
+    ``compile``: ``off``, or a ``torch.compile`` backend (``inductor`` on the GPU) for the encoder:
+    its LayerNorms, FFN, dropout, gates and conv become a few generated kernels around the fused
+    recurrence, which stays one opaque op; the TorchRec lookups and the loss stay eager. The first
+    steps pay the compilation (about a minute), and a recompilation when batch shapes start to vary.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
     """
@@ -92,6 +96,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     precision: str = "fp32"
     time_budget_s: float = 0.0
+    compile: str = "off"
 
 
 @dataclass
@@ -280,6 +285,13 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"data.tie_order={d.tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if t.compile != "off":
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if t.compile not in backends:
+            choices = ", ".join(backends)
+            raise ValueError(f"train.compile={t.compile!r}; choose off or a torch.compile backend: {choices}")
     if t.time_budget_s < 0:
         raise ValueError(f"train.time_budget_s={t.time_budget_s} must be >= 0 (0 = no budget)")
     if t.loss not in ("full", "sampled"):

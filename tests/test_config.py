@@ -46,6 +46,7 @@ def test_overrides_are_typed_and_nested():
         ("model.scan_backend=cuda", "unknown scan backend"),
         ("train.lr", "must look like section.key=value"),
         ("model.dropout=1.5", r"must be in \[0, 1\)"),
+        ("train.compile=fast", "train.compile='fast'; choose off or a torch.compile backend: .*inductor"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(override, message):

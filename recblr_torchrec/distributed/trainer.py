@@ -86,6 +86,8 @@ class DistributedTrainer(Trainer):
         model = RecBLR(self.data.num_items + 1, config.model, meta, candidate_feature=True, context=config.context)
         self.dmp = shard_model(NextItemTask(model, world), config.distributed, t, env)
         self.model = self.dmp.module.model
+        if t.compile != "off":
+            self.model.compile_encoder(t.compile)
         self.optimizer = build_optimizer(self.dmp, t)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state.update(stopped_early=False, step=0, batch=0, loss_sum=0.0, examples=0, seconds=0.0)

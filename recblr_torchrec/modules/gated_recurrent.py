@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..kernels import ScanBackend, linear_scan
 from ..kernels.bdlru import bdlru, bdlru_gates
+from ..kernels.causal_conv import causal_conv_dense, causal_conv_packed, causal_conv_silu
 from ..kernels.linear_scan.pytorch import packed_positions, pad_packed, scan_sequential
 
 # Base decays exp(-softplus(Lambda)) run from 0.9 to 0.999 across channels at initialisation.
@@ -19,72 +20,13 @@ def inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-def causal_conv_dense(x: Tensor, weight: Tensor, bias: Tensor, history: Optional[Tensor] = None) -> Tensor:
-    """Depthwise causal conv over time. x [B, T, D], weight [D, 1, k] -> [B, T, D].
+def exporting() -> bool:
+    """True under ``torch.export`` (non-strict, the default), False under ``torch.compile``.
 
-    ``history`` [B, k-1, D] holds the inputs before x[:, 0] (oldest first); zeros when None.
+    torch 2.11's Dynamo folds ``torch.compiler.is_exporting()`` to True in every graph it traces,
+    so under ``torch.compile`` alone the export-only paths would replace the fused kernel.
     """
-    k = weight.shape[-1]
-    if history is None:
-        padded = F.pad(x.transpose(1, 2), (k - 1, 0))
-    else:
-        padded = torch.cat([history.to(x.dtype), x], dim=1).transpose(1, 2)
-    out = F.conv1d(padded, weight, bias, groups=x.shape[-1])
-    return out.transpose(1, 2)
-
-
-def _shift(x: Tensor, j: int) -> Tensor:
-    """Rows moved j steps later (row t holds x[t - j]; the first j rows are zero)."""
-    return F.pad(x[:-j], (0, 0, j, 0)) if j < x.shape[0] else torch.zeros_like(x)
-
-
-def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-    """The same conv on packed rows. x [N, D]; positions [N] index inside each sequence.
-
-    Tap j reads the row j steps back, masked where that row belongs to an earlier sequence.
-    """
-    k = weight.shape[-1]
-    weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # under bf16 autocast: a bf16 conv, like F.conv1d
-    out = torch.addcmul(bias, x, weight[:, 0, k - 1])
-    for j in range(1, k):
-        shifted = _shift(x, j) * (positions >= j).unsqueeze(-1).to(x.dtype)
-        out = torch.addcmul(out, shifted, weight[:, 0, k - 1 - j])
-    return out
-
-
-class _CausalConvSiLUPacked(torch.autograd.Function):
-    """SiLU(causal_conv_packed(x)) that keeps only its inputs for backward and recomputes the rest.
-
-    Autograd through :func:`causal_conv_packed` keeps a shifted, masked copy of x per tap and the
-    pre-SiLU output ([N, D] each); x itself is a view of the input projection, which the output
-    gate keeps anyway, so here the conv adds nothing to the activations held between forward and
-    backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, bias, positions)
-        return F.silu(causal_conv_packed(x, weight, bias, positions))
-
-    @staticmethod
-    def backward(ctx, grad_c: Tensor):
-        x, weight, bias, positions = ctx.saved_tensors
-        k = weight.shape[-1]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
-        pre = causal_conv_packed(x, weight, bias, positions).to(acc)
-        gate = torch.sigmoid(pre)
-        grad_pre = grad_c.to(acc) * gate * (1.0 + pre * (1.0 - gate))  # d SiLU(p) / dp
-        del pre, gate
-        xs, w = x.to(acc), weight[:, 0].to(acc)
-        grad_x = grad_pre * w[:, k - 1]
-        grad_w = torch.empty(weight.shape[0], k, dtype=acc, device=x.device)
-        grad_w[:, k - 1] = (grad_pre * xs).sum(0)
-        for j in range(1, k):
-            reaches = (positions >= j).unsqueeze(-1)  # rows whose tap j reads a row of their own sequence
-            grad_w[:, k - 1 - j] = (grad_pre * _shift(xs, j) * reaches).sum(0)
-            grad_x += F.pad((grad_pre * reaches * w[:, k - 1 - j])[j:], (0, 0, 0, j))[: x.shape[0]]
-        grad_bias = grad_pre.sum(0)
-        return grad_x.to(x.dtype), grad_w.view_as(weight).to(weight.dtype), grad_bias.to(bias.dtype), None
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor:
@@ -187,8 +129,8 @@ class GatedRecurrent(nn.Module):
         else:
             if positions is None:
                 raise ValueError("packed input needs positions (index of each row inside its sequence)")
-            if not torch.jit.is_scripting() and torch.is_grad_enabled():
-                c = _CausalConvSiLUPacked.apply(x, self.conv.weight, bias, positions)
+            if not torch.jit.is_scripting():
+                c = causal_conv_silu(x, self.conv.weight, bias, positions, backend=self.scan_backend)
             else:
                 c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
         return x, z, c
@@ -202,7 +144,7 @@ class GatedRecurrent(nn.Module):
     ) -> Tensor:
         """Y at every position, or only at packed ``rows`` [M] (the output projection then runs on M rows)."""
         if not torch.jit.is_scripting():
-            if self.scan_backend.resolve(hidden.device) == ScanBackend.TRITON and not torch.compiler.is_exporting():
+            if self.scan_backend.resolve(hidden.device) == ScanBackend.TRITON and not exporting():
                 # One fused kernel for gates, scan and output gate (kernels/bdlru).
                 _, z, c = self.conv_branch(hidden, offsets, positions)
                 gated = bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
@@ -218,7 +160,7 @@ class GatedRecurrent(nn.Module):
         log_alpha, beta = self.gates(c)
         if torch.jit.is_scripting():
             h = scan_scripted(log_alpha, beta * c, offsets)
-        elif offsets is None and torch.compiler.is_exporting():
+        elif offsets is None and exporting():
             h = scan_exported(log_alpha, beta * c)
         else:
             h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)

@@ -205,6 +205,11 @@ class RecBLR(nn.Module):
         kjt = self.history_features(ids, torch.tensor([ids.numel()], device=ids.device))
         return self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype)
 
+    def compile_encoder(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the encoder in place (``train.compile``); parameters, ``state_dict``
+        keys and the exports are unchanged, and the TorchRec modules stay eager."""
+        self.encoder.compile(backend=backend)
+
     @property
     def dtype(self) -> torch.dtype:
         """The encoder's dtype (TorchRec's lookups return float32 whatever the table holds)."""

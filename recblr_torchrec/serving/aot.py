@@ -56,7 +56,9 @@ def export_scorer(scorer: RecBLRScorer, k: int, batch: int, max_steps: int = 1 <
     lengths = torch.ones(batch, dtype=torch.long, device=item_ids.device)
     steps = torch.export.Dim("steps", min=2, max=max_steps)
     with torch.no_grad():
-        return torch.export.export(module, (item_ids, lengths), dynamic_shapes={"item_ids": {1: steps}, "lengths": {}})
+        return torch.export.export(
+        module, (item_ids, lengths), dynamic_shapes={"item_ids": {1: steps}, "lengths": {}}, strict=False
+    )
 
 
 def compile_scorer(scorer: RecBLRScorer, k: int, batch: int, package_path: str) -> str:

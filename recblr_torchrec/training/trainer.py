@@ -142,6 +142,8 @@ class Trainer:
         self.model = RecBLR(
             self.data.num_items + 1, config.model, candidate_feature=sampled, context=config.context
         ).to(self.device)
+        if t.compile != "off":
+            self.model.compile_encoder(t.compile)
         self.optimizer = optimizer_factory(t)(self.model.parameters())
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state["stopped_early"] = False

@@ -150,28 +150,6 @@ def test_requested_rows_equal_the_full_output_at_those_rows(backend):
         encoder(values[None], rows=rows)
 
 
-def test_packed_conv_recomputing_backward_matches_autograd():
-    from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions
-    from recblr_torchrec.modules.gated_recurrent import _CausalConvSiLUPacked, causal_conv_packed
-
-    torch.manual_seed(0)
-    lengths = [1, 2, 5, 3, 7]  # shorter than, equal to and longer than the 4 taps
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    positions = packed_positions(offsets, sum(lengths))[1]
-    x = torch.randn(sum(lengths), 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    got = _CausalConvSiLUPacked.apply(x, weight, bias, positions)
-    want = torch.nn.functional.silu(causal_conv_packed(x, weight, bias, positions))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    grad = torch.randn_like(got)
-    for a, b in zip(
-        torch.autograd.grad(got, [x, weight, bias], grad), torch.autograd.grad(want, [x, weight, bias], grad)
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda *t: _CausalConvSiLUPacked.apply(*t, positions), (x, weight, bias))
-
-
 def test_recomputing_the_mix_gives_the_same_training_gradients():
     lengths = [3, 1, 6]
     offsets = torch.tensor([0] + lengths).cumsum(0)

@@ -1,0 +1,154 @@
+"""Triton kernels for SiLU(causal depthwise conv(x)) on packed rows, forward and backward.
+
+Row t of a packed batch reads x at t, t-1, ..., t-k+1, each tap masked where its row belongs to
+an earlier sequence (``positions[t] < j``). Forward: one program per [BLOCK_N, BLOCK_D] tile; the
+k shifted loads of x hit the cache, so DRAM sees x once and c once. Backward recomputes the
+pre-activation instead of storing it: dx[t] = sum_j dpre[t+j] * w[k-1-j] over the taps j whose
+row t+j is in t's sequence, with dpre = dc * SiLU'(pre) formed for rows t..t+k-1 in registers;
+dw and dbias are reduced per program into [P, k, D] and [P, D] partials that the host sums in a
+fixed order (deterministic, no atomics). Programs walk the row tiles with a stride, so P stays
+small whatever N is.
+
+x may be a strided view (the first D columns of the input projection); weights are read in
+float32, sums are float32, c and dx come back in x's dtype.
+"""
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["causal_conv_silu_triton"]
+
+_BLOCK_N = 32
+_MAX_PROGRAMS = 1024  # backward programs along the rows; each walks N / (BLOCK_N * P) tiles
+
+
+@triton.jit
+def _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K: tl.constexpr):
+    """bias + sum_j w[k-1-j] * x[rows - j], fp32 [BLOCK_N, BLOCK_D]; taps before a sequence's start read 0."""
+    acc = tl.zeros(ok.shape, dtype=tl.float32) + bias[None, :]
+    for j in tl.static_range(K):
+        tap_ok = ok & (pos >= j)[:, None]
+        x = tl.load(x_ptr + (rows - j)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
+        w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+        acc += x.to(tl.float32) * w[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_silu_forward_kernel(
+    x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, N, D, x_stride,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok, col_ok = rows < N, cols < D
+    ok = row_ok[:, None] & col_ok[None, :]
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K)
+    out = pre * tl.sigmoid(pre)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_silu_backward_kernel(
+    x_ptr, w_ptr, b_ptr, pos_ptr, dc_ptr, dx_ptr, dw_ptr, db_ptr, N, D, x_stride,
+    K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    program, programs = tl.program_id(0), tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    taps = tl.arange(0, K_POW2)
+    dw = tl.zeros([K_POW2, BLOCK_D], dtype=tl.float32)  # row K-1-j: sum_t dpre[t] * x[t-j]
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
+        rows = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        dx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            # dpre at rows t + j, kept where that row is in the sequence of row t (its tap j reads t).
+            later = rows + j
+            pos_later = tl.load(pos_ptr + later, mask=later < N, other=0)
+            reach = ((later < N) & (pos_later >= j))[:, None] & col_ok[None, :]
+            pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, later, pos_later, cols, col_ok, reach, K)
+            dc = tl.load(dc_ptr + later[:, None] * D + cols[None, :], mask=reach, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(pre)
+            dpre = tl.where(reach, dc * gate * (1.0 + pre * (1.0 - gate)), 0.0)
+            w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+            dx += dpre * w[None, :]
+            if j == 0:  # dpre at the tile's own rows: the weight and bias gradients
+                db += tl.sum(dpre, axis=0)
+                for i in tl.static_range(K):
+                    tap_ok = reach & (pos_later >= i)[:, None]
+                    x = tl.load(x_ptr + (rows - i)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
+                    contribution = tl.sum(dpre * x.to(tl.float32), axis=0)
+                    dw += tl.where((taps == K - 1 - i)[:, None], contribution[None, :], 0.0)
+        ok = (rows < N)[:, None] & col_ok[None, :]
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    at = program * K * D + taps[:, None] * D + cols[None, :]
+    tl.store(dw_ptr + at, dw, mask=(taps < K)[:, None] & col_ok[None, :])
+    tl.store(db_ptr + program * D + cols, db, mask=col_ok)
+
+
+def _allocate(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Buffers the kernels fill completely (tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_d(channels: int) -> int:
+    return min(64, triton.next_power_of_2(channels))
+
+
+def _rows_view(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+        x = _rows_view(x)
+        n, channels = x.shape
+        k = weight.shape[-1]
+        w, b = weight.detach().reshape(channels, k).contiguous(), bias.detach().contiguous()
+        out = _allocate((n, channels), x.dtype, x.device)
+        block_d = _block_d(channels)
+        grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(channels, block_d))
+        if n:
+            _conv_silu_forward_kernel[grid](
+                x, w, b, positions, out, n, channels, x.stride(0), K=k, BLOCK_N=_BLOCK_N, BLOCK_D=block_d
+            )
+        ctx.save_for_backward(x, w, b, positions)
+        ctx.shapes = weight.shape, weight.dtype, bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_c: Tensor):
+        x, w, b, positions = ctx.saved_tensors
+        weight_shape, weight_dtype, bias_dtype = ctx.shapes
+        n, channels = x.shape
+        k = w.shape[1]
+        grad_c = grad_c.contiguous()
+        block_d = _block_d(channels)
+        programs = max(1, min(triton.cdiv(n, _BLOCK_N), _MAX_PROGRAMS))
+        grad_x = _allocate((n, channels), x.dtype, x.device)
+        grad_w = _allocate((programs, k, channels), torch.float32, x.device)
+        grad_b = _allocate((programs, channels), torch.float32, x.device)
+        _conv_silu_backward_kernel[(programs, triton.cdiv(channels, block_d))](
+            x, w, b, positions, grad_c, grad_x, grad_w, grad_b, n, channels, x.stride(0),
+            K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        )  # fmt: skip
+        grad_w = grad_w.sum(0).T.reshape(weight_shape).to(weight_dtype)
+        return grad_x, grad_w, grad_b.sum(0).to(bias_dtype), None
+
+
+def causal_conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    """The Triton kernels behind ``causal_conv_silu(..., backend=ScanBackend.TRITON)``."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"the Triton causal conv takes float32, bfloat16 or float16, got {x.dtype}; use the PyTorch backend"
+        )
+    return _CausalConvSiLU.apply(x, weight, bias, positions)
