@@ -102,6 +102,7 @@ def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, 
     model, optimizer = build(model_name, steps, device)
     data = make_batch(batch, steps, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")  # as train.precision
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -224,13 +225,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES], help="BxT")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="the Figure 4 length sweep instead")
     parser.add_argument("--lengths", nargs="+", type=int, default=SWEEP_LENGTHS)
     parser.add_argument("--sweep-models", nargs="+", default=["recblr", "sasrec"], choices=list(MODELS))
     parser.add_argument("--sweep-batch", type=int, default=128)
-    parser.add_argument("--sweep-precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--sweep-precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--plot", help="draw the PNG from this sweep JSON and exit")
     parser.add_argument("--plot-out", default="figure4.png")
     args = parser.parse_args(argv)

@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--length", type=int, default=200)
     parser.add_argument("--items", type=int, default=3417)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
@@ -82,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from bench_step import median_ms
 
     device = torch.device("cuda")
+    torch.set_float32_matmul_precision("high" if args.precision == "tf32" else "highest")
     batch, steps = args.batch, args.length
     results = {"batch": batch, "length": steps, "precision": args.precision, "compile": args.compile}
     results.update(device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -19,9 +19,7 @@ class ScanBackend(str, Enum):
 
     def resolve(self, device: torch.device) -> "ScanBackend":
         """The concrete backend for tensors on ``device`` (``AUTO`` resolved, others unchanged)."""
-        if self is ScanBackend.AUTO:
-            return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
-        return self
+        return resolve_backend(self, device)
 
     @classmethod
     def parse(cls, value: "str | ScanBackend") -> "ScanBackend":
@@ -32,3 +30,17 @@ class ScanBackend(str, Enum):
         except ValueError:
             choices = ", ".join(b.value for b in cls)
             raise ValueError(f"unknown scan backend {value!r}; choose one of: {choices}") from None
+
+
+def resolve_backend(backend: "ScanBackend | str", device: torch.device) -> ScanBackend:
+    """``ScanBackend.parse(backend).resolve(device)`` as a plain function: what the kernels call.
+
+    Inside code that ``torch.compile`` traces, torch 2.11's Dynamo cannot call the classmethod
+    (nor a method of an enum member); a function with ``isinstance`` and ``is`` it traces on every
+    version, to a constant.
+    """
+    if not isinstance(backend, ScanBackend):
+        backend = ScanBackend.parse(backend)
+    if backend is ScanBackend.AUTO:
+        return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
+    return backend

@@ -17,7 +17,7 @@ from .modules.recblr import ContextConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
 OPTIMIZERS = ("adam", "adagrad", "sgd")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
 
@@ -66,9 +66,10 @@ class TrainConfig:
     ``max_steps_per_epoch``: distributed runs end each epoch after that many steps (0 = all);
     for throughput measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
-    ``precision``: ``fp32``, or ``bf16`` (the forward and backward under bfloat16 autocast: matmuls
-    and the fused recurrence read bfloat16, the recurrent state, LayerNorm, softmax sums and the
-    parameters stay float32).
+    ``precision``: ``fp32``; ``tf32`` (float32 tensors, the float32 matmuls of forward and backward
+    on TF32 tensor cores: ``torch.set_float32_matmul_precision("high")`` for the process); or
+    ``bf16`` (the forward and backward under bfloat16 autocast: matmuls and the fused recurrence
+    read bfloat16, the recurrent state, LayerNorm, softmax sums and the parameters stay float32).
     ``compile``: ``off``, or a ``torch.compile`` backend (``inductor`` on the GPU) for the encoder:
     its LayerNorms, FFN, dropout, gates and conv become a few generated kernels around the fused
     recurrence, which stays one opaque op; the TorchRec lookups and the loss stay eager. The first

@@ -26,7 +26,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..backend import ScanBackend
+from ..backend import ScanBackend, resolve_backend
 from .pytorch import bdlru_gates, bdlru_pytorch
 
 __all__ = ["bdlru", "bdlru_gates"]
@@ -74,7 +74,7 @@ def bdlru(
         [like c] in c's dtype; accumulation in float32 at least.
     """
     _check(c, gate_logits, z, decay_param, offsets)
-    backend = ScanBackend.parse(backend).resolve(c.device)
+    backend = resolve_backend(backend, c.device)
     if backend is ScanBackend.PYTORCH:
         return bdlru_pytorch(c, gate_logits, z, decay_param, offsets)
     from . import triton as _triton  # lazily: the reference needs no Triton

@@ -194,9 +194,11 @@ def _launch_shape(c: Tensor, offsets: Optional[Tensor]) -> Tuple[int, int, int]:
 
 
 def _tile(channels: int, steps: int) -> Tuple[int, int]:
-    block_d = min(64, triton.next_power_of_2(channels))
-    chunk = 16 if steps and steps <= 16 else 32
-    return chunk, block_d
+    """(CHUNK, BLOCK_D). Narrow channel blocks give more programs (more sequences in flight) and
+    short chunks keep the scan's registers low: on the H200, [16, 32] tiles ran forward+backward
+    1.6x (2048 x 200 x 128) and 1.7x (256 x 2048 x 128) faster than [32, 64], the best of a
+    {16, 32, 64} x {16, 32, 64, 128} sweep at both shapes."""
+    return 16, min(32, triton.next_power_of_2(channels))
 
 
 def bdlru_forward(

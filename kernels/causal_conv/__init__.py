@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import ScanBackend
+from ..backend import ScanBackend, resolve_backend
 from .pytorch import CausalConvSiLUPacked, causal_conv_dense, causal_conv_packed
 
 __all__ = ["causal_conv_silu", "causal_conv_dense", "causal_conv_packed"]
@@ -53,7 +53,7 @@ def causal_conv_silu(
             f"positions must be [N] = [{x.shape[0]}] and bias [D] = [{x.shape[1]}]; "
             f"got {tuple(positions.shape)} and {tuple(bias.shape)}"
         )
-    backend = ScanBackend.parse(backend).resolve(x.device)
+    backend = resolve_backend(backend, x.device)
     if backend is ScanBackend.TRITON and not torch.compiler.is_compiling():
         from .triton import causal_conv_silu_triton  # lazily: the reference needs no Triton
 

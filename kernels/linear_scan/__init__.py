@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import ScanBackend
+from ..backend import ScanBackend, resolve_backend
 from . import pytorch as _pytorch
 
 __all__ = ["linear_scan", "check_scan_inputs"]
@@ -125,7 +125,7 @@ def linear_scan(
         Accumulation is in float32 at least, whatever the input dtype.
     """
     check_scan_inputs(log_a, b, offsets, initial_state)
-    backend = ScanBackend.parse(backend).resolve(b.device)
+    backend = resolve_backend(backend, b.device)
     if backend is ScanBackend.PYTORCH:
         h, final = _pytorch.linear_scan_pytorch(log_a, b, offsets, initial_state)
     else:

@@ -27,6 +27,7 @@ from ..training.trainer import (
     METRICS_JSON,
     Trainer,
     _format_table,
+    apply_matmul_precision,
     evaluation_users,
     load_data,
     seed_everything,
@@ -88,6 +89,7 @@ class DistributedTrainer(Trainer):
         self.model = self.dmp.module.model
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
+        apply_matmul_precision(t.precision)
         self.optimizer = build_optimizer(self.dmp, t)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state.update(stopped_early=False, step=0, batch=0, loss_sum=0.0, examples=0, seconds=0.0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import ScanBackend, linear_scan
+from ..kernels.backend import resolve_backend
 from ..kernels.bdlru import bdlru, bdlru_gates
 from ..kernels.causal_conv import causal_conv_dense, causal_conv_packed, causal_conv_silu
 from ..kernels.linear_scan.pytorch import packed_positions, pad_packed, scan_sequential
@@ -144,7 +145,7 @@ class GatedRecurrent(nn.Module):
     ) -> Tensor:
         """Y at every position, or only at packed ``rows`` [M] (the output projection then runs on M rows)."""
         if not torch.jit.is_scripting():
-            if self.scan_backend.resolve(hidden.device) == ScanBackend.TRITON and not exporting():
+            if resolve_backend(self.scan_backend, hidden.device) is ScanBackend.TRITON and not exporting():
                 # One fused kernel for gates, scan and output gate (kernels/bdlru).
                 _, z, c = self.conv_branch(hidden, offsets, positions)
                 gated = bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)

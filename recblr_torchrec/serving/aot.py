@@ -57,8 +57,8 @@ def export_scorer(scorer: RecBLRScorer, k: int, batch: int, max_steps: int = 1 <
     steps = torch.export.Dim("steps", min=2, max=max_steps)
     with torch.no_grad():
         return torch.export.export(
-        module, (item_ids, lengths), dynamic_shapes={"item_ids": {1: steps}, "lengths": {}}, strict=False
-    )
+            module, (item_ids, lengths), dynamic_shapes={"item_ids": {1: steps}, "lengths": {}}, strict=False
+        )
 
 
 def compile_scorer(scorer: RecBLRScorer, k: int, batch: int, package_path: str) -> str:

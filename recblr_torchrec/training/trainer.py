@@ -80,6 +80,12 @@ def evaluation_users(data: SequenceData, max_len: int, split: str, max_users: in
     return Samples(samples.starts[:max_users], samples.lengths[:max_users], samples.users[:max_users], False)
 
 
+def apply_matmul_precision(precision: str) -> None:
+    """The float32 matmul precision of ``train.precision``: TF32 for ``tf32``, full float32 otherwise
+    (under ``bf16`` the autocast matmuls are bfloat16 either way)."""
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+
+
 def training_candidates(config: RunConfig, data: SequenceData, distributed: bool = False) -> Optional[CandidateFn]:
     """The candidate set each training batch carries: sampled, or (distributed) the whole catalog.
 
@@ -144,6 +150,7 @@ class Trainer:
         ).to(self.device)
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
+        apply_matmul_precision(t.precision)
         self.optimizer = optimizer_factory(t)(self.model.parameters())
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state["stopped_early"] = False

@@ -97,6 +97,17 @@ def test_bf16_autocast_step_tracks_the_fp32_step(tmp_path, data_dir):
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
 
 
+def test_tf32_precision_sets_the_float32_matmul_precision(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}"]
+    try:
+        Trainer(load_config(TINY, overrides + ["train.precision=tf32"]), str(tmp_path / "a"), data_dir)
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 tensor cores for float32 matmuls
+        Trainer(load_config(TINY, overrides), str(tmp_path / "b"), data_dir)
+        assert torch.get_float32_matmul_precision() == "highest"  # fp32 means full float32 matmuls
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 def test_compiled_encoder_step_equals_the_eager_step_without_graph_breaks(tmp_path, data_dir):
     from torch._dynamo.utils import counters
 

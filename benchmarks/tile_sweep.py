@@ -1,0 +1,92 @@
+"""Tile sweep of the fused BD-LRU and the causal conv + SiLU kernels on the GPU.
+
+For each shape ([B, T] = [2048, 200] and [256, 2048], D = 128, fp32, packed), times forward and
+forward+backward (``triton.testing.do_bench``, median ms) of
+  bdlru  - every (CHUNK, BLOCK_D) in {16, 32, 64} x {16, 32, 64, 128};
+  conv   - every (BLOCK_N, backward programs) in {16, 32, 64} x {512, 1024, 4096};
+by overriding the kernels' tile choice for the run. The defaults in ``kernels/bdlru/triton.py``
+(``_tile``) and ``kernels/causal_conv/triton.py`` (``_BLOCK_N``, ``_MAX_PROGRAMS``) come from it.
+
+Usage (GPU): python benchmarks/tile_sweep.py --out tiles.json
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recblr_torchrec import ScanBackend  # noqa: E402
+from recblr_torchrec.kernels.bdlru import bdlru  # noqa: E402
+from recblr_torchrec.kernels.bdlru import triton as fused  # noqa: E402
+from recblr_torchrec.kernels.causal_conv import causal_conv_silu  # noqa: E402
+from recblr_torchrec.kernels.causal_conv import triton as conv  # noqa: E402
+from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions  # noqa: E402
+
+SHAPES = [(2048, 200), (256, 2048)]
+
+
+def timed(forward, inputs: List[torch.Tensor], grad: torch.Tensor) -> Dict[str, float]:
+    from triton.testing import do_bench
+
+    detached = [t.detach() for t in inputs]
+    return {
+        "fwd_ms": do_bench(lambda: forward(*detached), warmup=10, rep=50),
+        "fwd_bwd_ms": do_bench(lambda: torch.autograd.grad(forward(*inputs), inputs, grad), warmup=10, rep=50),
+    }
+
+
+def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
+    device, n = torch.device("cuda"), batch * steps
+    offsets = torch.arange(batch + 1, device=device) * steps
+    grad = torch.randn(n, channels, device=device)
+    rows = []
+    c, z = (torch.randn(n, channels, device=device, requires_grad=True) for _ in range(2))
+    gates = torch.randn(n, 2 * channels, device=device, requires_grad=True)
+    decay = torch.linspace(-2.2, -6.9, channels, device=device).requires_grad_()
+    default = fused._tile
+    try:
+        for chunk, block_d in itertools.product((16, 32, 64), (16, 32, 64, 128)):
+            fused._tile = lambda _channels, _steps, tile=(chunk, block_d): tile
+            run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=ScanBackend.TRITON), [c, gates, z, decay], grad)
+            rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        fused._tile = default
+    x = torch.randn(n, 2 * channels, device=device)[:, :channels].requires_grad_()  # a strided view, as in the model
+    weight = torch.randn(channels, 1, 4, device=device, requires_grad=True)
+    bias = torch.randn(channels, device=device, requires_grad=True)
+    positions = packed_positions(offsets, n)[1]
+    defaults = conv._BLOCK_N, conv._MAX_PROGRAMS
+    try:
+        for block_n, programs in itertools.product((16, 32, 64), (512, 1024, 4096)):
+            conv._BLOCK_N, conv._MAX_PROGRAMS = block_n, programs
+            run = timed(lambda *t: causal_conv_silu(*t, positions, backend=ScanBackend.TRITON), [x, weight, bias], grad)
+            rows.append(
+                {"kernel": "conv", "batch": batch, "length": steps, "block_n": block_n, "programs": programs, **run}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        conv._BLOCK_N, conv._MAX_PROGRAMS = defaults
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    rows = [row for batch, steps in SHAPES for row in sweep(batch, steps)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
