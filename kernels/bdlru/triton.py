@@ -56,14 +56,15 @@ def _gates(r, i, rate):
 
 
 @triton.jit
-def _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D):
-    """Offsets of a [CHUNK, BLOCK_D] tile in c/z and in the gate logits, and c, r, i, z as fp32."""
+def _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D, z_stride):
+    """Offsets of a [CHUNK, BLOCK_D] tile in c (and the outputs) and in the gate logits, and c, r,
+    i, z as fp32; z's rows are ``z_stride`` apart (z is a view of the input projection)."""
     at = rows[:, None] * D + cols[None, :]
     at_gate = rows[:, None] * (2 * D) + cols[None, :]
     c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(g_ptr + at_gate, mask=mask, other=0.0).to(tl.float32)
     i = tl.load(g_ptr + at_gate + D, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * z_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return at, at_gate, c, r, i, z
 
 
@@ -100,6 +101,7 @@ def _bdlru_forward_kernel(
     offsets_ptr,
     T,
     D,
+    z_stride,
     IS_PACKED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -110,7 +112,7 @@ def _bdlru_forward_kernel(
     for k in range(0, tl.cdiv(end - start, CHUNK)):
         rows = start + k * CHUNK + steps
         mask = (rows < end)[:, None] & col_ok[None, :]
-        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D)
+        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D, z_stride)
         sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
         a = tl.where(mask, alpha, 1.0)  # rows past the end carry the state unchanged
         b = tl.where(mask, beta * c, 0.0)
@@ -137,6 +139,7 @@ def _bdlru_backward_kernel(
     offsets_ptr,
     T,
     D,
+    z_stride,
     IS_PACKED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -151,7 +154,7 @@ def _bdlru_backward_kernel(
         rows = start + (num_chunks - 1 - k) * CHUNK + (CHUNK - 1 - steps)
         row_ok = rows < end
         mask = row_ok[:, None] & col_ok[None, :]
-        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D)
+        at, at_gate, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D, z_stride)
         h = tl.load(h_ptr + at, mask=mask, other=0.0)
         dout = tl.load(dout_ptr + at, mask=mask, other=0.0).to(tl.float32)
         has_prev = mask & (rows > start)[:, None]
@@ -193,6 +196,13 @@ def _launch_shape(c: Tensor, offsets: Optional[Tensor]) -> Tuple[int, int, int]:
     return offsets.numel() - 1, 0, c.shape[1]
 
 
+def _strided_rows(z: Tensor) -> Tensor:
+    """z itself when row r of its flattened [rows, D] layout starts at r * z.stride(-2) (the [N, D]
+    or [B, T, D] half of the input projection's output), else a contiguous copy."""
+    rows_evenly_strided = z.dim() == 2 or z.stride(0) == z.shape[1] * z.stride(1)
+    return z if z.stride(-1) == 1 and rows_evenly_strided else z.contiguous()
+
+
 def _tile(channels: int, steps: int) -> Tuple[int, int]:
     """(CHUNK, BLOCK_D). Narrow channel blocks give more programs (more sequences in flight) and
     short chunks keep the scan's registers low: on the H200, [16, 32] tiles ran forward+backward
@@ -204,8 +214,9 @@ def _tile(channels: int, steps: int) -> Tuple[int, int]:
 def bdlru_forward(
     c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, offsets: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    """(SiLU(z) * h in c's dtype, h in float32 for backward); inputs made contiguous here."""
-    c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), z.contiguous()
+    """(SiLU(z) * h in c's dtype, h in float32 for backward); c and the gate logits made contiguous
+    here, z read in place when its rows are evenly strided."""
+    c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), _strided_rows(z)
     num_seq, steps, channels = _launch_shape(c, offsets)
     rate = F.softplus(decay_param.float()).contiguous()
     out = _allocate(c.shape, c.dtype, c.device)
@@ -215,7 +226,7 @@ def bdlru_forward(
     if num_seq > 0 and c.numel() > 0:
         _bdlru_forward_kernel[grid](
             c, gate_logits, z, rate, out, h, offsets if offsets is not None else rate, steps, channels,
-            IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+            z.stride(-2), IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
         )  # fmt: skip
     return out, h
 
@@ -230,7 +241,7 @@ def bdlru_backward(
     offsets: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
-    c, gate_logits, z, dout = c.contiguous(), gate_logits.contiguous(), z.contiguous(), dout.contiguous()
+    c, gate_logits, z, dout = c.contiguous(), gate_logits.contiguous(), _strided_rows(z), dout.contiguous()
     num_seq, steps, channels = _launch_shape(c, offsets)
     rate = F.softplus(decay_param.float()).contiguous()
     dc = _allocate(c.shape, c.dtype, c.device)
@@ -242,7 +253,7 @@ def bdlru_backward(
     if num_seq > 0 and c.numel() > 0:
         _bdlru_backward_kernel[grid](
             c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts,
-            offsets if offsets is not None else rate, steps, channels,
+            offsets if offsets is not None else rate, steps, channels, z.stride(-2),
             IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
         )  # fmt: skip
     else:

@@ -62,6 +62,20 @@ def test_packed_equals_dense(device):
     torch.testing.assert_close(dense.reshape(57, 4), packed, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape, offsets", [((23, 6), [0, 9, 9, 23]), ((2, 11, 6), None)])
+def test_z_read_through_its_row_stride(device, shape, offsets):
+    # In the model z is the second half of the input projection's output: rows 2D apart.
+    c, gates, z, decay = inputs(shape, device, seed=5)
+    projection = torch.cat([torch.randn_like(z), z.detach()], dim=-1).requires_grad_()
+    z_view = projection[..., shape[-1] :]
+    assert not z_view.is_contiguous()
+    offsets = None if offsets is None else torch.tensor(offsets, device=device)
+    compare([c, gates, z_view, decay], offsets, atol=2e-5)
+    out = bdlru(c, gates, z_view, decay, offsets=offsets, backend=ScanBackend.TRITON)
+    (grad_projection,) = torch.autograd.grad(out.sum(), [projection])
+    assert not grad_projection[..., : shape[-1]].any()  # only the z half receives a gradient
+
+
 def test_bf16_inputs_accumulate_in_fp32(device):
     compare(inputs((2, 33, 8), device, dtype=torch.bfloat16, seed=3), None, atol=3e-2, rtol=3e-2)
 
