@@ -70,10 +70,11 @@ class TrainConfig:
     on TF32 tensor cores: ``torch.set_float32_matmul_precision("high")`` for the process); or
     ``bf16`` (the forward and backward under bfloat16 autocast: matmuls and the fused recurrence
     read bfloat16, the recurrent state, LayerNorm, softmax sums and the parameters stay float32).
-    ``compile``: ``off``, or a ``torch.compile`` backend (``inductor`` on the GPU) for the encoder:
-    its LayerNorms, FFN, dropout, gates and conv become a few generated kernels around the fused
-    recurrence, which stays one opaque op; the TorchRec lookups and the loss stay eager. The first
-    steps pay the compilation (about a minute), and a recompilation when batch shapes start to vary.
+    ``compile``: ``off`` (also ``false``), or a ``torch.compile`` backend (``inductor``, also
+    ``true``; on the GPU) for the encoder: its LayerNorms, FFN, dropout, gates and conv become a
+    few generated kernels around the fused recurrence, which stays one opaque op; the TorchRec
+    lookups and the loss stay eager. The first steps pay the compilation (about a minute), and a
+    recompilation when batch shapes start to vary.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
     """
@@ -97,7 +98,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     precision: str = "fp32"
     time_budget_s: float = 0.0
-    compile: str = "off"
+    compile: str = field(default="off", metadata={"booleans": {False: "off", True: "inductor"}})
 
 
 @dataclass
@@ -179,6 +180,8 @@ def _check_types(obj: Any, where: str) -> None:
         name = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
             _check_types(value, name)
+        elif isinstance(value, bool) and "booleans" in f.metadata:  # YAML reads off/no/false as False
+            setattr(obj, f.name, f.metadata["booleans"][value])
         elif isinstance(default, bool) or isinstance(value, bool):
             if not isinstance(value, bool) or not isinstance(default, bool):
                 raise ValueError(f"{name}={value!r} must be a {type(default).__name__}")

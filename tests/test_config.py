@@ -32,6 +32,13 @@ def test_paper_hyper_parameters_in_the_ml1m_config():
     assert (c.model.dropout, c.data.max_len, c.train.batch_size, c.train.lr) == (0.2, 200, 2048, 1e-3)
 
 
+def test_compile_reads_yaml_booleans():
+    # YAML reads off/false/no as False: they mean off; true means the GPU default, inductor.
+    assert load_config(None, ["train.compile=off"]).train.compile == "off"
+    assert load_config(None, ["train.compile=true"]).train.compile == "inductor"
+    assert load_config(None, ["train.compile=aot_eager"]).train.compile == "aot_eager"
+
+
 def test_overrides_are_typed_and_nested():
     c = load_config(None, ["train.lr=3e-4", "model.dropout=0.5", "eval.ks=[5, 10]", "eval.valid_metric=HR@5"])
     assert c.train.lr == 3e-4 and c.model.dropout == 0.5 and c.eval.ks == [5, 10]

@@ -196,11 +196,18 @@ def _launch_shape(c: Tensor, offsets: Optional[Tensor]) -> Tuple[int, int, int]:
     return offsets.numel() - 1, 0, c.shape[1]
 
 
-def _strided_rows(z: Tensor) -> Tensor:
-    """z itself when row r of its flattened [rows, D] layout starts at r * z.stride(-2) (the [N, D]
-    or [B, T, D] half of the input projection's output), else a contiguous copy."""
-    rows_evenly_strided = z.dim() == 2 or z.stride(0) == z.shape[1] * z.stride(1)
-    return z if z.stride(-1) == 1 and rows_evenly_strided else z.contiguous()
+def _strided_rows(z: Tensor) -> Tuple[Tensor, int]:
+    """(z, the distance between consecutive rows of its flattened [rows, D] layout): z itself when
+    those rows are evenly strided (the [N, D] or [B, T, D] half of the input projection's output),
+    else a contiguous copy, whose rows are D apart."""
+    if z.stride(-1) == 1:
+        if z.dim() == 2 or z.shape[1] == 1:
+            return z, z.stride(0)  # one row per packed position / per sequence of one step
+        if z.shape[0] == 1 or z.stride(0) == z.shape[1] * z.stride(1):
+            return z, z.stride(1)
+    # contiguous() may return z itself with odd strides on size-1 dimensions: those are never
+    # stepped along, so its rows are D apart either way.
+    return z.contiguous(), z.shape[-1]
 
 
 def _tile(channels: int, steps: int) -> Tuple[int, int]:
@@ -216,7 +223,8 @@ def bdlru_forward(
 ) -> Tuple[Tensor, Tensor]:
     """(SiLU(z) * h in c's dtype, h in float32 for backward); c and the gate logits made contiguous
     here, z read in place when its rows are evenly strided."""
-    c, gate_logits, z = c.contiguous(), gate_logits.contiguous(), _strided_rows(z)
+    c, gate_logits = c.contiguous(), gate_logits.contiguous()
+    z, z_stride = _strided_rows(z)
     num_seq, steps, channels = _launch_shape(c, offsets)
     rate = F.softplus(decay_param.float()).contiguous()
     out = _allocate(c.shape, c.dtype, c.device)
@@ -226,7 +234,7 @@ def bdlru_forward(
     if num_seq > 0 and c.numel() > 0:
         _bdlru_forward_kernel[grid](
             c, gate_logits, z, rate, out, h, offsets if offsets is not None else rate, steps, channels,
-            z.stride(-2), IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+            z_stride, IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
         )  # fmt: skip
     return out, h
 
@@ -241,7 +249,8 @@ def bdlru_backward(
     offsets: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
-    c, gate_logits, z, dout = c.contiguous(), gate_logits.contiguous(), _strided_rows(z), dout.contiguous()
+    c, gate_logits, dout = c.contiguous(), gate_logits.contiguous(), dout.contiguous()
+    z, z_stride = _strided_rows(z)
     num_seq, steps, channels = _launch_shape(c, offsets)
     rate = F.softplus(decay_param.float()).contiguous()
     dc = _allocate(c.shape, c.dtype, c.device)
@@ -253,7 +262,7 @@ def bdlru_backward(
     if num_seq > 0 and c.numel() > 0:
         _bdlru_backward_kernel[grid](
             c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts,
-            offsets if offsets is not None else rate, steps, channels, z.stride(-2),
+            offsets if offsets is not None else rate, steps, channels, z_stride,
             IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
         )  # fmt: skip
     else:

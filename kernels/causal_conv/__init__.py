@@ -53,6 +53,8 @@ def causal_conv_silu(
             f"positions must be [N] = [{x.shape[0]}] and bias [D] = [{x.shape[1]}]; "
             f"got {tuple(positions.shape)} and {tuple(bias.shape)}"
         )
+    if positions.device != x.device:
+        raise ValueError(f"positions are on {positions.device} but x on {x.device}; move them to x's device")
     backend = resolve_backend(backend, x.device)
     if backend is ScanBackend.TRITON and not torch.compiler.is_compiling():
         from .triton import causal_conv_silu_triton  # lazily: the reference needs no Triton

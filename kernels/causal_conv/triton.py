@@ -110,7 +110,7 @@ def _rows_view(x: Tensor) -> Tensor:
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-        x = _rows_view(x)
+        x, positions = _rows_view(x), positions.contiguous()
         n, channels = x.shape
         k = weight.shape[-1]
         w, b = weight.detach().reshape(channels, k).contiguous(), bias.detach().contiguous()

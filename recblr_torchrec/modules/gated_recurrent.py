@@ -25,7 +25,8 @@ def exporting() -> bool:
     """True under ``torch.export`` (non-strict, the default), False under ``torch.compile``.
 
     torch 2.11's Dynamo folds ``torch.compiler.is_exporting()`` to True in every graph it traces,
-    so under ``torch.compile`` alone the export-only paths would replace the fused kernel.
+    so under ``torch.compile`` alone the export-only paths would replace the fused kernel. Strict
+    export (Dynamo) reads False here: this project exports with ``strict=False``.
     """
     return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 

@@ -82,6 +82,13 @@ def test_backward_programs_walk_several_tiles(device, monkeypatch):
     compare(*packed([37, 1, 62], 4, device, seed=2), atol=1e-5)
 
 
+def test_strided_positions(device):
+    x, weight, bias, positions = packed([3, 4, 2], 4, device, seed=5)
+    every_other = torch.stack([positions, torch.zeros_like(positions)], dim=1).reshape(-1)[::2]
+    assert not every_other.is_contiguous()
+    compare(x, weight, bias, every_other, atol=1e-5)
+
+
 def test_bf16_input_keeps_its_dtype_and_tracks_the_reference(device):
     compare(*packed([6, 11], 8, device, dtype=torch.bfloat16, seed=3), atol=3e-2, rtol=3e-2)
 
