@@ -67,14 +67,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
     parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
     parser.add_argument("--recompute-mix", action="store_true", help="RecBLRConfig.recompute_mix")
+    parser.add_argument("--recompute-recurrence", action="store_true", help="RecBLRConfig.recompute_recurrence")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.backend == "triton" and torch.cuda.is_available() else "cpu")
     batch, steps = args.batch, args.length
     results = {"batch": batch, "length": steps, "backend": args.backend, "dtype": "float32"}
-    results["recompute_mix"] = args.recompute_mix
+    results.update(recompute_mix=args.recompute_mix, recompute_recurrence=args.recompute_recurrence)
     for arch in args.architectures:
-        extra = {"recompute_mix": True} if args.recompute_mix and arch == "recblr" else {}
+        options = {"recompute_mix": args.recompute_mix, "recompute_recurrence": args.recompute_recurrence}
+        extra = options if arch == "recblr" else {}
         model = EncoderStep(arch, batch, steps, args.items, args.backend, device, **extra)
 
         totals = saved_bytes_by_module(model, model)

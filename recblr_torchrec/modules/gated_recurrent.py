@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..kernels import ScanBackend, linear_scan
 from ..kernels.backend import resolve_backend
@@ -88,6 +89,9 @@ class GatedRecurrent(nn.Module):
         conv_width: k, taps of the causal depthwise convolution.
         scan_backend: which implementation computes the scan; ``AUTO`` (the default) runs the
             fused Triton kernel on CUDA and the PyTorch reference elsewhere.
+        recompute: in training, keep only c and z for backward and recompute the gate logits and
+            the recurrence there (``torch.utils.checkpoint``): one more gate projection and
+            recurrence forward for 1.5 KB less saved per position at D = 128 (fused path).
 
     Input is [B, T, d] (padded, ``offsets`` None) or [N, d] packed with ``offsets`` [S+1] and
     ``positions`` [N] (index of each row inside its sequence); the output has the input's shape.
@@ -98,8 +102,16 @@ class GatedRecurrent(nn.Module):
     under ``torch.export`` (dense input) :func:`scan_exported`.
     """
 
-    def __init__(self, embedding_dim: int, expand: int, conv_width: int, scan_backend: ScanBackend = ScanBackend.AUTO):
+    def __init__(
+        self,
+        embedding_dim: int,
+        expand: int,
+        conv_width: int,
+        scan_backend: ScanBackend = ScanBackend.AUTO,
+        recompute: bool = False,
+    ):
         super().__init__()
+        self.recompute = recompute
         channels = expand * embedding_dim
         self.channels = channels
         self.input_proj = nn.Linear(embedding_dim, 2 * channels, bias=False)
@@ -146,13 +158,25 @@ class GatedRecurrent(nn.Module):
     ) -> Tensor:
         """Y at every position, or only at packed ``rows`` [M] (the output projection then runs on M rows)."""
         if not torch.jit.is_scripting():
-            if resolve_backend(self.scan_backend, hidden.device) is ScanBackend.TRITON and not exporting():
-                # One fused kernel for gates, scan and output gate (kernels/bdlru).
+            if not exporting():
                 _, z, c = self.conv_branch(hidden, offsets, positions)
-                gated = bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
+                if self.recompute and self.training and torch.is_grad_enabled():
+                    gated = checkpoint(self.recurrence, c, z, offsets, use_reentrant=False)
+                else:
+                    gated = self.recurrence(c, z, offsets)
                 return self.output_proj(gated if rows is None else gated[rows])
         out = self.sequence(hidden, offsets, positions)[0]
         return out if rows is None else out[rows]
+
+    def recurrence(self, c: Tensor, z: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
+        """SiLU(z) * h from the conv output c: one fused kernel for gates, scan and output gate
+        (kernels/bdlru) when the backend resolves to TRITON, else the gates, the scan backend and
+        the output gate as separate ops."""
+        if resolve_backend(self.scan_backend, c.device) is ScanBackend.TRITON:
+            return bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
+        log_alpha, beta = self.gates(c)
+        h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
+        return F.silu(z) * h
 
     def sequence(
         self, hidden: Tensor, offsets: Optional[Tensor] = None, positions: Optional[Tensor] = None

@@ -150,6 +150,34 @@ def test_requested_rows_equal_the_full_output_at_those_rows(backend):
         encoder(values[None], rows=rows)
 
 
+@pytest.mark.parametrize("backend", ["pytorch", "triton"])
+def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
+    lengths = [3, 1, 6]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    values = torch.randn(sum(lengths), 8)
+    rows = offsets[1:] - 1
+    results, saved = [], []
+    for recompute in (False, True):
+        torch.manual_seed(7)
+        config = RecBLRConfig(embedding_dim=8, dropout=0.3, scan_backend=backend, recompute_recurrence=recompute)
+        encoder = RecBLREncoder(config).train()
+        torch.manual_seed(8)
+        storages = {}
+
+        def keep(tensor, storages=storages):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = encoder(values, offsets=offsets, rows=rows)
+        saved.append(sum(storages.values()))
+        results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
+    assert saved[1] < saved[0]  # the recurrence's own activations are no longer kept
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_recomputing_the_mix_gives_the_same_training_gradients():
     lengths = [3, 1, 6]
     offsets = torch.tensor([0] + lengths).cumsum(0)
