@@ -189,11 +189,24 @@ def _allocate(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_shape(c: Tensor, offsets: Optional[Tensor]) -> Tuple[int, int, int]:
-    """(sequences, steps of a dense sequence, channels)."""
-    if offsets is None:
-        return c.shape[0], c.shape[1], c.shape[2]
-    return offsets.numel() - 1, 0, c.shape[1]
+class _Launch:
+    """What the forward and the backward kernel launch share: one program per (sequence, channel
+    block), softplus(Lambda) as fp32, the tile and the layout flags."""
+
+    def __init__(self, c: Tensor, decay_param: Tensor, offsets: Optional[Tensor]):
+        if offsets is None:
+            self.num_seq, self.steps, self.channels = c.shape[0], c.shape[1], c.shape[2]
+        else:
+            self.num_seq, self.steps, self.channels = offsets.numel() - 1, 0, c.shape[1]
+        self.rate = F.softplus(decay_param.float()).contiguous()
+        chunk, block_d = _tile(self.channels, self.steps)
+        self.grid = (self.num_seq, triton.cdiv(self.channels, block_d))
+        self.meta = {"IS_PACKED": offsets is not None, "CHUNK": chunk, "BLOCK_D": block_d}
+        self.work = self.num_seq > 0 and c.numel() > 0
+
+    def shape_args(self, offsets: Optional[Tensor]) -> Tuple:
+        """(offsets, T, D); dense launches pass ``rate`` as an unread placeholder for offsets."""
+        return (offsets if offsets is not None else self.rate, self.steps, self.channels)
 
 
 def _strided_rows(z: Tensor) -> Tuple[Tensor, int]:
@@ -225,16 +238,12 @@ def bdlru_forward(
     here, z read in place when its rows are evenly strided."""
     c, gate_logits = c.contiguous(), gate_logits.contiguous()
     z, z_stride = _strided_rows(z)
-    num_seq, steps, channels = _launch_shape(c, offsets)
-    rate = F.softplus(decay_param.float()).contiguous()
+    launch = _Launch(c, decay_param, offsets)
     out = _allocate(c.shape, c.dtype, c.device)
     h = _allocate(c.shape, torch.float32, c.device)
-    chunk, block_d = _tile(channels, steps)
-    grid = (num_seq, triton.cdiv(channels, block_d))
-    if num_seq > 0 and c.numel() > 0:
-        _bdlru_forward_kernel[grid](
-            c, gate_logits, z, rate, out, h, offsets if offsets is not None else rate, steps, channels,
-            z_stride, IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+    if launch.work:
+        _bdlru_forward_kernel[launch.grid](
+            c, gate_logits, z, launch.rate, out, h, *launch.shape_args(offsets), z_stride, **launch.meta,
         )  # fmt: skip
     return out, h
 
@@ -251,19 +260,15 @@ def bdlru_backward(
     """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
     c, gate_logits, dout = c.contiguous(), gate_logits.contiguous(), dout.contiguous()
     z, z_stride = _strided_rows(z)
-    num_seq, steps, channels = _launch_shape(c, offsets)
-    rate = F.softplus(decay_param.float()).contiguous()
+    launch = _Launch(c, decay_param, offsets)
     dc = _allocate(c.shape, c.dtype, c.device)
     dg = _allocate(gate_logits.shape, gate_logits.dtype, c.device)
     dz = _allocate(z.shape, z.dtype, c.device)
-    drate_parts = _allocate((num_seq, channels), torch.float32, c.device)
-    chunk, block_d = _tile(channels, steps)
-    grid = (num_seq, triton.cdiv(channels, block_d))
-    if num_seq > 0 and c.numel() > 0:
-        _bdlru_backward_kernel[grid](
-            c, gate_logits, z, rate, h, dout, dc, dg, dz, drate_parts,
-            offsets if offsets is not None else rate, steps, channels, z_stride,
-            IS_PACKED=offsets is not None, CHUNK=chunk, BLOCK_D=block_d,
+    drate_parts = _allocate((launch.num_seq, launch.channels), torch.float32, c.device)
+    if launch.work:
+        _bdlru_backward_kernel[launch.grid](
+            c, gate_logits, z, launch.rate, h, dout, dc, dg, dz, drate_parts,
+            *launch.shape_args(offsets), z_stride, **launch.meta,
         )  # fmt: skip
     else:
         drate_parts.zero_()

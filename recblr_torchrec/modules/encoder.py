@@ -53,8 +53,9 @@ class RecBLRLayer(nn.Module):
     def __init__(self, config: RecBLRConfig):
         super().__init__()
         d = config.embedding_dim
-        backend = ScanBackend.parse(config.scan_backend)
-        self.recurrent = GatedRecurrent(d, config.expand, config.conv_width, backend, config.recompute_recurrence)
+        self.recurrent = GatedRecurrent(
+            d, config.expand, config.conv_width, config.scan_backend, config.recompute_recurrence
+        )
         self.recurrent_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ffn_in = nn.Linear(d, 4 * d)
         self.ffn_out = nn.Linear(4 * d, d)

@@ -107,7 +107,7 @@ class GatedRecurrent(nn.Module):
         embedding_dim: int,
         expand: int,
         conv_width: int,
-        scan_backend: ScanBackend = ScanBackend.AUTO,
+        scan_backend: "ScanBackend | str" = ScanBackend.AUTO,
         recompute: bool = False,
     ):
         super().__init__()
