@@ -5,6 +5,8 @@ One run measures, for each batch x length, precision and model:
                       Triton BD-LRU and conv kernels (``scan_backend: triton``), the last layer on
                       the loss rows only;
   recblr-compiled   - the same with ``train.compile: inductor`` (the encoder through torch.compile);
+  recblr-recompute  - the same with ``model.recompute_recurrence`` and ``model.recompute_mix``: the
+                      gate projection, the recurrence and the FFN recomputed in backward (memory);
   recblr-reference  - the same model on the PyTorch reference backend (torch ops around the
                       sequential scan, nothing fused);
   sasrec            - the SASRec-style Transformer of the same size on the same table and loss
@@ -45,6 +47,12 @@ NUM_USERS = 6040
 MODELS = {
     "recblr": {"architecture": "recblr", "scan_backend": "triton"},
     "recblr-compiled": {"architecture": "recblr", "scan_backend": "triton", "compile": True},
+    "recblr-recompute": {
+        "architecture": "recblr",
+        "scan_backend": "triton",
+        "recompute_recurrence": True,
+        "recompute_mix": True,
+    },
     "recblr-reference": {"architecture": "recblr", "scan_backend": "pytorch"},
     "sasrec": {"architecture": "sasrec"},
     "sasrec-compiled": {"architecture": "sasrec", "compile": True},

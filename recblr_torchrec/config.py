@@ -37,6 +37,9 @@ class DataConfig:
         max_users: keep only the first users (after filtering) for quick runs; 0 keeps all.
         tie_order: interactions with the same timestamp keep the ``file`` order (RecBole) or are
             sorted by ``item`` id (LRURec's ML-1M); SEQ files carry no timestamps (no ties).
+            ``shuffled_runs``: the ``item`` order, then each run of ascending item ids shuffled (seeded),
+            emulating RecBole's same-second order on a copy that sorted such groups by item id
+            (our ML-1M; README, "Results").
     """
 
     path: str = "ml-1m/ml-1m.txt.gz"

@@ -29,6 +29,17 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("ML-1M RecBLR (prefixes, paper)", "configs/ml-1m/recblr-paper.yaml", []),
     ("ML-1M RecBLR (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", []),
     ("ML-1M SASRec-style (prefixes)", "configs/ml-1m/sasrec-paper.yaml", []),
+    # Our ML-1M copy sorts same-second ratings by item id; RecBole keeps an arbitrary file order.
+    # This row emulates RecBole's order (data.tie_order=shuffled_runs; README, "Results").
+    (
+        "ML-1M RecBLR (all_positions, shuffled runs)",
+        "configs/ml-1m/recblr-all-positions.yaml",
+        ["data.tie_order=shuffled_runs"],
+    ),
+    # Beyond the paper's size, one change a row (run with --seeds 0 to explore).
+    ("ML-1M RecBLR d=128 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=128"]),
+    ("ML-1M RecBLR d=256 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=256"]),
+    ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.num_layers=4"]),
     ("Beauty RecBLR (prefixes, paper)", "configs/beauty/recblr-paper.yaml", []),
     ("Beauty SASRec-style (prefixes)", "configs/beauty/sasrec-paper.yaml", []),
 ]

@@ -81,7 +81,26 @@ def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -
         keep = new_keep
 
 
-TIE_ORDERS = ("file", "item")
+TIE_ORDERS = ("file", "item", "shuffled_runs")
+RUN_SHUFFLE_SEED = 0  # fixed: the same file always gives the same sequences (and cache)
+
+
+def shuffle_ascending_runs(user_code: np.ndarray, item_code: np.ndarray, seed: int = RUN_SHUFFLE_SEED) -> np.ndarray:
+    """The order that shuffles each user's maximal runs of strictly ascending item codes.
+
+    ``user_code`` and ``item_code`` are already in sequence order (users contiguous). A copy whose
+    same-timestamp groups were sorted by item id and whose timestamps were then dropped (LRURec's
+    ML-1M) shows each group as part of an ascending run; shuffling the runs (seeded) emulates an
+    arbitrary order within each group, as RecBole's file order is. Runs also take in neighbours
+    that merely happen to ascend, so it is an emulation, not a recovery of the original order.
+    """
+    n = len(item_code)
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = (user_code[1:] != user_code[:-1]) | (item_code[1:] <= item_code[:-1])
+    run_id = np.cumsum(starts)
+    keys = np.random.default_rng(seed).random(n)
+    return np.lexsort((keys, run_id))
 
 
 def build_sequences(interactions: Interactions, min_user: int, min_item: int, tie_order: str = "file") -> SequenceData:
@@ -90,7 +109,11 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int, ti
     ``tie_order`` breaks ties between interactions with the same timestamp: ``file`` keeps the
     file's order (RecBole's stable sort), ``item`` sorts them by item id (numerically when ids are
     integers; LRURec's preprocessing of ML-1M). It decides which item of a same-second group is the
-    held-out target, so it moves the metrics (see the README's results).
+    held-out target, so it moves the metrics (see the README's results). ``shuffled_runs`` is for
+    copies that were sorted by item id within a timestamp and lost their timestamps (our ML-1M):
+    the ``item`` order (the file's own order for a file without timestamps), then each ascending
+    run of item ids shuffled (:func:`shuffle_ascending_runs`), emulating RecBole's order of the
+    same-second groups. On a timestamped file it shows how close the emulation comes to ``file``.
     """
     if tie_order not in TIE_ORDERS:
         raise ValueError(f"data.tie_order={tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
@@ -104,9 +127,13 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int, ti
         )
     file_order = np.arange(len(keep))[keep]
     user_code, item_code, times = user_code[keep], item_code[keep], interactions.times[keep]
-    ties = (file_order,) if tie_order == "file" else (file_order, item_code)  # lexsort: last key first
+    by_item = tie_order in ("item", "shuffled_runs")
+    ties = (file_order, item_code) if by_item else (file_order,)  # lexsort: last key first
     order = np.lexsort((*ties, times, user_code))
     user_code, item_code = user_code[order], item_code[order]
+    if tie_order == "shuffled_runs":
+        order = shuffle_ascending_runs(user_code, item_code)
+        user_code, item_code = user_code[order], item_code[order]
     kept_items, item_dense = np.unique(item_code, return_inverse=True)
     kept_users, user_dense = np.unique(user_code, return_inverse=True)
     counts = np.bincount(user_dense, minlength=len(kept_users))

@@ -187,8 +187,38 @@ def test_same_timestamp_ties_follow_the_file_or_the_item_id(tmp_path):
     by_item = build_sequences(read_interactions(str(inter)), 1, 1, "item")
     assert list(by_file.item_tokens[by_file.items]) == ["4", "7", "30", "12", "2"]  # RecBole: stable in time
     assert list(by_item.item_tokens[by_item.items]) == ["4", "7", "2", "12", "30"]  # numeric item order
-    with pytest.raises(ValueError, match="data.tie_order='time'; choose one of file, item"):
+    with pytest.raises(ValueError, match="data.tie_order='time'; choose one of file, item, shuffled_runs"):
         build_sequences(read_interactions(str(inter)), 1, 1, "time")
     cached = load_sequences(str(inter), "auto", 3, 1, str(tmp_path / "cache"), "item")
     assert np.array_equal(cached.items, by_item.items)
     assert np.array_equal(load_sequences(str(inter), "auto", 3, 1, str(tmp_path / "cache")).items, by_file.items)
+
+
+def test_shuffled_runs_permute_only_within_ascending_runs(tmp_path):
+    runs = [[3, 9, 14, 20], [2, 8], [5, 6, 7, 11, 12], [1]]  # each strictly ascending, each next one starts lower
+    other = [[4, 10], [6]]
+    path = tmp_path / "seq.txt"
+    path.write_text(
+        "1 " + " ".join(str(i) for r in runs for i in r) + "\n2 " + " ".join(str(i) for r in other for i in r) + "\n"
+    )
+    kept = build_sequences(read_interactions(str(path)), 1, 1, "file")
+    shuffled = build_sequences(read_interactions(str(path)), 1, 1, "shuffled_runs")
+    again = build_sequences(read_interactions(str(path)), 1, 1, "shuffled_runs")
+    assert np.array_equal(shuffled.items, again.items)  # seeded: same file, same sequences
+    first = [int(t) for t in shuffled.item_tokens[shuffled.items[: shuffled.offsets[1]]]]
+    second = [int(t) for t in shuffled.item_tokens[shuffled.items[shuffled.offsets[1] :]]]
+    at = 0
+    for run in runs:  # every run keeps its place and its items
+        assert sorted(first[at : at + len(run)]) == run
+        at += len(run)
+    assert sorted(second[:2]) == [4, 10] and second[2:] == [6]  # runs never cross users
+    assert first != [i for r in runs for i in r]  # something moved
+    assert [int(t) for t in kept.item_tokens[kept.items]] == [i for r in runs + other for i in r]
+    timestamped = tmp_path / "ties.inter"  # same-time groups are sorted by item before the shuffle
+    timestamped.write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"u\t{i}\t1\t{t}\n" for i, t in [(9, 1), (3, 1), (5, 1), (1, 2)])
+    )
+    order = build_sequences(read_interactions(str(timestamped)), 1, 1, "shuffled_runs")
+    tokens = [int(t) for t in order.item_tokens[order.items]]
+    assert sorted(tokens[:3]) == [3, 5, 9] and tokens[3] == 1
