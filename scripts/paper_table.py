@@ -40,6 +40,15 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("ML-1M RecBLR d=128 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=128"]),
     ("ML-1M RecBLR d=256 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=256"]),
     ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.num_layers=4"]),
+    ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=128"]),
+    ("Beauty RecBLR d=256 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=256"]),
+    ("Beauty RecBLR 4 layers (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.num_layers=4"]),
+    ("Beauty RecBLR lr 2e-3 (prefixes)", "configs/beauty/recblr-paper.yaml", ["train.lr=0.002"]),
+    (
+        "Beauty RecBLR (all_positions)",
+        "configs/beauty/recblr-paper.yaml",
+        ["train.protocol=all_positions", "train.batch_size=256"],
+    ),
     ("Beauty RecBLR (prefixes, paper)", "configs/beauty/recblr-paper.yaml", []),
     ("Beauty SASRec-style (prefixes)", "configs/beauty/sasrec-paper.yaml", []),
 ]
