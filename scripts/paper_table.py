@@ -43,6 +43,11 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=128"]),
     ("Beauty RecBLR d=256 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=256"]),
     ("Beauty RecBLR 4 layers (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.num_layers=4"]),
+    (
+        "Beauty RecBLR 4 layers d=128 (prefixes)",
+        "configs/beauty/recblr-paper.yaml",
+        ["model.num_layers=4", "model.embedding_dim=128"],
+    ),
     ("Beauty RecBLR lr 2e-3 (prefixes)", "configs/beauty/recblr-paper.yaml", ["train.lr=0.002"]),
     (
         "Beauty RecBLR (all_positions)",
