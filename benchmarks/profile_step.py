@@ -50,8 +50,9 @@ class EncoderStep(nn.Module):
         sasrec_mod = import_without_torchrec("modules", "sasrec")
         self.loss_fn = import_without_torchrec("training", "losses").full_softmax_loss
         torch.manual_seed(0)
-        if arch == "recblr":
-            self.encoder = encoder_mod.RecBLREncoder(encoder_mod.RecBLRConfig(scan_backend=backend, **recblr))
+        if arch.startswith("recblr"):
+            config = encoder_mod.RecBLRConfig(scan_backend=backend, fused_norms=arch != "recblr-torch-norms", **recblr)
+            self.encoder = encoder_mod.RecBLREncoder(config)
         else:
             self.encoder = sasrec_mod.SASRecEncoder(sasrec_mod.SASRecConfig(max_len=steps))
         self.table = nn.Embedding(items, 64)
@@ -73,7 +74,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--length", type=int, default=200)
     parser.add_argument("--items", type=int, default=3417)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
-    parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
+    parser.add_argument(
+        "--architectures",
+        nargs="+",
+        default=["recblr", "sasrec"],
+        choices=["recblr", "recblr-torch-norms", "sasrec"],
+        help="recblr-torch-norms: RecBLR with model.fused_norms=false (torch's dropout, add, LayerNorm)",
+    )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--recompute-mix", action="store_true", help="RecBLR with model.recompute_mix")
@@ -87,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = {"batch": batch, "length": steps, "precision": args.precision, "compile": args.compile}
     results.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
     for arch in args.architectures:
-        options = {"recompute_mix": True} if args.recompute_mix and arch == "recblr" else {}
+        options = {"recompute_mix": True} if args.recompute_mix and arch.startswith("recblr") else {}
         model = EncoderStep(arch, batch, steps, args.items, "triton", device, **options)
         if args.compile:
             model.encoder = torch.compile(model.encoder)

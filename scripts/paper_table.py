@@ -39,10 +39,10 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     # Beyond the paper's size, one change a row (run with --seeds 0 to explore).
     ("ML-1M RecBLR d=128 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=128"]),
     ("ML-1M RecBLR d=256 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=256"]),
-    ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.num_layers=4"]),
+    ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-4-layers.yaml", []),
     ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=128"]),
     ("Beauty RecBLR d=256 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=256"]),
-    ("Beauty RecBLR 4 layers (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.num_layers=4"]),
+    ("Beauty RecBLR 4 layers (prefixes)", "configs/beauty/recblr-4-layers.yaml", []),
     (
         "Beauty RecBLR 4 layers d=128 (prefixes)",
         "configs/beauty/recblr-paper.yaml",

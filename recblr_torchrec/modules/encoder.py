@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels import ScanBackend
 from ..kernels.linear_scan.pytorch import packed_positions
+from ..kernels.residual_norm import dropout_add_layer_norm
 from .gated_recurrent import GatedRecurrent
 
 
@@ -31,6 +32,10 @@ class RecBLRConfig:
     for backward and recomputes the gate projection and the recurrence there: with the fused
     kernel 1.5 KB less per position at d=64 (the gate logits and h, fp32) for one more gate
     projection and fused forward per layer.
+
+    ``fused_norms``: where the scan backend resolves to TRITON, the embedding norm and the residual
+    LayerNorms (with their dropout and residual add) run in one Triton kernel each way
+    (kernels/residual_norm); false keeps torch's dropout, add and LayerNorm ops (and their RNG).
     """
 
     embedding_dim: int = 64
@@ -45,6 +50,7 @@ class RecBLRConfig:
     max_positions: int = 512
     recompute_mix: bool = False
     recompute_recurrence: bool = False
+    fused_norms: bool = True
 
 
 class RecBLRLayer(nn.Module):
@@ -60,6 +66,8 @@ class RecBLRLayer(nn.Module):
         self.ffn_in = nn.Linear(d, 4 * d)
         self.ffn_out = nn.Linear(4 * d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.norm_eps = config.layer_norm_eps
+        self.fused_norms = config.fused_norms
         self.dropout = nn.Dropout(config.dropout)
         self.recompute_mix = config.recompute_mix
 
@@ -81,9 +89,18 @@ class RecBLRLayer(nn.Module):
 
     def mix(self, recurrent_out: Tensor, hidden: Tensor) -> Tensor:
         """The residual LayerNorm and the FFN around the GatedRecurrent output."""
-        mixed = self.recurrent_norm(self.dropout(recurrent_out) + hidden)
+        mixed = self.residual_norm(recurrent_out, hidden, self.recurrent_norm.weight, self.recurrent_norm.bias)
         ffn = self.ffn_out(self.dropout(F.silu(self.ffn_in(mixed))))
-        return self.ffn_norm(mixed + self.dropout(ffn))
+        return self.residual_norm(ffn, mixed, self.ffn_norm.weight, self.ffn_norm.bias)
+
+    def residual_norm(self, branch: Tensor, residual: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """LayerNorm(Dropout(branch) + residual): one Triton kernel each way when the scan backend
+        resolves to TRITON (kernels/residual_norm), torch ops otherwise."""
+        p, eps = self.dropout.p, self.norm_eps
+        if not torch.jit.is_scripting():
+            backend = self.recurrent.scan_backend if self.fused_norms else ScanBackend.PYTORCH
+            return dropout_add_layer_norm(branch, residual, weight, bias, p, self.training, eps, backend)
+        return F.layer_norm(self.dropout(branch) + residual, [branch.shape[-1]], weight, bias, eps)
 
     def sequence(self, hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Padded [B, T, d] -> (output, conv input x [B, T, D], recurrent state h [B, T, D])."""
@@ -133,6 +150,7 @@ class RecBLREncoder(nn.Module):
         self.embedding_dim = config.embedding_dim
         self.conv_width = config.conv_width
         self.channels = config.expand * config.embedding_dim
+        self.scan_backend = ScanBackend.parse(config.scan_backend)
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
@@ -156,13 +174,22 @@ class RecBLREncoder(nn.Module):
             raise ValueError(f"padded input must be [B, T, d], got {list(embeddings.shape)}; or pass offsets")
         if rows is not None and offsets is None:
             raise ValueError("rows select packed positions: pass jagged input with offsets")
-        hidden = self.input_norm(self.dropout(embeddings))
+        hidden = self.embedding_norm(embeddings)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, offsets, positions, rows if i == last else None)
         if offsets is None and lengths is not None:
             hidden = hidden * self._real_steps(hidden, lengths)
         return hidden
+
+    def embedding_norm(self, embeddings: Tensor) -> Tensor:
+        """input_norm(Dropout(embeddings)), through the fused kernel as the layers' residual norms."""
+        norm = self.input_norm
+        if not torch.jit.is_scripting():
+            p = self.dropout.p
+            backend = self.scan_backend if self.config.fused_norms else ScanBackend.PYTORCH
+            return dropout_add_layer_norm(embeddings, None, norm.weight, norm.bias, p, self.training, norm.eps, backend)
+        return norm(self.dropout(embeddings))
 
     @staticmethod
     def _real_steps(hidden: Tensor, lengths: Tensor) -> Tensor:
@@ -220,10 +247,11 @@ class RecBLREncoder(nn.Module):
 
 
 def set_scan_backend(module: nn.Module, backend: "ScanBackend | str") -> nn.Module:
-    """Switches every GatedRecurrent inside ``module`` to ``backend``; returns ``module``."""
+    """Switches every GatedRecurrent inside ``module`` (and the encoders' embedding norm) to
+    ``backend``; returns ``module``."""
     backend = ScanBackend.parse(backend)
     for sub in module.modules():
-        if isinstance(sub, GatedRecurrent):
+        if isinstance(sub, (GatedRecurrent, RecBLREncoder)):
             sub.scan_backend = backend
     return module
 

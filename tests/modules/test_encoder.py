@@ -178,17 +178,52 @@ def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_recomputing_the_mix_gives_the_same_training_gradients():
+@pytest.mark.parametrize("backend", ["pytorch", "triton"])
+def test_recomputing_the_mix_gives_the_same_training_gradients(backend):
     lengths = [3, 1, 6]
     offsets = torch.tensor([0] + lengths).cumsum(0)
     values = torch.randn(sum(lengths), 8)
     results = []
     for recompute in (False, True):
         torch.manual_seed(7)
-        encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute)).train()
+        config = RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute, scan_backend=backend)
+        encoder = RecBLREncoder(config).train()
         torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
         out = encoder(values, offsets=offsets)
         results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_residual_norms_train_with_dropout_like_the_reference():
+    """The triton backend runs every residual LayerNorm (and the embedding norm) in the fused
+    kernel; its dropout masks replay from torch's seed (without dropout it equals the torch ops:
+    test_triton_backend_runs_the_fused_layer_and_matches_the_reference)."""
+    from recblr_torchrec.kernels.residual_norm import triton as fused_norm
+
+    calls = []
+    original = fused_norm.dropout_add_layer_norm_triton
+    lengths = [3, 1, 6]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    values = torch.randn(sum(lengths), 8)
+    torch.manual_seed(7)
+    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.3)).train()
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    set_scan_backend(encoder, "triton")
+    try:
+        fused_norm.dropout_add_layer_norm_triton = counting
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(8)
+            outs.append(encoder(values, offsets=offsets))
+    finally:
+        fused_norm.dropout_add_layer_norm_triton = original
+    assert len(calls) == 2 * (1 + 2 * 2)  # per forward: the embedding norm and two per layer
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.manual_seed(9)
+    assert not torch.equal(encoder(values, offsets=offsets), outs[0])  # a new seed, new masks
