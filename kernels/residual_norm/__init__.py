@@ -6,8 +6,9 @@ once and writes the output once; backward recomputes the sum from them (the drop
 seed, never stored) and writes both input gradients once, with the weight and bias gradients from
 per-program partials. PyTorch's LayerNorm kernel is slow at the narrow widths of sequential
 recommenders (d = 64: ~0.6 ms for a 409,600-row pass on an H200, several times its bytes) and the
-dropout, add and norm are three more passes each way. Under ``torch.compile`` the reference is used
-whatever the backend: Inductor fuses it with the ops around it.
+dropout, add and norm are three more passes each way. Under ``torch.compile``, ``torch.export`` and
+``torch.jit.trace`` the reference is used whatever the backend (Inductor fuses it with the ops
+around it).
 
 The two backends draw different dropout masks (the kernel's come from Triton's Philox with a seed
 taken from torch's CPU generator, so ``torch.manual_seed`` and checkpoint replay reproduce them).
@@ -69,7 +70,7 @@ def dropout_add_layer_norm(
         raise ValueError(f"dropout p={p} must be in [0, 1)")
     backend = resolve_backend(backend, branch.device)
     fits = width <= MAX_WIDTH and branch.numel() < 2**31 and branch.dtype in _FLOATS
-    if backend is ScanBackend.TRITON and fits and not torch.compiler.is_compiling():
+    if backend is ScanBackend.TRITON and fits and not _tracing():
         from .triton import dropout_add_layer_norm_triton  # lazily: the reference needs no Triton
 
         return dropout_add_layer_norm_triton(branch, residual, weight, bias, p if training else 0.0, eps)
@@ -80,3 +81,8 @@ def dropout_add_layer_norm(
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tracing() -> bool:
+    """torch.compile, torch.export or torch.jit.trace is recording: they get the reference."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()

@@ -97,3 +97,20 @@ def test_bad_shapes_and_rates_are_named():
         dropout_add_layer_norm(branch, res, weight[:4], bias)
     with pytest.raises(ValueError, match="dropout p=1.0 must be in"):
         dropout_add_layer_norm(branch, res, weight, bias, p=1.0)
+
+
+def test_traced_and_compiled_graphs_get_the_reference(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the Triton path ran inside a traced graph")
+
+    monkeypatch.setattr(fused, "dropout_add_layer_norm_triton", refuse)
+    branch, res, weight, bias = (t.detach() for t in inputs((6, 8), "cpu"))
+
+    def norm(branch, res):
+        return dropout_add_layer_norm(branch, res, weight, bias, 0.1, False, 1e-5, backend=ScanBackend.TRITON)
+
+    want = F.layer_norm(branch + res, (8,), weight, bias, 1e-5)
+    torch.testing.assert_close(torch.jit.trace(norm, (branch, res), check_trace=False)(branch, res), want)
+    torch.testing.assert_close(torch.compile(norm, backend="eager", fullgraph=True)(branch, res), want)
+    with pytest.raises(AssertionError, match="inside a traced graph"):
+        norm(branch, res)  # eagerly the kernel is taken
