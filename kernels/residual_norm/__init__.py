@@ -18,7 +18,7 @@ Example::
     >>> branch, residual = torch.randn(5, 8), torch.randn(5, 8)
     >>> weight, bias = torch.ones(8), torch.zeros(8)
     >>> out = dropout_add_layer_norm(branch, residual, weight, bias, p=0.2, training=False,
-    ...                              backend=ScanBackend.PYTORCH)
+    ...                              eps=1e-12, backend=ScanBackend.PYTORCH)
     >>> torch.allclose(out, F.layer_norm(branch + residual, (8,), weight, bias, 1e-12))
     True
 """
@@ -58,9 +58,12 @@ def dropout_add_layer_norm(
         backend: ``TRITON``, ``PYTORCH`` or ``AUTO`` (the kernel for CUDA tensors).
 
     Returns:
-        [..., d] in the promoted dtype of branch, residual and weight (float32 for a float32
-        LayerNorm under bf16 autocast, as ``nn.LayerNorm`` there).
+        [..., d], the dtype ``F.layer_norm`` gives: the inputs' (promoted) dtype, float32 under
+        autocast.
     """
+    backend = resolve_backend(backend, branch.device)
+    if _tracing() or backend is not ScanBackend.TRITON:
+        return _reference(branch, residual, weight, bias, p, training, eps)
     width = branch.shape[-1]
     if residual is not None and residual.shape != branch.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have the branch's shape {tuple(branch.shape)}")
@@ -68,16 +71,26 @@ def dropout_add_layer_norm(
         raise ValueError(f"weight and bias must be [d] = [{width}]; got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p={p} must be in [0, 1)")
-    backend = resolve_backend(backend, branch.device)
-    fits = width <= MAX_WIDTH and branch.numel() < 2**31 and branch.dtype in _FLOATS
-    if backend is ScanBackend.TRITON and fits and not _tracing():
-        from .triton import dropout_add_layer_norm_triton  # lazily: the reference needs no Triton
+    tensors = (branch, weight, bias) if residual is None else (branch, residual, weight, bias)
+    fits = 0 < width <= MAX_WIDTH and branch.numel() < 2**31 - 2**12 and all(t.dtype in _FLOATS for t in tensors)
+    if not fits:
+        return _reference(branch, residual, weight, bias, p, training, eps)
+    from .triton import dropout_add_layer_norm_triton  # lazily: the reference needs no Triton
 
-        return dropout_add_layer_norm_triton(branch, residual, weight, bias, p if training else 0.0, eps)
+    if torch.is_autocast_enabled(branch.device.type):
+        out_dtype = torch.float32  # autocast runs layer_norm in float32
+    else:
+        out_dtype = branch.dtype if residual is None else torch.promote_types(branch.dtype, residual.dtype)
+    return dropout_add_layer_norm_triton(branch, residual, weight, bias, p if training else 0.0, eps, out_dtype)
+
+
+def _reference(
+    branch: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, p: float, training: bool, eps: float
+) -> Tensor:
     mixed = F.dropout(branch, p, training)
     if residual is not None:
         mixed = mixed + residual
-    return F.layer_norm(mixed, (width,), weight, bias, eps)
+    return F.layer_norm(mixed, (branch.shape[-1],), weight, bias, eps)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)

@@ -71,7 +71,7 @@ def _backward_kernel(
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
     for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
-        rows = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # < N + BLOCK_N < 2**31: no overflow
         row_ok = rows < N
         ok = row_ok[:, None] & col_ok[None, :]
         s, keep = _mixed(a_ptr, r_ptr, rows, cols, ok, D, p, scale, seed, HAS_RESIDUAL, DROPOUT)
@@ -127,15 +127,21 @@ def dropout_keep_mask(seed: int, rows: int, width: int, p: float, device: torch.
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, branch: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, p: float, eps: float):
+    def forward(
+        ctx,
+        branch: Tensor,
+        residual: Optional[Tensor],
+        weight: Tensor,
+        bias: Tensor,
+        p: float,
+        eps: float,
+        out_dtype: torch.dtype,
+    ):
         width = branch.shape[-1]
         shape = branch.shape
         a = branch.reshape(-1, width).contiguous()
         r = residual.reshape(-1, width).contiguous() if residual is not None else None
         n = a.shape[0]
-        out_dtype = torch.promote_types(torch.promote_types(branch.dtype, weight.dtype), bias.dtype)
-        if residual is not None:
-            out_dtype = torch.promote_types(out_dtype, residual.dtype)
         y = _allocate((n, width), out_dtype, a.device)
         mean = _allocate((n,), torch.float32, a.device)
         rstd = _allocate((n,), torch.float32, a.device)
@@ -152,13 +158,19 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         return y.reshape(shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
         a, r, w, mean, rstd = ctx.saved_tensors
         shape, p, seed, weight_dtype, bias_dtype = ctx.meta
         n, width = a.shape
+        if n == 0:  # nothing to launch: the affine parameters get zero gradients
+            zeros = torch.zeros(width, dtype=torch.float32, device=a.device)
+            grad_residual = torch.zeros(shape, dtype=r.dtype, device=r.device) if r is not None else None
+            empty = torch.zeros(shape, dtype=a.dtype, device=a.device)
+            return empty, grad_residual, zeros.to(weight_dtype), zeros.to(bias_dtype), None, None, None
         dy = grad_y.reshape(n, width).contiguous()
         block_n, block_d = _blocks(width)
-        programs = max(1, min(triton.cdiv(n, block_n), _MAX_PROGRAMS))
+        programs = min(triton.cdiv(n, block_n), _MAX_PROGRAMS)
         grad_a = _allocate((n, width), a.dtype, a.device)
         grad_r = _allocate((n, width), r.dtype, r.device) if r is not None else None
         grad_w = _allocate((programs, width), torch.float32, a.device)
@@ -176,12 +188,22 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
             grad_b.sum(0).to(bias_dtype),
             None,
             None,
+            None,
         )
 
 
 def dropout_add_layer_norm_triton(
-    branch: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, p: float, eps: float
+    branch: Tensor,
+    residual: Optional[Tensor],
+    weight: Tensor,
+    bias: Tensor,
+    p: float,
+    eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """The Triton kernels behind ``dropout_add_layer_norm(..., backend=ScanBackend.TRITON)``;
-    ``p`` is the dropout actually applied (0 outside training)."""
-    return _DropoutAddLayerNorm.apply(branch, residual, weight, bias, float(p), float(eps))
+    ``p`` is the dropout actually applied (0 outside training); the output is ``out_dtype``
+    (default: the promoted dtype of branch and residual)."""
+    if out_dtype is None:
+        out_dtype = branch.dtype if residual is None else torch.promote_types(branch.dtype, residual.dtype)
+    return _DropoutAddLayerNorm.apply(branch, residual, weight, bias, float(p), float(eps), out_dtype)

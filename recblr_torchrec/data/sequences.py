@@ -82,11 +82,12 @@ def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -
 
 
 TIE_ORDERS = ("file", "item", "shuffled_runs")
-RUN_SHUFFLE_SEED = 0  # fixed: the same file always gives the same sequences (and cache)
+RUN_SHUFFLE_SEED = 0  # fixed: the same file always gives the same sequences (bump CACHE_VERSION if changed)
 
 
 def shuffle_ascending_runs(user_code: np.ndarray, item_code: np.ndarray, seed: int = RUN_SHUFFLE_SEED) -> np.ndarray:
-    """The order that shuffles each user's maximal runs of strictly ascending item codes.
+    """The order that permutes the items within each of a user's maximal runs of strictly ascending
+    item codes (the runs keep their places).
 
     ``user_code`` and ``item_code`` are already in sequence order (users contiguous). A copy whose
     same-timestamp groups were sorted by item id and whose timestamps were then dropped (LRURec's

@@ -151,6 +151,7 @@ class RecBLREncoder(nn.Module):
         self.conv_width = config.conv_width
         self.channels = config.expand * config.embedding_dim
         self.scan_backend = ScanBackend.parse(config.scan_backend)
+        self.fused_norms = config.fused_norms
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
@@ -187,7 +188,7 @@ class RecBLREncoder(nn.Module):
         norm = self.input_norm
         if not torch.jit.is_scripting():
             p = self.dropout.p
-            backend = self.scan_backend if self.config.fused_norms else ScanBackend.PYTORCH
+            backend = self.scan_backend if self.fused_norms else ScanBackend.PYTORCH
             return dropout_add_layer_norm(embeddings, None, norm.weight, norm.bias, p, self.training, norm.eps, backend)
         return norm(self.dropout(embeddings))
 

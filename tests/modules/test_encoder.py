@@ -6,6 +6,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recblr_torchrec import ScanBackend
 from recblr_torchrec.modules import GatedRecurrent, RecBLR, RecBLRConfig, RecBLREncoder, set_scan_backend
+from recblr_torchrec.modules.encoder import RecBLRLayer
 
 LENGTHS = [1, 2, 3, 7, 5]  # odd lengths, unsorted
 
@@ -196,7 +197,7 @@ def test_recomputing_the_mix_gives_the_same_training_gradients(backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_fused_residual_norms_train_with_dropout_like_the_reference():
+def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
     """The triton backend runs every residual LayerNorm (and the embedding norm) in the fused
     kernel; its dropout masks replay from torch's seed (without dropout it equals the torch ops:
     test_triton_backend_runs_the_fused_layer_and_matches_the_reference)."""
@@ -227,3 +228,13 @@ def test_fused_residual_norms_train_with_dropout_like_the_reference():
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     torch.manual_seed(9)
     assert not torch.equal(encoder(values, offsets=offsets), outs[0])  # a new seed, new masks
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "triton"])
+def test_residual_norm_drops_out_the_branch_not_the_residual(backend):
+    layer = RecBLRLayer(RecBLRConfig(embedding_dim=8, dropout=0.5, scan_backend=backend)).train()
+    residual = torch.randn(12, 8)
+    norm = layer.recurrent_norm
+    out = layer.residual_norm(torch.zeros(12, 8), residual, norm.weight, norm.bias)
+    want = torch.nn.functional.layer_norm(residual, (8,), norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
