@@ -127,16 +127,7 @@ def dropout_keep_mask(seed: int, rows: int, width: int, p: float, device: torch.
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        branch: Tensor,
-        residual: Optional[Tensor],
-        weight: Tensor,
-        bias: Tensor,
-        p: float,
-        eps: float,
-        out_dtype: torch.dtype,
-    ):
+    def forward(ctx, branch, residual, weight, bias, p, eps, out_dtype):  # types: dropout_add_layer_norm_triton
         width = branch.shape[-1]
         shape = branch.shape
         a = branch.reshape(-1, width).contiguous()
