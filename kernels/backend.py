@@ -44,3 +44,10 @@ def resolve_backend(backend: "ScanBackend | str", device: torch.device) -> ScanB
     if backend is ScanBackend.AUTO:
         return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
     return backend
+
+
+def tracing() -> bool:
+    """True while torch.compile, torch.export or torch.jit.trace records a graph: the kernels'
+    dispatchers then take their PyTorch reference (Inductor fuses it; a Triton launch inside a
+    recorded graph would not be captured)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()

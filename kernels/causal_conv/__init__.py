@@ -6,8 +6,8 @@ c_t = SiLU(bias + sum_{j<k} w[k-1-j] * x_{t-j}), taps before a sequence's first 
 
 ``ScanBackend.PYTORCH`` is the reference (k shifted multiply-adds; backward recomputes the
 pre-activation from x). ``ScanBackend.TRITON`` is one kernel each way that reads x once and writes
-c (or dx) once. Under ``torch.compile`` the reference is used whatever the backend: Inductor fuses
-it with the ops around it.
+c (or dx) once. Under ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the reference is
+used whatever the backend (Inductor fuses it with the ops around it).
 
 Example::
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend
+from ..backend import ScanBackend, resolve_backend, tracing
 from .pytorch import CausalConvSiLUPacked, causal_conv_dense, causal_conv_packed
 
 __all__ = ["causal_conv_silu", "causal_conv_dense", "causal_conv_packed"]
@@ -56,7 +56,7 @@ def causal_conv_silu(
     if positions.device != x.device:
         raise ValueError(f"positions are on {positions.device} but x on {x.device}; move them to x's device")
     backend = resolve_backend(backend, x.device)
-    if backend is ScanBackend.TRITON and not torch.compiler.is_compiling():
+    if backend is ScanBackend.TRITON and not tracing():
         from .triton import causal_conv_silu_triton  # lazily: the reference needs no Triton
 
         return causal_conv_silu_triton(x, weight, bias, positions)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend
+from ..backend import ScanBackend, resolve_backend, tracing
 
 __all__ = ["dropout_add_layer_norm"]
 
@@ -62,7 +62,7 @@ def dropout_add_layer_norm(
         autocast.
     """
     backend = resolve_backend(backend, branch.device)
-    if _tracing() or backend is not ScanBackend.TRITON:
+    if tracing() or backend is not ScanBackend.TRITON:
         return _reference(branch, residual, weight, bias, p, training, eps)
     width = branch.shape[-1]
     if residual is not None and residual.shape != branch.shape:
@@ -94,8 +94,3 @@ def _reference(
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _tracing() -> bool:
-    """torch.compile, torch.export or torch.jit.trace is recording: they get the reference."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
