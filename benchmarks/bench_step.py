@@ -105,12 +105,13 @@ def median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
 def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, device: torch.device) -> Dict:
     """Training step and inference pass of one model at one shape and precision."""
     from recblr_torchrec.training import next_item_loss
+    from recblr_torchrec.training.trainer import apply_matmul_precision
 
     torch.manual_seed(0)
     model, optimizer = build(model_name, steps, device)
     data = make_batch(batch, steps, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")  # as train.precision
+    apply_matmul_precision(precision)  # as train.precision
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)

@@ -25,13 +25,19 @@ _MAX_PROGRAMS = 1024  # backward programs; each walks N / (BLOCK_N * P) tiles
 
 
 @triton.jit
+def _keep(seed, at, p):
+    """The dropout mask at element offsets ``at``: kept where Philox(seed, offset) >= p."""
+    return tl.rand(seed, at.to(tl.int32)) >= p
+
+
+@triton.jit
 def _mixed(a_ptr, r_ptr, rows, cols, ok, D, p, scale, seed, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr):
     """(s, keep): s = Dropout(branch) + residual in float32 for a tile, keep the dropout mask."""
     at = rows[:, None] * D + cols[None, :]
     s = tl.load(a_ptr + at, mask=ok, other=0.0).to(tl.float32)
     keep = ok
     if DROPOUT:
-        keep = ok & (tl.rand(seed, at.to(tl.int32)) >= p)
+        keep = ok & _keep(seed, at, p)
         s = tl.where(keep, s * scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(r_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -98,7 +104,7 @@ def _keep_mask_kernel(out_ptr, N, D, p, seed, BLOCK_N: tl.constexpr, BLOCK_D: tl
     cols = tl.arange(0, BLOCK_D)
     ok = (rows < N)[:, None] & (cols < D)[None, :]
     at = rows[:, None] * D + cols[None, :]
-    tl.store(out_ptr + at, (tl.rand(seed, at.to(tl.int32)) >= p).to(tl.int8), mask=ok)
+    tl.store(out_ptr + at, _keep(seed, at, p).to(tl.int8), mask=ok)
 
 
 def _allocate(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -150,7 +150,6 @@ class RecBLREncoder(nn.Module):
         self.embedding_dim = config.embedding_dim
         self.conv_width = config.conv_width
         self.channels = config.expand * config.embedding_dim
-        self.scan_backend = ScanBackend.parse(config.scan_backend)
         self.fused_norms = config.fused_norms
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -187,8 +186,8 @@ class RecBLREncoder(nn.Module):
         """input_norm(Dropout(embeddings)), through the fused kernel as the layers' residual norms."""
         norm = self.input_norm
         if not torch.jit.is_scripting():
-            p = self.dropout.p
-            backend = self.scan_backend if self.fused_norms else ScanBackend.PYTORCH
+            p = self.dropout.p  # the layers' scan backend (set_scan_backend switches them all)
+            backend = self.layers[0].recurrent.scan_backend if self.fused_norms else ScanBackend.PYTORCH
             return dropout_add_layer_norm(embeddings, None, norm.weight, norm.bias, p, self.training, norm.eps, backend)
         return norm(self.dropout(embeddings))
 
@@ -248,11 +247,10 @@ class RecBLREncoder(nn.Module):
 
 
 def set_scan_backend(module: nn.Module, backend: "ScanBackend | str") -> nn.Module:
-    """Switches every GatedRecurrent inside ``module`` (and the encoders' embedding norm) to
-    ``backend``; returns ``module``."""
+    """Switches every GatedRecurrent inside ``module`` to ``backend``; returns ``module``."""
     backend = ScanBackend.parse(backend)
     for sub in module.modules():
-        if isinstance(sub, (GatedRecurrent, RecBLREncoder)):
+        if isinstance(sub, GatedRecurrent):
             sub.scan_backend = backend
     return module
 
