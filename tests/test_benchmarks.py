@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -46,3 +47,43 @@ def test_step_table_reports_ratios_against_sasrec_and_the_sweep_plots(tmp_path):
     path.write_text(json.dumps({"rows": rows}))
     bench.main(["--plot", str(path), "--plot-out", str(tmp_path / "figure.png")])
     assert (tmp_path / "figure.png").stat().st_size > 10_000
+
+
+def test_sync_warnings_are_counted_by_site_and_other_warnings_ignored():
+    loop = load("profile_train_loop")
+
+    def run():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+
+    original = warnings.showwarning
+    counts = loop.count_sync_warnings(run)
+    assert sum(counts.values()) == 3 and len(counts) == 1
+    (site,) = counts
+    assert site.startswith("outside this project (via tests/test_benchmarks.py:")
+    assert warnings.showwarning is original  # the hook is gone afterwards
+
+
+def test_training_loop_profile_splits_the_step(data_dir, tmp_path):
+    loop = load("profile_train_loop")
+    out = tmp_path / "loop.json"
+    overrides = ["model.embedding_dim=8", "model.num_layers=1", "train.batch_size=32", "train.device=cpu"]
+    result = loop.main(
+        [
+            "--config",
+            os.path.join(os.path.dirname(BENCHMARKS), "configs", "tiny.yaml"),
+            "--data-dir",
+            data_dir,
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+        ]
+        + ["--set", *overrides, "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["steps"] == 2
+    assert result["wall_ms"] > 0 and 0 <= result["loader_wait_ms"] <= result["wall_ms"]
+    assert 0 < result["host_ms"] <= result["wall_ms"]
+    assert result["ops_per_step"] > 10 and result["host_ops"][0]["host_self_ms"] > 0
+    assert "gpu_busy_ms" not in result  # CPU: no device columns

@@ -103,7 +103,7 @@ class DistributedTrainer(Trainer):
 
     def evaluate(self, split: str) -> Dict[str, float]:
         e = self.config.eval
-        loader = self._loader(self.eval_batches[split])
+        loader = self.loader(self.eval_batches[split])
         return evaluate(self.model, loader, self.device, e.ks, e.item_chunk_size, process_group=dist.group.WORLD)
 
     # Checkpoints ---------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class DistributedTrainer(Trainer):
         if s.get("in_epoch") != epoch:  # a fresh epoch, not one resumed mid-way
             s.update(in_epoch=epoch, batch=0, loss_sum=0.0, examples=0, seconds=0.0)
         self.train_batches.set_epoch(epoch, s["batch"])
-        loader = self._loader(self.train_batches)
+        loader = self.loader(self.train_batches)
         every = self.config.train.checkpoint_every
         start = time.perf_counter() - s["seconds"]
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, disable=not self.env.is_main)

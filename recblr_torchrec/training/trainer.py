@@ -157,12 +157,13 @@ class Trainer:
         self.history: list = []
         os.makedirs(output_dir, exist_ok=True)
 
-    def _loader(self, batches: SampleBatches):
+    def loader(self, batches: SampleBatches):
+        """A DataLoader over ``batches`` with this run's workers (pinned memory on CUDA)."""
         return make_loader(batches, self.config.train.num_workers, pin_memory=self.device.type == "cuda")
 
     def evaluate(self, split: str) -> Dict[str, float]:
         e = self.config.eval
-        return evaluate(self.model, self._loader(self.eval_batches[split]), self.device, e.ks, e.item_chunk_size)
+        return evaluate(self.model, self.loader(self.eval_batches[split]), self.device, e.ks, e.item_chunk_size)
 
     def resume(self) -> bool:
         ckpt = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), LAST))
@@ -221,7 +222,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         self.model.train()
         self.train_batches.set_epoch(epoch)
-        loader = self._loader(self.train_batches)
+        loader = self.loader(self.train_batches)
         total_loss, steps, examples = torch.zeros((), device=self.device), 0, 0
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
