@@ -7,7 +7,8 @@ DataLoader, ``Trainer.train_step``) and splits each step's wall time:
 - ``loader_wait_ms``: time spent waiting for the next batch;
 - ``host_ms``: time the training loop spends issuing a step (loader wait excluded). When it is
   close to ``wall_ms`` and ``gpu_busy_ms`` is well below, the step is bound by the host;
-- ``gpu_busy_ms``: the sum of the device kernels' durations per step (``torch.profiler``);
+- ``gpu_busy_ms``: the sum of the device's kernel, copy and memset durations per step
+  (``torch.profiler``);
 - ``syncs_per_step``: host synchronisations per step, counted with
   ``torch.cuda.set_sync_debug_mode`` and attributed to the source line that caused each;
 - ``host_ops``: the operators with the most host (CPU) self time per step.
@@ -30,6 +31,7 @@ import warnings
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
+from torch.autograd import DeviceType
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -136,7 +138,9 @@ def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
         "ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
     }
     if trainer.device.type == "cuda":
-        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        # The device's own events (kernels, copies, memsets): an operator's self device time would
+        # count its kernels a second time.
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
         result["gpu_busy_ms"] = busy / 1e3 / steps
     return result
 
