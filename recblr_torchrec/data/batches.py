@@ -175,7 +175,9 @@ class Batch(Pipelineable):
         for first in range(0, len(self), max_sequences):
             last = min(first + max_sequences, len(self))
             lo, hi = int(offsets[first]), int(offsets[last])
-            history = KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values[lo:hi], lengths=lengths[first:last])
+            history = KeyedJaggedTensor(
+                keys=[ITEM_HISTORY], values=values[lo:hi], lengths=lengths[first:last], length_per_key=[hi - lo]
+            )
             context = None if self.context is None else _slice_bags(self.context, first, last)
             parts.append(Batch(history, self.targets[lo:hi], self.user_ids[first:last], context=context))
         return parts
@@ -184,10 +186,12 @@ class Batch(Pipelineable):
 def _slice_bags(features: KeyedJaggedTensor, first: int, last: int) -> KeyedJaggedTensor:
     """Bags ``first:last`` of a one-key KeyedJaggedTensor."""
     offsets = features.offsets()
+    lo, hi = int(offsets[first]), int(offsets[last])
     return KeyedJaggedTensor(
         keys=features.keys(),
-        values=features.values()[int(offsets[first]) : int(offsets[last])],
+        values=features.values()[lo:hi],
         lengths=features.lengths()[first:last],
+        length_per_key=[hi - lo],
     )
 
 
@@ -198,6 +202,7 @@ def user_bucket_features(users: np.ndarray, buckets: int) -> KeyedJaggedTensor:
         keys=[USER_BUCKET],
         values=torch.from_numpy(hashed.astype(np.int64)),
         lengths=torch.ones(len(users), dtype=torch.int64),
+        length_per_key=[len(users)],
     )
 
 
@@ -242,6 +247,7 @@ def make_batch(
             values=torch.from_numpy(values),
             lengths=torch.from_numpy(lengths.astype(np.int64)),
             offsets=torch.from_numpy(offsets),
+            length_per_key=[len(values)],  # known here; TorchRec would sum the lengths on the device
         )
         return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), context=context)
     ids, log_q = candidates(targets[targets > 0], batch_number)
@@ -251,6 +257,7 @@ def make_batch(
         keys=[ITEM_HISTORY, ITEM_CANDIDATES],
         values=torch.from_numpy(np.concatenate([values, ids.astype(np.int64)])),
         lengths=torch.from_numpy(np.concatenate([lengths.astype(np.int64), bags])),
+        length_per_key=[len(values), len(ids)],
     )
     log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
     return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context)

@@ -55,7 +55,7 @@ def full_softmax_loss(hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: i
     """
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
-    if bool((targets <= 0).any()) or bool((targets >= catalog.shape[0]).any()):
+    if bool(((targets <= 0) | (targets >= catalog.shape[0])).any()):  # one host sync for both bounds
         raise ValueError(f"targets must be item ids in [1, {catalog.shape[0]}), got min {int(targets.min())}")
     return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk)
 

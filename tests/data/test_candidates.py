@@ -55,6 +55,8 @@ def test_rank_shares_reassemble_the_global_batch_with_fillers_where_empty(data):
         for p in parts:
             assert torch.equal(p.item_history[ITEM_CANDIDATES].values(), torch.arange(1, data.num_items + 1))
             assert p.offsets[-1] == p.item_history[ITEM_HISTORY].values().numel()
+            history = p.item_history[ITEM_HISTORY].values().numel()
+            assert p.item_history.length_per_key_or_none() == [history, data.num_items]
     last = [s[len(whole) - 1] for s in shares]
     count = len(samples) - (len(whole) - 1) * 7
     assert sum(int((p.user_ids < 0).sum()) for p in last) == max(0, 3 - count)

@@ -164,6 +164,25 @@ def test_batches_split_and_move_without_changing_content(tmp_path):
     assert torch.equal(moved.item_history.offsets(), batch.item_history.offsets())
 
 
+def test_batches_carry_their_value_counts_through_split_move_and_workers(tmp_path):
+    """TorchRec reads length_per_key instead of summing the lengths on the device (a host sync)."""
+    data = small_data(tmp_path, [(u, list(range(1, 4 + u))) for u in range(1, 8)])
+    samples = training_samples(data, 4, "prefixes")
+    batch = make_batch(data.items, samples, np.arange(len(samples)), user_buckets=5)
+    counts = [batch.item_history.values().numel()]
+    assert batch.item_history.length_per_key_or_none() == counts
+    assert batch.context.length_per_key_or_none() == [len(samples)]
+    for part in batch.split(4):
+        assert part.item_history.length_per_key_or_none() == [part.item_history.values().numel()]
+        assert part.context.length_per_key_or_none() == [len(part)]
+    moved = batch.pin_memory() if torch.cuda.is_available() else batch
+    assert moved.to(torch.device("cpu")).item_history.length_per_key_or_none() == counts
+    batches = SampleBatches(data, samples, 5, shuffle=True, seed=1)
+    batches.set_epoch(1)
+    for served in make_loader(batches, 1):
+        assert served.item_history.length_per_key_or_none() == [served.item_history.values().numel()]
+
+
 def test_loader_with_workers_serves_the_same_batches_every_resume(tmp_path):
     data = small_data(tmp_path, [(u, list(range(1, 4 + u % 5))) for u in range(1, 30)])
     batches = SampleBatches(data, training_samples(data, 4, "all_positions"), 5, shuffle=True, seed=3)

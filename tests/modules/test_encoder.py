@@ -238,3 +238,18 @@ def test_residual_norm_drops_out_the_branch_not_the_residual(backend):
     out = layer.residual_norm(torch.zeros(12, 8), residual, norm.weight, norm.bias)
     want = torch.nn.functional.layer_norm(residual, (8,), norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("candidate_feature", [False, True])
+def test_table_lookups_tell_torchrec_their_value_counts(candidate_feature):
+    """lookup / item_table pass length_per_key, so TorchRec never sums lengths on the host (a CUDA sync)."""
+    model = RecBLR(9, RecBLRConfig(embedding_dim=8, num_layers=1), candidate_feature=candidate_feature)
+    seen = []
+    model.item_embeddings.register_forward_pre_hook(lambda module, args: seen.append(args[0].length_per_key_or_none()))
+    table = model.item_table()
+    expected = [9, 0] if candidate_feature else [9]
+    assert seen[-1] == expected  # as the collection received it, before it could compute them
+    torch.testing.assert_close(table, model.item_embeddings.embeddings["item"].weight)
+    ids = torch.tensor([3, 1, 3])
+    torch.testing.assert_close(model.lookup(ids), table[ids])
+    assert seen[-1] == ([3, 0] if candidate_feature else [3])
