@@ -98,6 +98,9 @@ class Batch(Pipelineable):
         global_targets: targets in the whole global batch (over all ranks); 0 = this batch's.
         context: optional pooled context features for an EmbeddingBagCollection, one bag per
             sequence (key ``user_bucket``: the user id hashed into buckets).
+        target_rows: [M] the packed positions that carry a target (``targets > 0``), found where
+            the batch is built so that a step on the GPU needs no ``nonzero`` (a host sync);
+            None: found from ``targets`` when needed.
     """
 
     item_history: KeyedJaggedTensor
@@ -106,6 +109,7 @@ class Batch(Pipelineable):
     candidate_log_q: Optional[Tensor] = None
     global_targets: int = 0
     context: Optional[KeyedJaggedTensor] = None
+    target_rows: Optional[Tensor] = None
 
     @property
     def offsets(self) -> Tensor:
@@ -119,7 +123,7 @@ class Batch(Pipelineable):
         return self.targets[self.offsets[1:] - 1]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        log_q, context = self.candidate_log_q, self.context
+        log_q, context, rows = self.candidate_log_q, self.context, self.target_rows
         return Batch(
             item_history=self.item_history.to(device=device, non_blocking=non_blocking),
             targets=self.targets.to(device=device, non_blocking=non_blocking),
@@ -127,20 +131,21 @@ class Batch(Pipelineable):
             candidate_log_q=None if log_q is None else log_q.to(device=device, non_blocking=non_blocking),
             global_targets=self.global_targets,
             context=None if context is None else context.to(device=device, non_blocking=non_blocking),
+            target_rows=None if rows is None else rows.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.item_history.record_stream(stream)
         self.targets.record_stream(stream)
         self.user_ids.record_stream(stream)
-        if self.candidate_log_q is not None:
-            self.candidate_log_q.record_stream(stream)
-        if self.context is not None:
-            self.context.record_stream(stream)
+        for optional in (self.candidate_log_q, self.context, self.target_rows):
+            if optional is not None:
+                optional.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         log_q = None if self.candidate_log_q is None else self.candidate_log_q.pin_memory()
         context = None if self.context is None else self.context.pin_memory()
+        rows = None if self.target_rows is None else self.target_rows.pin_memory()
         return Batch(
             self.item_history.pin_memory(),
             self.targets.pin_memory(),
@@ -148,12 +153,15 @@ class Batch(Pipelineable):
             log_q,
             self.global_targets,
             context,
+            rows,
         )
 
     @property
     def num_targets(self) -> int:
         """Targets of the whole global batch (the loss's denominator on every rank)."""
-        return self.global_targets or int(torch.count_nonzero(self.targets))
+        if self.global_targets:
+            return self.global_targets
+        return self.target_rows.numel() if self.target_rows is not None else int(torch.count_nonzero(self.targets))
 
     def candidates(self) -> Optional[Tensor]:
         """[C] candidate item ids carried by the batch, or None."""
@@ -241,6 +249,7 @@ def make_batch(
         targets[offsets[len(index) - fillers] :] = 0
         users[len(index) - fillers :] = -1
     context = user_bucket_features(users, user_buckets) if user_buckets else None
+    rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
     if candidates is None:
         history = KeyedJaggedTensor(
             keys=[ITEM_HISTORY],
@@ -249,7 +258,7 @@ def make_batch(
             offsets=torch.from_numpy(offsets),
             length_per_key=[len(values)],  # known here; TorchRec would sum the lengths on the device
         )
-        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), context=context)
+        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), context=context, target_rows=rows)
     ids, log_q = candidates(targets[targets > 0], batch_number)
     bags = np.zeros(len(index), dtype=np.int64)
     bags[0] = len(ids)
@@ -260,7 +269,7 @@ def make_batch(
         length_per_key=[len(values), len(ids)],
     )
     log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
-    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context)
+    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context, target_rows=rows)
 
 
 class SampleBatches(Dataset):

@@ -48,14 +48,18 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         return grad_hidden, grad_catalog, None, None
 
 
-def full_softmax_loss(hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: int = 8192) -> Tensor:
+def full_softmax_loss(
+    hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: int = 8192, check_targets: bool = True
+) -> Tensor:
     """Mean cross-entropy of ``targets`` [M] under softmax(hidden [M, d] @ catalog [V, d]^T).
 
     Equal to ``F.cross_entropy(logits, targets)`` with the padding column masked to -inf.
+    ``check_targets``: raise a ValueError for a target outside [1, V) (one host sync on GPU); a
+    caller whose targets are item ids of the data the table was built for may skip it.
     """
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
-    if bool(((targets <= 0) | (targets >= catalog.shape[0])).any()):  # one host sync for both bounds
+    if check_targets and bool(((targets <= 0) | (targets >= catalog.shape[0])).any()):  # one sync, both bounds
         raise ValueError(f"targets must be item ids in [1, {catalog.shape[0]}), got min {int(targets.min())}")
     return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk)
 

@@ -26,7 +26,10 @@ def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
 
 
 def target_rows(batch: Batch) -> Tensor:
-    """[M] the packed positions that carry a loss target (one per sequence in the paper's protocol)."""
+    """[M] the packed positions that carry a loss target (one per sequence in the paper's protocol):
+    the batch's own ``target_rows`` when it carries them, else a ``nonzero`` (a host sync on GPU)."""
+    if batch.target_rows is not None:
+        return batch.target_rows
     return torch.nonzero(batch.targets, as_tuple=True)[0]
 
 

@@ -164,6 +164,20 @@ def test_batches_split_and_move_without_changing_content(tmp_path):
     assert torch.equal(moved.item_history.offsets(), batch.item_history.offsets())
 
 
+@pytest.mark.parametrize("protocol", ["all_positions", "prefixes"])
+def test_batches_carry_their_target_rows_so_the_step_needs_no_nonzero(tmp_path, protocol):
+    data = small_data(tmp_path, [(u, list(range(1, 4 + u))) for u in range(1, 8)])
+    samples = training_samples(data, 4, protocol)
+    index = np.arange(len(samples))
+    for fillers in (0, 2):
+        batch = make_batch(data.items, samples, index, fillers=fillers)
+        expected = torch.nonzero(batch.targets, as_tuple=True)[0]
+        assert torch.equal(batch.target_rows, expected) and batch.num_targets == expected.numel()
+        moved = batch.pin_memory() if torch.cuda.is_available() else batch
+        assert torch.equal(moved.to(torch.device("cpu")).target_rows, expected)
+    assert all(part.target_rows is None for part in batch.split(3))  # re-found from the targets
+
+
 def test_batches_carry_their_value_counts_through_split_move_and_workers(tmp_path):
     """TorchRec reads length_per_key instead of summing the lengths on the device (a host sync)."""
     data = small_data(tmp_path, [(u, list(range(1, 4 + u))) for u in range(1, 8)])

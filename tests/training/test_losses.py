@@ -24,9 +24,14 @@ def test_chunked_loss_and_gradients_equal_masked_cross_entropy(chunk):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_padding_target_is_refused():
-    with pytest.raises(ValueError, match="targets must be item ids"):
-        full_softmax_loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(4, 3))
+@pytest.mark.parametrize("bad", [0, 4])
+def test_targets_outside_the_catalog_are_refused_unless_the_check_is_skipped(bad):
+    hidden, catalog = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"targets must be item ids in \[1, 4\)"):
+        full_softmax_loss(hidden, torch.tensor([bad, 1]), catalog)
+    targets = torch.tensor([3, 1])
+    checked = full_softmax_loss(hidden, targets, catalog)
+    torch.testing.assert_close(full_softmax_loss(hidden, targets, catalog, check_targets=False), checked)
 
 
 def test_sampled_loss_over_the_whole_catalog_without_correction_is_the_full_loss():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from recblr_torchrec.config import load_config
-from recblr_torchrec.training import Trainer
+from recblr_torchrec.training import Trainer, next_item_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -80,6 +81,9 @@ def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
     trainer.train_batches.set_epoch(1)
     batch = trainer.train_batches[0]
     assert int(torch.count_nonzero(batch.targets)) == len(batch)  # one target per prefix
+    trainer.model.eval()  # the batch's own target rows and rows found from the targets: one loss
+    carried = next_item_loss(trainer.model, batch, check_targets=False)
+    torch.testing.assert_close(carried, next_item_loss(trainer.model, dataclasses.replace(batch, target_rows=None)))
     trainer.fit()
     assert trainer.history[0]["train_loss"] > 0 and trainer.state["epoch"] == 1
 
