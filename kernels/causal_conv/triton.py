@@ -3,11 +3,11 @@
 Row t of a packed batch reads x at t, t-1, ..., t-k+1, each tap masked where its row belongs to
 an earlier sequence (``positions[t] < j``). Forward: one program per [BLOCK_N, BLOCK_D] tile; the
 k shifted loads of x hit the cache, so DRAM sees x once and c once. Backward recomputes the
-pre-activation instead of storing it: dx[t] = sum_j dpre[t+j] * w[k-1-j] over the taps j whose
-row t+j is in t's sequence, with dpre = dc * SiLU'(pre) formed for rows t..t+k-1 in registers;
-dw and dbias are reduced per program into [P, k, D] and [P, D] partials that the host sums in a
-fixed order (deterministic, no atomics). Programs walk the row tiles with a stride, so P stays
-small whatever N is.
+pre-activation instead of storing it, in two passes: the first forms dpre = dc * SiLU'(pre) once
+per row and writes it (in x's dtype), reducing dw and dbias per program into [P, k, D] and [P, D]
+partials that the host sums in a fixed order (deterministic, no atomics; programs walk the row
+tiles with a stride, so P stays small whatever N is); the second forms
+dx[t] = sum_j dpre[t+j] * w[k-1-j] over the taps j whose row t+j is in t's sequence.
 
 x may be a strided view (the first D columns of the input projection); weights are read in
 float32, sums are float32, c and dx come back in x's dtype.
@@ -22,8 +22,10 @@ from torch import Tensor
 
 __all__ = ["causal_conv_silu_triton"]
 
-_BLOCK_N = 64  # of {16, 32, 64} x {512, 1024, 4096} programs, the fastest backward on the H200
-_MAX_PROGRAMS = 1024  # backward programs along the rows; each walks N / (BLOCK_N * P) tiles
+# Of {16, 32, 64} x {512, 1024, 4096} programs, the fastest one-kernel backward on the H200
+# (tiles_h200.json); not yet swept for the two-pass backward (benchmarks/tile_sweep.py does).
+_BLOCK_N = 64
+_MAX_PROGRAMS = 1024  # first backward pass: programs along the rows; each walks N / (BLOCK_N * P) tiles
 
 
 @triton.jit
@@ -55,10 +57,12 @@ def _conv_silu_forward_kernel(
 
 
 @triton.jit
-def _conv_silu_backward_kernel(
-    x_ptr, w_ptr, b_ptr, pos_ptr, dc_ptr, dx_ptr, dw_ptr, db_ptr, N, D, x_stride,
+def _conv_silu_dpre_kernel(
+    x_ptr, w_ptr, b_ptr, pos_ptr, dc_ptr, dpre_ptr, dw_ptr, db_ptr, N, D, x_stride,
     K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Backward pass 1: dpre = dc * SiLU'(pre) at every row (pre recomputed), written once; the
+    weight and bias gradients reduced per program from it."""
     program, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -68,30 +72,44 @@ def _conv_silu_backward_kernel(
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
     for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
         rows = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        dx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(K):
-            # dpre at rows t + j, kept where that row is in the sequence of row t (its tap j reads t).
-            later = rows + j
-            pos_later = tl.load(pos_ptr + later, mask=later < N, other=0)
-            reach = ((later < N) & (pos_later >= j))[:, None] & col_ok[None, :]
-            pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, later, pos_later, cols, col_ok, reach, K)
-            dc = tl.load(dc_ptr + later[:, None] * D + cols[None, :], mask=reach, other=0.0).to(tl.float32)
-            gate = tl.sigmoid(pre)
-            dpre = tl.where(reach, dc * gate * (1.0 + pre * (1.0 - gate)), 0.0)
-            w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-            dx += dpre * w[None, :]
-            if j == 0:  # dpre at the tile's own rows: the weight and bias gradients
-                db += tl.sum(dpre, axis=0)
-                for i in tl.static_range(K):
-                    tap_ok = reach & (pos_later >= i)[:, None]
-                    x = tl.load(x_ptr + (rows - i)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
-                    contribution = tl.sum(dpre * x.to(tl.float32), axis=0)
-                    dw += tl.where((taps == K - 1 - i)[:, None], contribution[None, :], 0.0)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+        pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K)
+        dc = tl.load(dc_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(pre)
+        dpre = tl.where(ok, dc * gate * (1.0 + pre * (1.0 - gate)), 0.0)
+        tl.store(dpre_ptr + rows[:, None] * D + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(dpre, axis=0)
+        for i in tl.static_range(K):  # the taps again (cache hits): x[t-i] of each row's own sequence
+            tap_ok = ok & (pos >= i)[:, None]
+            x = tl.load(x_ptr + (rows - i)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
+            contribution = tl.sum(dpre * x.to(tl.float32), axis=0)
+            dw += tl.where((taps == K - 1 - i)[:, None], contribution[None, :], 0.0)
     at = program * K * D + taps[:, None] * D + cols[None, :]
     tl.store(dw_ptr + at, dw, mask=(taps < K)[:, None] & col_ok[None, :])
     tl.store(db_ptr + program * D + cols, db, mask=col_ok)
+
+
+@triton.jit
+def _conv_dx_kernel(
+    dpre_ptr, w_ptr, pos_ptr, dx_ptr, N, D,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Backward pass 2: dx[t] = sum_j w[k-1-j] * dpre[t+j] over the taps j whose row t+j is in t's sequence."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    dx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(K):
+        later = rows + j
+        pos_later = tl.load(pos_ptr + later, mask=later < N, other=0)
+        reach = ((later < N) & (pos_later >= j))[:, None] & col_ok[None, :]
+        dpre = tl.load(dpre_ptr + later[:, None] * D + cols[None, :], mask=reach, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+        dx += dpre * w[None, :]
+    ok = (rows < N)[:, None] & col_ok[None, :]
+    tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _allocate(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -134,13 +152,18 @@ class _CausalConvSiLU(torch.autograd.Function):
         grad_c = grad_c.contiguous()
         block_d = _block_d(channels)
         programs = max(1, min(triton.cdiv(n, _BLOCK_N), _MAX_PROGRAMS))
+        grad_pre = _allocate((n, channels), x.dtype, x.device)  # x's dtype: bf16 halves its round trip
         grad_x = _allocate((n, channels), x.dtype, x.device)
         grad_w = _allocate((programs, k, channels), torch.float32, x.device)
         grad_b = _allocate((programs, channels), torch.float32, x.device)
-        _conv_silu_backward_kernel[(programs, triton.cdiv(channels, block_d))](
-            x, w, b, positions, grad_c, grad_x, grad_w, grad_b, n, channels, x.stride(0),
+        _conv_silu_dpre_kernel[(programs, triton.cdiv(channels, block_d))](
+            x, w, b, positions, grad_c, grad_pre, grad_w, grad_b, n, channels, x.stride(0),
             K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         )  # fmt: skip
+        if n:
+            _conv_dx_kernel[(triton.cdiv(n, _BLOCK_N), triton.cdiv(channels, block_d))](
+                grad_pre, w, positions, grad_x, n, channels, K=k, BLOCK_N=_BLOCK_N, BLOCK_D=block_d
+            )
         grad_w = grad_w.sum(0).T.reshape(weight_shape).to(weight_dtype)
         return grad_x, grad_w, grad_b.sum(0).to(bias_dtype), None
 
