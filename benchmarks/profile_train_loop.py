@@ -7,11 +7,12 @@ DataLoader, ``Trainer.train_step``) and splits each step's wall time:
 - ``loader_wait_ms``: time spent waiting for the next batch;
 - ``host_ms``: time the training loop spends issuing a step (loader wait excluded). When it is
   close to ``wall_ms`` and ``gpu_busy_ms`` is well below, the step is bound by the host;
-- ``gpu_busy_ms``: the sum of the device's kernel, copy and memset durations per step
-  (``torch.profiler``);
+- ``gpu_busy_ms``: the time per step in which the device ran a kernel, copy or memset
+  (``torch.profiler``; :func:`device_busy_us`);
 - ``syncs_per_step``: host synchronisations per step, counted with
   ``torch.cuda.set_sync_debug_mode`` and attributed to the source line that caused each;
-- ``host_ops``: the operators with the most host (CPU) self time per step.
+- ``host_ops``: the operators with the most host (CPU) self time per step (a synchronising op's
+  time includes its wait for the device).
 
 Usage (GPU; on CPU the device columns are left out):
 
@@ -81,7 +82,9 @@ def _relative(filename: str) -> str:
 def count_sync_warnings(run: Callable[[], None]) -> collections.Counter:
     """Runs ``run`` with CUDA's sync debug mode on (where CUDA is available) and counts the
     synchronisation warnings by site: the innermost frame of this project's code on the stack
-    when the warning fired, with the library line that raised it when that is elsewhere."""
+    when the warning fired, with the library line that raised it when that is elsewhere.
+    Warnings raised on autograd's threads reach Python when backward returns, so every sync inside
+    backward is charged to the line that called it."""
     counts: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
@@ -119,6 +122,24 @@ def _sync_sites(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, fl
     return {site: n / steps for site, n in counts.most_common()}
 
 
+def device_busy_us(events) -> float:
+    """Microseconds in which the GPU ran at least one kernel, copy or memset: the union of those
+    events' intervals. Operators' device times would count their kernels again, and the GPU-side
+    ranges of ``record_function`` annotations (Adam.step, Inductor graphs, TorchRec's) span the
+    kernels inside them and the idle gaps between."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
 def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
     """Device busy time and the host operators with the most CPU self time, per step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -138,10 +159,7 @@ def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
         "ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
     }
     if trainer.device.type == "cuda":
-        # The device's own events (kernels, copies, memsets): an operator's self device time would
-        # count its kernels a second time.
-        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-        result["gpu_busy_ms"] = busy / 1e3 / steps
+        result["gpu_busy_ms"] = device_busy_us(prof.events()) / 1e3 / steps
     return result
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 import warnings
 
 import torch
@@ -87,3 +88,28 @@ def test_training_loop_profile_splits_the_step(data_dir, tmp_path):
     assert 0 < result["host_ms"] <= result["wall_ms"]
     assert result["ops_per_step"] > 10 and result["host_ops"][0]["host_self_ms"] > 0
     assert "gpu_busy_ms" not in result  # CPU: no device columns
+
+
+def test_device_busy_time_is_the_union_of_kernel_spans_without_annotations():
+    loop = load("profile_train_loop")
+    from torch.autograd import DeviceType
+
+    def event(start, end, device=DeviceType.CUDA, annotation=False):
+        span = types.SimpleNamespace(start=start, end=end)
+        return types.SimpleNamespace(time_range=span, device_type=device, is_user_annotation=annotation)
+
+    events = [
+        event(0, 10),
+        event(5, 12),  # overlaps the first (another stream): counted once
+        event(20, 25),
+        event(0, 100, annotation=True),  # an annotation's range spans kernels and gaps
+        event(30, 90, device=DeviceType.CPU),
+    ]
+    assert loop.device_busy_us(events) == 12 + 5
+
+
+def test_bench_step_batch_carries_what_the_pipeline_carries():
+    bench = load("bench_step")
+    batch = bench.make_batch(3, 5, torch.device("cpu"))
+    assert torch.equal(batch.target_rows, torch.nonzero(batch.targets, as_tuple=True)[0])
+    assert batch.item_history.length_per_key_or_none() == [15]

@@ -167,7 +167,7 @@ class RecBLR(nn.Module):
     ) -> Tensor:
         if vectors is None:
             return self.encoder(values, offsets=offsets, rows=rows)
-        per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0)
+        per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0, output_size=values.shape[0])
         if self.context_join == "input":
             return self.encoder(values + per_position, offsets=offsets, rows=rows)
         return self.encoder(values, offsets=offsets, rows=rows) + (per_position if rows is None else per_position[rows])
@@ -243,7 +243,7 @@ class RecBLR(nn.Module):
         check_padded(item_seq, lengths, self.num_embeddings)
         batch, steps = item_seq.shape
         kjt = self.history_features(
-            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device)
+            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device), batch * steps
         )
         embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
         vectors = self.context_vectors(context)

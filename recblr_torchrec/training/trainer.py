@@ -210,7 +210,7 @@ class Trainer:
         as a 0-dim tensor on the device (reading it is the caller's host sync, not every step's)."""
         self.optimizer.zero_grad(set_to_none=True)
         parts = batch.split(self.config.train.micro_batch_size)
-        num_targets = int(torch.count_nonzero(batch.targets)) if len(parts) > 1 else 0
+        num_targets = batch.num_targets if len(parts) > 1 else 0
         loss_sum = torch.zeros((), device=self.device)
         for part in parts:
             weight = int(torch.count_nonzero(part.targets)) / num_targets if len(parts) > 1 else 1.0

@@ -17,6 +17,7 @@ from recblr_torchrec.data import (
     training_samples,
 )
 from recblr_torchrec.data.sequences import k_core
+from recblr_torchrec.training.task import target_rows
 
 
 def write(path, text, compress=False):
@@ -175,7 +176,12 @@ def test_batches_carry_their_target_rows_so_the_step_needs_no_nonzero(tmp_path, 
         assert torch.equal(batch.target_rows, expected) and batch.num_targets == expected.numel()
         moved = batch.pin_memory() if torch.cuda.is_available() else batch
         assert torch.equal(moved.to(torch.device("cpu")).target_rows, expected)
-    assert all(part.target_rows is None for part in batch.split(3))  # re-found from the targets
+    offset = 0
+    for part in batch.split(3):  # micro-batches find theirs from their targets
+        assert torch.equal(
+            target_rows(part), expected[(expected >= offset) & (expected < offset + part.targets.numel())] - offset
+        )
+        offset += part.targets.numel()
 
 
 def test_batches_carry_their_value_counts_through_split_move_and_workers(tmp_path):
