@@ -65,7 +65,12 @@ def full_softmax_loss(
 
 
 def sampled_softmax_loss(
-    hidden: Tensor, targets: Tensor, candidate_ids: Tensor, candidates: Tensor, log_q: Tensor
+    hidden: Tensor,
+    targets: Tensor,
+    candidate_ids: Tensor,
+    candidates: Tensor,
+    log_q: Tensor,
+    check_targets: bool = True,
 ) -> Tensor:
     """Mean sampled-softmax cross-entropy with log-Q correction and accidental hits masked.
 
@@ -78,12 +83,14 @@ def sampled_softmax_loss(
         targets: [M] item ids, each present in ``candidate_ids``.
         candidate_ids: [C] distinct item ids; candidates [C, d] their embeddings.
         log_q: [C] log expected count of each candidate in the sampled set.
+        check_targets: raise a ValueError when a target is not in ``candidate_ids`` (one host
+            sync on GPU); a caller whose sampler adds every target may skip it.
     """
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
     order = torch.searchsorted(candidate_ids, targets)
     order = order.clamp(max=candidate_ids.numel() - 1)
-    if not bool((candidate_ids[order] == targets).all()):
+    if check_targets and not bool((candidate_ids[order] == targets).all()):
         raise ValueError("every target must be in the candidate set (the sampler adds the batch's targets)")
     logits = (hidden @ candidates.T).float() - log_q[None, :].float()
     positive = logits.gather(1, order[:, None])

@@ -12,17 +12,18 @@ from ..modules import RecBLR
 from .losses import full_softmax_loss, sampled_softmax_loss
 
 
-def candidate_loss(model: RecBLR, batch: Batch) -> Tuple[Tensor, int]:
+def candidate_loss(model: RecBLR, batch: Batch, check_targets: bool = True) -> Tuple[Tensor, int]:
     """(mean loss over this batch's targets, their count), histories and candidates in one lookup.
 
     The batch's candidates are either every item 1..V-1 (full softmax, the same math as the
     local path) or a sampled set with its log-Q (``batch.candidate_log_q``). A batch without
     targets (a filler row) gives a zero loss that still touches every parameter, so all ranks
-    run the same collectives.
+    run the same collectives. ``check_targets``: as in :func:`full_softmax_loss` (the sampled
+    loss's check that every target is among the candidates).
     """
     rows = target_rows(batch)
     hidden, candidates = model.embed(batch.item_history, batch.context, encoder_rows(batch, rows))
-    return loss_on_lookups(model, batch, hidden, candidates, rows)
+    return loss_on_lookups(model, batch, hidden, candidates, rows, check_targets)
 
 
 def target_rows(batch: Batch) -> Tensor:
@@ -41,7 +42,7 @@ def encoder_rows(batch: Batch, rows: Tensor) -> Optional[Tensor]:
 
 
 def loss_on_lookups(
-    model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor, rows: Tensor
+    model: RecBLR, batch: Batch, hidden: Tensor, candidates: Tensor, rows: Tensor, check_targets: bool = True
 ) -> Tuple[Tensor, int]:
     """``candidate_loss`` after the lookups and the encoder; ``hidden`` [M, d] holds the rows
     ``target_rows(batch)`` only (every position, in order, when those are all of them)."""
@@ -54,8 +55,9 @@ def loss_on_lookups(
                 f"full-softmax batches carry items 1..{model.num_embeddings - 1}, got {candidates.shape[0]} candidates"
             )
         catalog = torch.cat([candidates.new_zeros(1, candidates.shape[1]), candidates])  # row 0: padding, masked
-        return full_softmax_loss(hidden, targets, catalog), rows.numel()
-    loss = sampled_softmax_loss(hidden, targets, batch.candidates(), candidates, batch.candidate_log_q)
+        return full_softmax_loss(hidden, targets, catalog, check_targets=check_targets), rows.numel()
+    ids, log_q = batch.candidates(), batch.candidate_log_q
+    loss = sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets=check_targets)
     return loss, rows.numel()
 
 

@@ -101,11 +101,12 @@ def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True) -> T
     """Softmax cross-entropy over the catalog at every position that carries a target.
 
     A batch carrying its candidate set (sampled softmax) is scored against those candidates.
-    ``check_targets=False`` skips the loss's bounds check of the targets (a host sync on GPU):
-    the trainer passes it, its table having a row for every item id of its data.
+    ``check_targets=False`` skips the loss's check of the targets (a host sync on GPU): their
+    bounds, or, sampled, their presence among the candidates. The trainer passes it: its table has
+    a row for every item id of its data, and its sampler adds every target to the candidates.
     """
     if batch.candidates() is not None:
-        return candidate_loss(model, batch)[0]
+        return candidate_loss(model, batch, check_targets)[0]
     rows = target_rows(batch)
     hidden = model(batch.item_history, batch.context, encoder_rows(batch, rows))
     return full_softmax_loss(hidden, batch.targets[rows], model.item_table(), check_targets=check_targets)

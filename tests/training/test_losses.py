@@ -60,11 +60,14 @@ def test_log_q_correction_lowers_the_logits_of_frequently_sampled_candidates():
     assert corrected > plain
 
 
-def test_a_target_outside_the_candidate_set_is_refused():
+def test_a_target_outside_the_candidate_set_is_refused_unless_the_check_is_skipped():
+    hidden, ids, candidates = torch.randn(2, 2), torch.tensor([1, 2]), torch.randn(2, 2)
     with pytest.raises(ValueError, match="candidate set"):
-        sampled_softmax_loss(
-            torch.randn(1, 2), torch.tensor([4]), torch.tensor([1, 2]), torch.randn(2, 2), torch.zeros(2)
-        )
+        sampled_softmax_loss(hidden, torch.tensor([4, 1]), ids, candidates, torch.zeros(2))
+    targets = torch.tensor([2, 1])
+    checked = sampled_softmax_loss(hidden, targets, ids, candidates, torch.zeros(2))
+    unchecked = sampled_softmax_loss(hidden, targets, ids, candidates, torch.zeros(2), check_targets=False)
+    torch.testing.assert_close(unchecked, checked)
 
 
 def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(data_dir, tmp_path):
