@@ -40,6 +40,8 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("ML-1M RecBLR d=128 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=128"]),
     ("ML-1M RecBLR d=256 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=256"]),
     ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-4-layers.yaml", []),
+    ("ML-1M RecBLR dropout 0.1 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.dropout=0.1"]),
+    ("ML-1M RecBLR dropout 0.3 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.dropout=0.3"]),
     ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=128"]),
     ("Beauty RecBLR d=256 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=256"]),
     ("Beauty RecBLR 4 layers (prefixes)", "configs/beauty/recblr-4-layers.yaml", []),
@@ -49,6 +51,8 @@ PLAN: List[Tuple[str, str, List[str]]] = [
         ["model.num_layers=4", "model.embedding_dim=128"],
     ),
     ("Beauty RecBLR lr 2e-3 (prefixes)", "configs/beauty/recblr-paper.yaml", ["train.lr=0.002"]),
+    ("Beauty RecBLR dropout 0.3 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.dropout=0.3"]),
+    ("Beauty RecBLR dropout 0.7 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.dropout=0.7"]),
     (
         "Beauty RecBLR (all_positions)",
         "configs/beauty/recblr-paper.yaml",
