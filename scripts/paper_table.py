@@ -40,6 +40,8 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("ML-1M RecBLR d=128 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=128"]),
     ("ML-1M RecBLR d=256 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.embedding_dim=256"]),
     ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-4-layers.yaml", []),
+    # RecBLR's cost is linear in the length: train and evaluate on whole histories (<= 2,277 items).
+    ("ML-1M RecBLR whole histories (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["data.max_len=2400"]),
     ("ML-1M RecBLR dropout 0.1 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.dropout=0.1"]),
     ("ML-1M RecBLR dropout 0.3 (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["model.dropout=0.3"]),
     ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.embedding_dim=128"]),
