@@ -85,7 +85,10 @@ class DistributedTrainer(Trainer):
         }
         meta = torch.device("meta")
         model = RecBLR(self.data.num_items + 1, config.model, meta, candidate_feature=True, context=config.context)
-        self.dmp = shard_model(NextItemTask(model, world), config.distributed, t, env)
+        # The table has a row for every item id of this data and the samplers add every target to
+        # the candidates, so the loss's per-step target check (a host sync) is skipped.
+        task = NextItemTask(model, world, check_targets=False)
+        self.dmp = shard_model(task, config.distributed, t, env)
         self.model = self.dmp.module.model
         if t.compile != "off":
             self.model.compile_encoder(t.compile)

@@ -69,18 +69,20 @@ class _AfterLookup(nn.Module):
     trace. It refers to the RecBLR without registering it (its parameters stay where they are).
     """
 
-    def __init__(self, model: RecBLR, world_size: int):
+    def __init__(self, model: RecBLR, world_size: int, check_targets: bool = True):
         super().__init__()
         self.__dict__["recblr"] = model
         self.world_size = world_size
+        self.check_targets = check_targets
 
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
         model: RecBLR = self.__dict__["recblr"]
         rows = target_rows(batch)
         hidden, candidates = model.after_lookup(embedded, pooled, encoder_rows(batch, rows))
-        loss, count = loss_on_lookups(model, batch, hidden, candidates, rows)
+        loss, count = loss_on_lookups(model, batch, hidden, candidates, rows, self.check_targets)
         scaled = loss * (count * self.world_size / batch.num_targets)
-        return scaled, torch.stack([scaled.detach(), torch.tensor(float(count), device=scaled.device)])
+        count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
+        return scaled, torch.stack([scaled.detach().float(), count_t])
 
 
 class NextItemTask(nn.Module):
@@ -93,13 +95,14 @@ class NextItemTask(nn.Module):
     for the tables): the average of the ranks' gradients is then the global batch's gradient.
     Divide by ``world_size`` to report it (``loss / world_size`` summed over ranks is the mean).
     The forward is only the lookups and a call, so TrainPipelineSparseDist can trace it.
+    ``check_targets``: as in :func:`candidate_loss` (False skips the loss's host sync).
     """
 
-    def __init__(self, model: RecBLR, world_size: int = 1):
+    def __init__(self, model: RecBLR, world_size: int = 1, check_targets: bool = True):
         super().__init__()
         self.model = model
         self.world_size = world_size
-        self.dense = _AfterLookup(model, world_size)
+        self.dense = _AfterLookup(model, world_size, check_targets)
 
     def forward(self, batch: Batch) -> Tuple[Tensor, Tensor]:
         embedded = self.model.item_embeddings(batch.item_history)
