@@ -196,11 +196,9 @@ def dropout_add_layer_norm_triton(
     bias: Tensor,
     p: float,
     eps: float,
-    out_dtype: Optional[torch.dtype] = None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """The Triton kernels behind ``dropout_add_layer_norm(..., backend=ScanBackend.TRITON)``;
-    ``p`` is the dropout actually applied (0 outside training); the output is ``out_dtype``
-    (default: the promoted dtype of branch and residual)."""
-    if out_dtype is None:
-        out_dtype = branch.dtype if residual is None else torch.promote_types(branch.dtype, residual.dtype)
+    ``p`` is the dropout actually applied (0 outside training); the output is ``out_dtype`` (the
+    caller applies ``F.layer_norm``'s dtype rule)."""
     return _DropoutAddLayerNorm.apply(branch, residual, weight, bias, float(p), float(eps), out_dtype)

@@ -98,9 +98,13 @@ class RecBLRLayer(nn.Module):
         resolves to TRITON (kernels/residual_norm), torch ops otherwise."""
         p, eps = self.dropout.p, self.norm_eps
         if not torch.jit.is_scripting():
-            backend = self.recurrent.scan_backend if self.fused_norms else ScanBackend.PYTORCH
-            return dropout_add_layer_norm(branch, residual, weight, bias, p, self.training, eps, backend)
+            return dropout_add_layer_norm(branch, residual, weight, bias, p, self.training, eps, self.norm_backend())
         return F.layer_norm(self.dropout(branch) + residual, [branch.shape[-1]], weight, bias, eps)
+
+    def norm_backend(self) -> ScanBackend:
+        """The residual norms' backend: the scan backend (the kernel where it resolves to TRITON),
+        or the PyTorch reference with ``fused_norms`` off."""
+        return self.recurrent.scan_backend if self.fused_norms else ScanBackend.PYTORCH
 
     def sequence(self, hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Padded [B, T, d] -> (output, conv input x [B, T, D], recurrent state h [B, T, D])."""
@@ -150,7 +154,6 @@ class RecBLREncoder(nn.Module):
         self.embedding_dim = config.embedding_dim
         self.conv_width = config.conv_width
         self.channels = config.expand * config.embedding_dim
-        self.fused_norms = config.fused_norms
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
@@ -186,8 +189,8 @@ class RecBLREncoder(nn.Module):
         """input_norm(Dropout(embeddings)), through the fused kernel as the layers' residual norms."""
         norm = self.input_norm
         if not torch.jit.is_scripting():
-            p = self.dropout.p  # the layers' scan backend (set_scan_backend switches them all)
-            backend = self.layers[0].recurrent.scan_backend if self.fused_norms else ScanBackend.PYTORCH
+            p = self.dropout.p  # the layers' norm backend (set_scan_backend switches them all)
+            backend = self.layers[0].norm_backend()
             return dropout_add_layer_norm(embeddings, None, norm.weight, norm.bias, p, self.training, norm.eps, backend)
         return norm(self.dropout(embeddings))
 

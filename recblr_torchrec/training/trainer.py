@@ -214,7 +214,7 @@ class Trainer:
         num_targets = batch.num_targets if len(parts) > 1 else 0
         loss_sum = torch.zeros((), device=self.device)
         for part in parts:
-            weight = int(torch.count_nonzero(part.targets)) / num_targets if len(parts) > 1 else 1.0
+            weight = part.num_targets / num_targets if len(parts) > 1 else 1.0
             with self.autocast():  # the table was sized from this data: every target id has a row
                 loss = next_item_loss(self.model, part, check_targets=False) * weight
             loss.backward()
