@@ -5,6 +5,9 @@ One run measures, for each batch x length, precision and model:
                       Triton BD-LRU and conv kernels (``scan_backend: triton``), the last layer on
                       the loss rows only;
   recblr-compiled   - the same with ``train.compile: inductor`` (the encoder through torch.compile);
+  recblr-graphed    - the same with ``train.cuda_graphs: true``: the whole step (lookup, encoder,
+                      loss, backward, capturable Adam) replayed from one CUDA graph;
+  recblr-compiled-graphed - both;
   recblr-recompute  - the same with ``model.recompute_recurrence`` and ``model.recompute_mix``: the
                       gate projection, the recurrence and the FFN recomputed in backward (memory);
   recblr-reference  - the same model on the PyTorch reference backend (torch ops around the
@@ -47,6 +50,8 @@ NUM_USERS = 6040
 MODELS = {
     "recblr": {"architecture": "recblr", "scan_backend": "triton"},
     "recblr-compiled": {"architecture": "recblr", "scan_backend": "triton", "compile": True},
+    "recblr-graphed": {"architecture": "recblr", "scan_backend": "triton", "graphs": True},
+    "recblr-compiled-graphed": {"architecture": "recblr", "scan_backend": "triton", "compile": True, "graphs": True},
     "recblr-recompute": {
         "architecture": "recblr",
         "scan_backend": "triton",
@@ -66,12 +71,12 @@ def build(model_name: str, steps: int, device: torch.device):
     from recblr_torchrec.modules import RecBLR, RecBLRConfig
 
     spec = dict(MODELS[model_name])
-    compiled = spec.pop("compile", False)
+    compiled, graphs = spec.pop("compile", False), spec.pop("graphs", False)
     config = RecBLRConfig(embedding_dim=64, num_layers=2, dropout=0.2, max_positions=steps, **spec)
     model = RecBLR(NUM_ITEMS + 1, config).to(device)
     if compiled:
         model.compile_encoder("inductor")  # as train.compile=inductor
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphs)  # as optimizer_factory
 
 
 def make_batch(batch: int, steps: int, device: torch.device, seed: int = 0):
@@ -107,20 +112,28 @@ def median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
 def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, device: torch.device) -> Dict:
     """Training step and inference pass of one model at one shape and precision."""
     from recblr_torchrec.training import next_item_loss
+    from recblr_torchrec.training.graphs import GraphedStep
     from recblr_torchrec.training.trainer import apply_matmul_precision
 
     torch.manual_seed(0)
     model, optimizer = build(model_name, steps, device)
     data = make_batch(batch, steps, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    graphs = MODELS[model_name].get("graphs", False)  # no autocast weight cache inside a capture
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not graphs)
     apply_matmul_precision(precision)  # as train.precision
 
-    def train_step():
+    def update(batch):
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = next_item_loss(model, data, check_targets=False)  # as Trainer.train_step
+            loss = next_item_loss(model, batch, check_targets=False)  # as Trainer.update
         loss.backward()
         optimizer.step()
+        return loss.detach()
+
+    graphed = GraphedStep(update) if graphs else None
+
+    def train_step():
+        (graphed or update)(data)
 
     def inference():
         with torch.no_grad(), autocast:
@@ -141,6 +154,8 @@ def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, 
         result[f"{name}_ms"] = ms
         result[f"{name}_examples_per_s"] = batch / ms * 1e3
         result[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if graphed is not None:
+        result["graphs"] = graphed.stats()  # a failed capture shows here (the row is then eager)
     return result
 
 

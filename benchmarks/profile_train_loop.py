@@ -182,6 +182,9 @@ def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: 
         if trainer.device.type == "cuda":
             result["syncs_per_step"] = _sync_sites(trainer, batches, min(steps, 10))
             result["gpu"] = torch.cuda.get_device_name(trainer.device)
+        if trainer.graphed is not None:
+            result["graphs"] = trainer.graphed.stats()
+            print(f"  cuda graphs: {result['graphs']}")
     result.update(torch=torch.__version__, batch_size=config.train.batch_size, protocol=config.train.protocol)
     return result
 

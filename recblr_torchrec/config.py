@@ -78,6 +78,13 @@ class TrainConfig:
     few generated kernels around the fused recurrence, which stays one opaque op; the TorchRec
     lookups and the loss stay eager. The first steps pay the compilation (about a minute), and a
     recompilation when batch shapes start to vary.
+    ``cuda_graphs``: replay the whole training step (forward, backward, Adam) from CUDA graphs
+    (``recblr_torchrec.training.graphs``): one launch instead of ~200, for steps bound by the host.
+    Training batches get filler sequences that round their positions up to a multiple of
+    ``graph_quantum`` (same loss and gradients), so a few shapes repeat and each is captured once
+    after two eager steps. GPU only; single-process RecBLR runs with ``loss: full``, no
+    micro-batches, and ``optimizer: adam`` (built capturable) or ``sgd``; the learning rate is
+    frozen into the graphs.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
     """
@@ -102,6 +109,8 @@ class TrainConfig:
     precision: str = "fp32"
     time_budget_s: float = 0.0
     compile: str = field(default="off", metadata={"booleans": {False: "off", True: "inductor"}})
+    cuda_graphs: bool = False
+    graph_quantum: int = 8192
 
 
 @dataclass
@@ -299,6 +308,22 @@ def validate_config(config: RunConfig) -> None:
         if t.compile not in backends:
             choices = ", ".join(backends)
             raise ValueError(f"train.compile={t.compile!r}; choose off or a torch.compile backend: {choices}")
+    if t.cuda_graphs:
+        reasons = {
+            "train.loss=sampled (its candidate count varies)": t.loss != "full",
+            f"train.micro_batch_size={t.micro_batch_size} (use 0)": t.micro_batch_size != 0,
+            f"train.optimizer={t.optimizer} (use adam or sgd)": t.optimizer not in ("adam", "sgd"),
+            "model.architecture=sasrec (its padding reads the longest history on the host)": m.architecture != "recblr",
+        }
+        for reason, bad in reasons.items():
+            if bad:
+                raise ValueError(
+                    f"train.cuda_graphs=true cannot capture a step with {reason}; or set train.cuda_graphs=false"
+                )
+        if t.graph_quantum < 1:
+            raise ValueError(
+                f"train.graph_quantum={t.graph_quantum} must be >= 1 (positions a graphed batch rounds up to)"
+            )
     if t.time_budget_s < 0:
         raise ValueError(f"train.time_budget_s={t.time_budget_s} must be >= 0 (0 = no budget)")
     if t.loss not in ("full", "sampled"):

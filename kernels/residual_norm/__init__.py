@@ -11,7 +11,8 @@ dropout, add and norm are three more passes each way. Under ``torch.compile``, `
 around it).
 
 The two backends draw different dropout masks (the kernel's come from Triton's Philox with a seed
-taken from torch's CPU generator, so ``torch.manual_seed`` and checkpoint replay reproduce them).
+drawn by torch's generator of the input's device, so ``torch.manual_seed`` and checkpoint replay
+reproduce them, and a captured CUDA graph draws new ones at every replay).
 
 Example::
 

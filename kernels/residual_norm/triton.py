@@ -4,8 +4,11 @@ Rows of width d are normalised in [BLOCK_N, BLOCK_D] tiles (BLOCK_D = d rounded 
 two, BLOCK_N rows so a tile holds ~4K values), in float32 whatever the input dtype. Forward
 writes y and the per-row mean and 1/std. Dropout keeps element (row, col) when
 ``tl.rand(seed, row * d + col) >= p``; backward draws the same numbers from the same seed, so no
-mask is stored. Backward recomputes s = Dropout(branch) + residual from its inputs (it saves them,
-not s: the residual is kept alive by the next layer's projection anyway), then
+mask is stored. The seed is a one-element int64 tensor on the kernel's device, drawn by torch's
+generator of that device: no host round trip, and a CUDA graph that captured the step draws a
+new seed at every replay (a Python int would be frozen into the graph). Backward recomputes
+s = Dropout(branch) + residual from its inputs (it saves them, not s: the residual is kept alive
+by the next layer's projection anyway), then
 ds = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * weight; the residual's gradient
 is ds, the branch's ds * keep / (1 - p). Weight and bias gradients are reduced per program into
 [P, d] partials that the host sums in a fixed order (deterministic, no atomics).
@@ -46,9 +49,10 @@ def _mixed(a_ptr, r_ptr, rows, cols, ok, D, p, scale, seed, HAS_RESIDUAL: tl.con
 
 @triton.jit
 def _forward_kernel(
-    a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, D, eps, p, scale, seed,
+    a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, D, eps, p, scale, seed_ptr,
     HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < N, cols < D
@@ -67,9 +71,10 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    a_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, da_ptr, dr_ptr, dw_ptr, db_ptr, N, D, p, scale, seed,
+    a_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, da_ptr, dr_ptr, dw_ptr, db_ptr, N, D, p, scale, seed_ptr,
     HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr)
     program, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -99,7 +104,8 @@ def _backward_kernel(
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, N, D, p, seed, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _keep_mask_kernel(out_ptr, N, D, p, seed_ptr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    seed = tl.load(seed_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     ok = (rows < N)[:, None] & (cols < D)[None, :]
@@ -117,13 +123,16 @@ def _blocks(width: int) -> Tuple[int, int]:
     return max(1, _TILE // block_d), block_d
 
 
-def draw_seed() -> int:
-    """A Philox seed from torch's CPU generator (``torch.manual_seed`` and checkpoint replay reproduce it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def draw_seed(device: torch.device) -> Tensor:
+    """A Philox seed: a [1] int64 tensor drawn on ``device`` by torch's generator there
+    (``torch.manual_seed`` and checkpoint replay reproduce it; CUDA graphs redraw it each replay)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def dropout_keep_mask(seed: int, rows: int, width: int, p: float, device: torch.device) -> Tensor:
-    """The bool [rows, width] mask the kernels keep with ``seed`` and ``p`` (for tests and checks)."""
+def dropout_keep_mask(seed: Tensor, rows: int, width: int, p: float, device: torch.device) -> Tensor:
+    """The bool [rows, width] mask the kernels keep with ``seed`` (a [1] int64 tensor, or an int) and ``p``
+    (for tests and checks)."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
     out = torch.empty((rows, width), dtype=torch.int8, device=device)
     block_n, block_d = _blocks(width)
     if rows:
@@ -142,7 +151,7 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         y = _allocate((n, width), out_dtype, a.device)
         mean = _allocate((n,), torch.float32, a.device)
         rstd = _allocate((n,), torch.float32, a.device)
-        seed = draw_seed() if p > 0 else 0
+        seed = draw_seed(a.device) if p > 0 else mean  # without dropout the kernels never read it
         block_n, block_d = _blocks(width)
         w, b = weight.detach().contiguous(), bias.detach().contiguous()
         if n:
@@ -150,15 +159,15 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
                 a, a if r is None else r, w, b, y, mean, rstd, n, width, eps, p, 1.0 / (1.0 - p), seed,
                 HAS_RESIDUAL=r is not None, DROPOUT=p > 0, BLOCK_N=block_n, BLOCK_D=block_d,
             )  # fmt: skip
-        ctx.save_for_backward(a, r, w, mean, rstd)
-        ctx.meta = shape, p, seed, weight.dtype, bias.dtype
+        ctx.save_for_backward(a, r, w, mean, rstd, seed)
+        ctx.meta = shape, p, weight.dtype, bias.dtype
         return y.reshape(shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor):
-        a, r, w, mean, rstd = ctx.saved_tensors
-        shape, p, seed, weight_dtype, bias_dtype = ctx.meta
+        a, r, w, mean, rstd, seed = ctx.saved_tensors
+        shape, p, weight_dtype, bias_dtype = ctx.meta
         n, width = a.shape
         if n == 0:  # nothing to launch: the affine parameters get zero gradients
             zeros = torch.zeros(width, dtype=torch.float32, device=a.device)

@@ -217,6 +217,18 @@ def user_bucket_features(users: np.ndarray, buckets: int) -> KeyedJaggedTensor:
 CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
 
 
+def filler_lengths(num_values: int, quantum: int, longest: int) -> np.ndarray:
+    """Lengths of the filler sequences that pad ``num_values`` positions up to a multiple of ``quantum``.
+
+    Always ``ceil(quantum / longest) + 1`` of them, each 1 to ``longest`` long, so every full batch
+    of a run has the same number of sequences and one of few position counts: the shapes a captured
+    CUDA graph replays (``train.cuda_graphs``).
+    """
+    count = -(-quantum // longest) + 1
+    total = -(-(num_values + count) // quantum) * quantum - num_values
+    return (total // count + (np.arange(count) < total % count)).astype(np.int64)
+
+
 def make_batch(
     items: np.ndarray,
     samples: Samples,
@@ -225,12 +237,17 @@ def make_batch(
     batch_number: int = 0,
     fillers: int = 0,
     user_buckets: int = 0,
+    pad: Tuple[int, int] = (0, 0),
 ) -> Batch:
     """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop).
 
     ``candidates(targets, batch_number) -> (ids, log_q)`` adds the loss's candidate set under
     key ``item_candidates``. The last ``fillers`` samples of ``index`` are filler rows: user -1, no targets.
     ``user_buckets`` > 0 adds the pooled context feature ``user_bucket`` (``batch.context``).
+    ``pad = (quantum, longest)`` with quantum > 0 appends filler sequences (padding item 0, user -1,
+    no targets; ``filler_lengths``, at most ``longest`` long) that round the position count up to
+    a multiple of ``quantum``. The model's sequences are independent, so the loss and its gradients
+    are the unpadded batch's.
     """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -248,6 +265,13 @@ def make_batch(
     if fillers:
         targets[offsets[len(index) - fillers] :] = 0
         users[len(index) - fillers :] = -1
+    if pad[0]:
+        extra = filler_lengths(len(values), *pad)
+        lengths = np.concatenate([lengths, extra])
+        offsets = np.concatenate([offsets, offsets[-1] + np.cumsum(extra)])
+        values = np.concatenate([values, np.zeros(int(extra.sum()), dtype=values.dtype)])
+        targets = np.concatenate([targets, np.zeros(int(extra.sum()), dtype=targets.dtype)])
+        users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
     context = user_bucket_features(users, user_buckets) if user_buckets else None
     rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
     if candidates is None:
@@ -284,7 +308,8 @@ class SampleBatches(Dataset):
     exactly the single-process batches. A rank whose share is empty gets one filler row, so that
     every rank runs the same number of steps (each step is a collective). ``candidates`` adds
     the loss's candidate set to every batch and ``user_buckets`` the pooled context feature
-    (see ``make_batch``).
+    (see ``make_batch``). ``pad_quantum`` pads single-process batches with filler sequences
+    (``make_batch``), for CUDA graphs.
     """
 
     def __init__(
@@ -298,6 +323,7 @@ class SampleBatches(Dataset):
         world_size: int = 1,
         candidates: Optional[CandidateFn] = None,
         user_buckets: int = 0,
+        pad_quantum: int = 0,
     ):
         if len(samples) == 0:
             raise ValueError("no samples: every user is too short for this split and protocol")
@@ -312,6 +338,7 @@ class SampleBatches(Dataset):
         self.world_size = world_size
         self.candidates = candidates
         self.user_buckets = user_buckets
+        self.pad = (pad_quantum, max(1, int(samples.lengths.max()))) if pad_quantum else (0, 0)
         self.epoch = 0
         self.start_batch = 0
         self.order = np.arange(len(samples))
@@ -333,12 +360,18 @@ class SampleBatches(Dataset):
     def __len__(self) -> int:
         return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
 
+    @property
+    def fillers_per_batch(self) -> int:
+        """Filler sequences ``pad_quantum`` adds to every batch (0 without padding)."""
+        return len(filler_lengths(0, *self.pad)) if self.pad[0] else 0
+
     def __getitem__(self, i: int) -> Batch:
         number = i + self.start_batch
         first = number * self.batch_size
         index = self.order[first : first + self.batch_size]
         if self.world_size == 1:
-            return make_batch(self.items, self.samples, index, self.candidates, self._key(number), 0, self.user_buckets)
+            key, buckets = self._key(number), self.user_buckets
+            return make_batch(self.items, self.samples, index, self.candidates, key, 0, buckets, self.pad)
         share = np.array_split(index, self.world_size)[self.rank]
         fillers = 0 if len(share) else 1
         share = share if len(share) else index[:1]

@@ -53,6 +53,11 @@ class DistributedTrainer(Trainer):
                 "train.micro_batch_size is for local runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
+        if config.train.cuda_graphs:
+            raise ValueError(
+                "train.cuda_graphs is for single-process runs (a sharded step's collectives and input "
+                "distribution are not captured here); set train.cuda_graphs=false"
+            )
         self.config, self.output_dir, self.env = config, output_dir, env
         self.device = env.device
         seed_everything(config.train.seed)  # identical dense initialisation on every rank

@@ -24,13 +24,20 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The generators a resumed run must continue: torch's CPU one, numpy's, Python's and, once CUDA
+    is in use, the current CUDA device's (the dropout of GPU runs draws there; each rank has its own)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():  # absent in CPU runs' checkpoints
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:

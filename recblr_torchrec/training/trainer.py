@@ -23,6 +23,7 @@ from ..data.synthetic import synthetic_sequences
 from ..evaluation import evaluate
 from ..modules import RecBLR
 from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_atomic
+from .graphs import GraphedStep
 from .history import plot_history, write_history
 from .losses import full_softmax_loss
 from .optimizers import optimizer_factory
@@ -134,8 +135,19 @@ class Trainer:
         samples = training_samples(self.data, max_len, t.protocol)
         candidates = training_candidates(config, self.data)
         buckets = config.context.user_buckets
+        if t.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"train.cuda_graphs=true needs a CUDA device, not {self.device}; set train.cuda_graphs=false"
+            )
         self.train_batches = SampleBatches(
-            self.data, samples, t.batch_size, True, t.seed, candidates=candidates, user_buckets=buckets
+            self.data,
+            samples,
+            t.batch_size,
+            True,
+            t.seed,
+            candidates=candidates,
+            user_buckets=buckets,
+            pad_quantum=t.graph_quantum if t.cuda_graphs else 0,
         )
         self.eval_batches = {
             split: SampleBatches(
@@ -155,6 +167,7 @@ class Trainer:
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
         self.optimizer = optimizer_factory(t)(self.model.parameters())
+        self.graphed = GraphedStep(self.update) if t.cuda_graphs else None
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state["stopped_early"] = False
         self.history: list = []
@@ -202,13 +215,21 @@ class Trainer:
         save_atomic(ckpt, os.path.join(folder, LAST))
 
     def autocast(self) -> torch.autocast:
-        """bfloat16 autocast for ``train.precision=bf16``; a disabled context for fp32."""
-        bf16 = self.config.train.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        """bfloat16 autocast for ``train.precision=bf16``; a disabled context for fp32. Without its
+        cache of cast weights under CUDA graphs (PyTorch's rule for autocast inside a capture)."""
+        t = self.config.train
+        bf16 = t.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not t.cuda_graphs)
 
     def train_step(self, batch: Batch) -> Tensor:
-        """One optimizer update on ``batch``, accumulated over micro-batches; returns the mean loss
-        as a 0-dim tensor on the device (reading it is the caller's host sync, not every step's)."""
+        """One optimizer update on ``batch`` (replayed from a CUDA graph with ``train.cuda_graphs``);
+        returns the mean loss as a 0-dim tensor on the device (reading it is the caller's host sync,
+        not every step's)."""
+        return self.update(batch) if self.graphed is None else self.graphed(batch)
+
+    def update(self, batch: Batch) -> Tensor:
+        """One eager optimizer update on ``batch``, accumulated over micro-batches: no host sync on
+        the GPU, so a CUDA graph can capture it."""
         self.optimizer.zero_grad(set_to_none=True)
         parts = batch.split(self.config.train.micro_batch_size)
         num_targets = batch.num_targets if len(parts) > 1 else 0
@@ -233,7 +254,7 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
             total_loss += self.train_step(batch)  # summed on the device; read at log steps only
             steps += 1
-            examples += len(batch)
+            examples += len(batch) - self.train_batches.fillers_per_batch
             if steps % self.config.train.log_every == 0 or steps == 1:
                 rate = examples / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}", ex_per_s=f"{rate:.0f}")

@@ -1,0 +1,195 @@
+"""Whole training steps replayed as CUDA graphs (``train.cuda_graphs``).
+
+The prefix protocol's step on an H200 is bound by the host: ~200 kernel launches and the Python
+of autograd, the TorchRec lookup and Adam take longer than the GPU's work (README, "The training
+step"). A CUDA graph records the step's kernels once (forward, backward and the optimizer update)
+and replays them with one launch. That needs a step without host syncs (the trainer's is, see
+``Trainer.train_step``) and fixed shapes: batches padded to a few position counts
+(``SampleBatches(pad_quantum=...)``), one graph for each shape that repeats.
+
+``GraphedStep(step)`` wraps ``step(batch) -> loss`` (zero_grad, forward, backward and
+``optimizer.step()``; the optimizer built with ``capturable=True``). For a batch of a new shape it
+runs ``step`` eagerly ``warmup`` times (real updates, on a side stream as CUDA graphs require);
+at the next batch of that shape it captures ``step`` on a copy of the batch and replays it. Later
+batches of that shape are copied into the captured copy and replayed. Shapes beyond
+``max_graphs`` stay eager. If a capture fails (an op that syncs or allocates pinned memory, say),
+the step warns once, names the error, and runs eagerly from then on. The graphs share one memory
+pool: one step's activations, whatever the number of graphs.
+
+Example::
+
+    >>> optimizer = torch.optim.Adam(model.parameters(), capturable=True)    # doctest: +SKIP
+    >>> def step(batch):
+    ...     optimizer.zero_grad(set_to_none=True)
+    ...     loss = next_item_loss(model, batch, check_targets=False)
+    ...     loss.backward()
+    ...     optimizer.step()
+    ...     return loss.detach()
+    >>> graphed = GraphedStep(step)                                             # doctest: +SKIP
+    >>> for batch in loader:                                                    # doctest: +SKIP
+    ...     total += graphed(batch.to("cuda", non_blocking=True))
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ..data.batches import Batch
+
+StepFn = Callable[[Batch], Tensor]
+
+
+def _kjt_tensors(kjt: Optional[KeyedJaggedTensor]) -> List[Tensor]:
+    """The tensors a step reads from a KeyedJaggedTensor: values, lengths, offsets and weights."""
+    if kjt is None:
+        return []
+    tensors = [kjt.values(), kjt.lengths(), kjt.offsets()]
+    weights = kjt.weights_or_none()
+    return tensors + ([weights] if weights is not None else [])
+
+
+def batch_tensors(batch: Batch) -> List[Tensor]:
+    """Every tensor of ``batch`` in a fixed order (a captured copy is refilled in this order)."""
+    tensors = _kjt_tensors(batch.item_history) + [batch.targets, batch.user_ids] + _kjt_tensors(batch.context)
+    return tensors + [t for t in (batch.candidate_log_q, batch.target_rows) if t is not None]
+
+
+def batch_signature(batch: Batch) -> Hashable:
+    """What a captured graph depends on: every tensor's shape and dtype, and the host-side ints and
+    keys the step reads (the KeyedJaggedTensors' keys and per-key lengths, the global target count)."""
+    tensors = tuple((tuple(t.shape), t.dtype, t.device) for t in batch_tensors(batch))
+    kjts = tuple(
+        (tuple(k.keys()), tuple(k.length_per_key()), k.weights_or_none() is None)
+        for k in (batch.item_history, batch.context)
+        if k is not None
+    )
+    flags = (batch.candidate_log_q is None, batch.target_rows is None, batch.context is None)
+    return tensors, kjts, flags, batch.global_targets
+
+
+def _copy_kjt(kjt: Optional[KeyedJaggedTensor]) -> Optional[KeyedJaggedTensor]:
+    if kjt is None:
+        return None
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values().clone(),
+        weights=None if weights is None else weights.clone(),
+        lengths=kjt.lengths().clone(),
+        offsets=kjt.offsets().clone(),
+        length_per_key=list(kjt.length_per_key()),
+    )
+
+
+def copy_batch(batch: Batch) -> Batch:
+    """A copy of ``batch`` with its own tensors (lengths and offsets both materialised)."""
+    return Batch(
+        item_history=_copy_kjt(batch.item_history),
+        targets=batch.targets.clone(),
+        user_ids=batch.user_ids.clone(),
+        candidate_log_q=None if batch.candidate_log_q is None else batch.candidate_log_q.clone(),
+        global_targets=batch.global_targets,
+        context=_copy_kjt(batch.context),
+        target_rows=None if batch.target_rows is None else batch.target_rows.clone(),
+    )
+
+
+@dataclass
+class _Captured:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: Batch  # the captured copy: replays read it
+    loss: Tensor  # written by each replay
+
+    def replay(self, batch: Batch) -> Tensor:
+        for static, new in zip(batch_tensors(self.inputs), batch_tensors(batch)):
+            static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites self.loss
+
+
+class GraphedStep:
+    """``step(batch) -> loss`` replayed from CUDA graphs, one per repeating batch shape (module docs).
+
+    Counters for reports: ``replays``, ``eager_steps``, ``captures``; ``failure`` holds the error
+    that turned graphs off, if any.
+    """
+
+    def __init__(self, step: StepFn, warmup: int = 2, max_graphs: int = 8):
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup}: a shape needs at least one eager step before its capture")
+        self.step = step
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.graphs: Dict[Hashable, _Captured] = {}
+        self.seen: Dict[Hashable, int] = {}
+        self.replays = self.eager_steps = self.captures = 0
+        self.failure: Optional[str] = None
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._pool: Optional[Tuple[int, int]] = None
+
+    def __call__(self, batch: Batch) -> Tensor:
+        key = batch_signature(batch)
+        captured = self.graphs.get(key)
+        if captured is not None:
+            self.replays += 1
+            return captured.replay(batch)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        can_capture = self.failure is None and len(self.graphs) < self.max_graphs
+        if can_capture and self.seen[key] > self.warmup:
+            captured = self._capture(batch)
+            if captured is not None:
+                self.graphs[key] = captured
+                self.replays += 1
+                return captured.replay(batch)
+        self.eager_steps += 1
+        if not can_capture:
+            return self.step(batch)
+        return self._on_side_stream(lambda: self.step(batch))
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _on_side_stream(self, fn: Callable[[], Tensor]) -> Tensor:
+        """``fn`` on the side stream that captures use (their warm-up must run there), ordered
+        after the current stream's work and before its next."""
+        side, current = self._side_stream(), torch.cuda.current_stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            out = fn()
+        current.wait_stream(side)
+        return out
+
+    def _capture(self, batch: Batch) -> Optional[_Captured]:
+        inputs = copy_batch(batch)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.current_stream().synchronize()  # the copy and earlier steps done before capture
+        try:
+            # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._side_stream(), capture_error_mode="thread_local"
+            ):
+                loss = self.step(inputs)
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
+            self.failure = f"{type(error).__name__}: {error}"
+            warnings.warn(f"CUDA graph capture failed, training steps stay eager: {self.failure}", stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        self.captures += 1
+        if self._pool is None:
+            self._pool = graph.pool()
+        return _Captured(graph, inputs, loss)
+
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "graphs": len(self.graphs),
+            "captures": self.captures,
+            "replays": self.replays,
+            "eager_steps": self.eager_steps,
+            "failure": self.failure,
+        }

@@ -1,0 +1,149 @@
+"""train.cuda_graphs: padded batches (CPU) and whole steps replayed from CUDA graphs (GPU only)."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from recblr_torchrec.config import load_config
+from recblr_torchrec.data.batches import filler_lengths
+from recblr_torchrec.training import Trainer, next_item_loss
+from recblr_torchrec.training.graphs import GraphedStep, batch_signature, batch_tensors, copy_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+PREFIXES = ["data.max_users=150", "model.embedding_dim=16", "train.batch_size=64", "train.protocol=prefixes"]
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
+
+
+def trainer(tmp_path, name, data_dir, *overrides):
+    config = load_config(TINY, PREFIXES + [f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    return Trainer(config, str(tmp_path / name), data_dir)
+
+
+def test_fillers_round_up_to_the_quantum_with_a_fixed_count_of_short_sequences():
+    for quantum, longest in ((64, 50), (2048, 50), (7, 200), (1, 3)):
+        counts = set()
+        for n in range(0, 5000, 37):
+            extra = filler_lengths(n, quantum, longest)
+            counts.add(len(extra))
+            assert (n + extra.sum()) % quantum == 0 and extra.sum() < quantum + len(extra)
+            assert extra.min() >= 1 and extra.max() <= longest, (n, quantum, longest, extra)
+        assert counts == {-(-quantum // longest) + 1}
+
+
+def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir):
+    plain = trainer(tmp_path, "a", data_dir, "model.dropout=0.0")
+    plain.train_batches.set_epoch(1)
+    batch = plain.train_batches[0]
+    padded_batches = copy.copy(plain.train_batches)
+    padded_batches.pad = (512, int(plain.train_batches.samples.lengths.max()))
+    padded = padded_batches[0]
+    fillers = padded_batches.fillers_per_batch
+    assert len(padded) == len(batch) + fillers and padded.targets.numel() % 512 == 0
+    assert torch.equal(padded.user_ids[len(batch) :], torch.full((fillers,), -1))
+    assert torch.equal(padded.target_rows, batch.target_rows)  # fillers come after, without targets
+    losses, grads = [], []
+    for b in (batch.to(plain.device), padded.to(plain.device)):
+        plain.model.zero_grad(set_to_none=True)
+        loss = next_item_loss(plain.model, b, check_targets=False)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in plain.model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_padded_epoch_has_few_shapes_and_copies_refill_in_order(tmp_path, data_dir):
+    run = trainer(tmp_path, "a", data_dir)
+    run.train_batches.pad = (1024, int(run.train_batches.samples.lengths.max()))
+    run.train_batches.set_epoch(1)
+    batches = [run.train_batches[i] for i in range(len(run.train_batches))]
+    shapes = {batch_signature(b) for b in batches}
+    full = [b for b in batches if len(b) == len(batches[0])]
+    assert len(shapes) <= 4 < len(batches), (len(shapes), len(batches))  # ~64 x 40 positions, 1,024 a step
+    assert len({b.targets.numel() for b in full}) < len(full)
+    copy = copy_batch(batches[0])
+    assert batch_signature(copy) == batch_signature(batches[0])
+    for mine, theirs in zip(batch_tensors(copy), batch_tensors(batches[0])):
+        assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.loss=sampled", "train.loss=sampled"),
+        ("train.micro_batch_size=8", "train.micro_batch_size=8"),
+        ("train.optimizer=adagrad", "train.optimizer=adagrad"),
+        ("model.architecture=sasrec", "model.architecture=sasrec"),
+        ("train.graph_quantum=0", "train.graph_quantum=0"),
+    ],
+)
+def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TINY, ["train.cuda_graphs=true", "model.max_positions=200", override])
+
+
+def test_distributed_runs_refuse_cuda_graphs(tmp_path):
+    from recblr_torchrec.distributed.trainer import DistributedTrainer
+
+    with pytest.raises(ValueError, match="single-process runs"):
+        DistributedTrainer(load_config(TINY, ["train.cuda_graphs=true"]), str(tmp_path), None, env=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graphs_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        trainer(tmp_path, "a", data_dir, "train.cuda_graphs=true")
+
+
+@GPU
+def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir):
+    overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024")
+    eager = trainer(tmp_path, "a", data_dir, *overrides)
+    graphed = trainer(tmp_path, "b", data_dir, *overrides)
+    graphed.model.load_state_dict(eager.model.state_dict())
+    graphed.train_batches.set_epoch(1)
+    batches = [graphed.train_batches[i].to(graphed.device) for i in range(len(graphed.train_batches))]
+    key = batch_signature(batches[0])
+    batches = [b for b in batches if batch_signature(b) == key][:6]  # one shape: 2 eager, capture, replays
+    assert len(batches) == 6
+    for batch in batches:
+        want, got = eager.update(batch), graphed.train_step(batch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # stale inputs would differ by far more
+    assert graphed.graphed.stats() == {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2, "failure": None}
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)  # CUDA atomics: not bitwise
+
+
+@GPU
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_replays_draw_new_dropout_masks(tmp_path, data_dir, dropout):
+    run = trainer(tmp_path, "a", data_dir, f"model.dropout={dropout}")
+    run.model.train()
+    run.train_batches.set_epoch(1)
+    batch = run.train_batches[0].to(run.device)
+    forward = GraphedStep(lambda b: next_item_loss(run.model, b, check_targets=False).detach(), warmup=1)
+    losses = [float(forward(batch)) for _ in range(4)]  # eager, capture + replay, replay, replay
+    assert forward.stats()["replays"] == 3 and forward.failure is None
+    if dropout:
+        assert len(set(losses[1:])) == 3, losses  # a frozen seed would repeat the first replay's loss
+    else:
+        assert max(losses) - min(losses) < 1e-5, losses
+
+
+@GPU
+def test_a_graphed_run_trains_evaluates_and_resumes(tmp_path, data_dir):
+    run = trainer(tmp_path, "a", data_dir, "train.cuda_graphs=true", "train.graph_quantum=1024", "train.max_epochs=2")
+    run.fit()
+    stats = run.graphed.stats()
+    assert stats["failure"] is None and stats["replays"] > stats["eager_steps"], stats
+    assert run.state["epoch"] == 2 and np.isfinite(run.history[-1]["train_loss"])
+    resumed = trainer(
+        tmp_path, "a", data_dir, "train.cuda_graphs=true", "train.graph_quantum=1024", "train.max_epochs=3"
+    )
+    resumed.fit()  # Adam's capturable state and the CUDA generator come back from the checkpoint
+    assert resumed.state["epoch"] == 3 and resumed.graphed.stats()["failure"] is None
