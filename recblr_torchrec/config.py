@@ -82,9 +82,9 @@ class TrainConfig:
     (``recblr_torchrec.training.graphs``): one launch instead of ~200, for steps bound by the host.
     Training batches get filler sequences that round their positions up to a multiple of
     ``graph_quantum`` (same loss and gradients), so a few shapes repeat and each is captured once
-    after two eager steps. GPU only; single-process RecBLR runs with ``loss: full``, no
-    micro-batches, and ``optimizer: adam`` (built capturable) or ``sgd``; the learning rate is
-    frozen into the graphs.
+    after two eager steps. GPU only; single-process RecBLR runs of the ``prefixes`` protocol with
+    ``loss: full``, no micro-batches, and ``optimizer: adam`` (built capturable) or ``sgd``; the
+    learning rate is frozen into the graphs. A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
     """
@@ -310,15 +310,19 @@ def validate_config(config: RunConfig) -> None:
             raise ValueError(f"train.compile={t.compile!r}; choose off or a torch.compile backend: {choices}")
     if t.cuda_graphs:
         reasons = {
-            "train.loss=sampled (its candidate count varies)": t.loss != "full",
+            "train.loss=sampled (its candidate count varies; use full)": t.loss == "sampled",
+            "train.protocol=all_positions (its target count changes every step; use prefixes)": t.protocol
+            == "all_positions",
             f"train.micro_batch_size={t.micro_batch_size} (use 0)": t.micro_batch_size != 0,
             f"train.optimizer={t.optimizer} (use adam or sgd)": t.optimizer not in ("adam", "sgd"),
-            "model.architecture=sasrec (its padding reads the longest history on the host)": m.architecture != "recblr",
+            "model.architecture=sasrec (its padding reads the longest history on the host; use recblr)": (
+                m.architecture == "sasrec"
+            ),
         }
         for reason, bad in reasons.items():
             if bad:
                 raise ValueError(
-                    f"train.cuda_graphs=true cannot capture a step with {reason}; or set train.cuda_graphs=false"
+                    f"train.cuda_graphs=true cannot capture a step with {reason}, or set train.cuda_graphs=false"
                 )
         if t.graph_quantum < 1:
             raise ValueError(

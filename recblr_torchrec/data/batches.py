@@ -220,11 +220,15 @@ CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]
 def filler_lengths(num_values: int, quantum: int, longest: int) -> np.ndarray:
     """Lengths of the filler sequences that pad ``num_values`` positions up to a multiple of ``quantum``.
 
-    Always ``ceil(quantum / longest) + 1`` of them, each 1 to ``longest`` long, so every full batch
-    of a run has the same number of sequences and one of few position counts: the shapes a captured
-    CUDA graph replays (``train.cuda_graphs``).
+    Always ``ceil((quantum - 1) / (longest - 1))`` of them (at least one), each 1 to ``longest``
+    long (``longest`` >= 2), together ``count`` to ``quantum + count - 1`` positions, so every full
+    batch of a run has the same number of sequences and one of few position counts: the shapes a
+    captured CUDA graph replays (``train.cuda_graphs``). The bound: ``count`` pieces of at most
+    ``longest`` hold ``quantum + count - 1`` when ``count * (longest - 1) >= quantum - 1``.
     """
-    count = -(-quantum // longest) + 1
+    if longest < 2:
+        raise ValueError(f"longest={longest}: fillers of at most one position cannot absorb a varying remainder")
+    count = max(1, -(-(quantum - 1) // (longest - 1)))
     total = -(-(num_values + count) // quantum) * quantum - num_values
     return (total // count + (np.arange(count) < total % count)).astype(np.int64)
 
@@ -338,7 +342,8 @@ class SampleBatches(Dataset):
         self.world_size = world_size
         self.candidates = candidates
         self.user_buckets = user_buckets
-        self.pad = (pad_quantum, max(1, int(samples.lengths.max()))) if pad_quantum else (0, 0)
+        # fillers as long as the longest sample (at least 2 positions: see filler_lengths)
+        self.pad = (pad_quantum, max(2, int(samples.lengths.max()))) if pad_quantum else (0, 0)
         self.epoch = 0
         self.start_batch = 0
         self.order = np.arange(len(samples))

@@ -127,7 +127,7 @@ class DistributedTrainer(Trainer):
                 "config": self.config.to_dict(),
                 "world_size": self.env.world_size,
             },
-            f"rank{self.env.rank}": {"rng": rng_state(), "loss_sum": self.state["loss_sum"]},
+            f"rank{self.env.rank}": {"rng": rng_state(self.device), "loss_sum": self.state["loss_sum"]},
         }
 
     def save_checkpoint(self) -> str:
@@ -163,7 +163,7 @@ class DistributedTrainer(Trainer):
             seed_everything(hash((self.config.train.seed, self.state["step"], self.env.rank)) % 2**31)
             return True
         self.state["loss_sum"] = mine["loss_sum"]
-        restore_rng(mine["rng"])
+        restore_rng(mine["rng"], self.device)
         return True
 
     def _save(self, improved: bool) -> None:

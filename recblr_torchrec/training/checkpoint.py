@@ -23,21 +23,21 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> Dict[str, Any]:
-    """The generators a resumed run must continue: torch's CPU one, numpy's, Python's and, once CUDA
-    is in use, the current CUDA device's (the dropout of GPU runs draws there; each rank has its own)."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """The generators a resumed run must continue: torch's CPU one, numpy's, Python's and, for a
+    CUDA ``device``, that device's (the dropout of GPU runs draws there; each rank has its own)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: Dict[str, Any]) -> None:
+def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():  # absent in CPU runs' checkpoints
-        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("cuda") is not None and device.type == "cuda":  # absent in CPU runs' checkpoints
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:

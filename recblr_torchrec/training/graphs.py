@@ -14,7 +14,9 @@ at the next batch of that shape it captures ``step`` on a copy of the batch and 
 batches of that shape are copied into the captured copy and replayed. Shapes beyond
 ``max_graphs`` stay eager. If a capture fails (an op that syncs or allocates pinned memory, say),
 the step warns once, names the error, and runs eagerly from then on. The graphs share one memory
-pool: one step's activations, whatever the number of graphs.
+pool (they never run at once, and each writes its gradients and activations before reading them),
+so it holds about one step's activations plus each graph's gradients and loss, whatever the number
+of graphs; eager steps of other shapes allocate from the ordinary pool beside it.
 
 Example::
 

@@ -193,9 +193,13 @@ class Trainer:
                     "use another --output-dir or the same config"
                 )
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer = ckpt["optimizer"]
+        for group in optimizer["param_groups"]:  # a run may resume with train.cuda_graphs switched
+            if "capturable" in group:  # load_state_dict would keep the saved flag
+                group["capturable"] = self.config.train.cuda_graphs
+        self.optimizer.load_state_dict(optimizer)
         self.state, self.history = ckpt["state"], ckpt["history"]
-        restore_rng(ckpt["rng"])
+        restore_rng(ckpt["rng"], self.device)
         return True
 
     def _save(self, improved: bool) -> None:
@@ -205,7 +209,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": self.state,
             "history": self.history,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "config": self.config.to_dict(),
             "num_embeddings": self.model.num_embeddings,
         }

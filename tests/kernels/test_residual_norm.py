@@ -1,5 +1,6 @@
 """LayerNorm(Dropout(branch) + residual): the Triton kernels against the float64 reference with the
-same dropout mask (output and every gradient), the mask's rate and its replay from torch's seed."""
+same dropout mask (output and every gradient), the mask's rate, its replay from torch's seed, and (GPU)
+new masks at every replay of a captured CUDA graph."""
 
 import pytest
 import torch
@@ -137,3 +138,27 @@ def test_empty_input_and_double_backward(device):
     (grad,) = torch.autograd.grad(out.square().sum(), [branch], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
         grad.sum().backward()  # an error, not silently graph-less second derivatives
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
+def test_a_captured_graph_draws_a_new_mask_at_every_replay(device):
+    branch, res, weight, bias = (t.detach() for t in inputs((64, 64), device))
+
+    def norm():
+        return dropout_add_layer_norm(branch, res, weight, bias, 0.5, True, backend=ScanBackend.TRITON)
+
+    side = torch.cuda.Stream()  # warm-up (compilation) outside the capture, as CUDA graphs require
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        norm()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = norm()
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        outs.append(out.clone())
+    # a seed frozen into the graph (a Python int) would drop the same elements at every replay
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert all(torch.isfinite(o).all() for o in outs)
