@@ -105,23 +105,34 @@ def test_cuda_graphs_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
         trainer(tmp_path, "a", data_dir, "train.cuda_graphs=true")
 
 
-@GPU
-def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir):
+def paired_trainers(tmp_path, data_dir):
+    """An eager and a graphed trainer with the same weights (no dropout), and epoch 1's batches on
+    the GPU grouped by shape, the commonest shape first."""
     overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024")
     eager = trainer(tmp_path, "a", data_dir, *overrides)
     graphed = trainer(tmp_path, "b", data_dir, *overrides)
     graphed.model.load_state_dict(eager.model.state_dict())
     graphed.train_batches.set_epoch(1)
-    batches = [graphed.train_batches[i].to(graphed.device) for i in range(len(graphed.train_batches))]
-    key = batch_signature(batches[0])
-    batches = [b for b in batches if batch_signature(b) == key][:6]  # one shape: 2 eager, capture, replays
-    assert len(batches) == 6
-    for batch in batches:
-        want, got = eager.update(batch), graphed.train_step(batch)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # stale inputs would differ by far more
-    assert graphed.graphed.stats() == {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2, "failure": None}
-    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)  # CUDA atomics: not bitwise
+    by_shape = {}
+    for i in range(len(graphed.train_batches)):
+        batch = graphed.train_batches[i].to(graphed.device)
+        by_shape.setdefault(batch_signature(batch), []).append(batch)
+    return eager, graphed, sorted(by_shape.values(), key=len, reverse=True)
+
+
+def assert_same_updates(eager, graphed, batches, stats):
+    for batch in batches:  # stale inputs in a replay would differ by far more than these tolerances
+        torch.testing.assert_close(graphed.train_step(batch), eager.update(batch), rtol=1e-4, atol=1e-6)
+    assert graphed.graphed.stats() == {**stats, "failure": None}
+    for (name, want), got in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=name)  # CUDA atomics: not bitwise
+
+
+@GPU
+def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir):
+    eager, graphed, shapes = paired_trainers(tmp_path, data_dir)
+    assert len(shapes[0]) >= 6  # one shape: 2 eager steps, a capture, replays
+    assert_same_updates(eager, graphed, shapes[0][:6], {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2})
 
 
 @GPU
@@ -170,20 +181,7 @@ def test_a_resumed_run_takes_its_optimizer_capturable_flag_from_its_config(tmp_p
 
 @GPU
 def test_graphs_of_two_shapes_sharing_a_pool_update_as_eager_steps_do(tmp_path, data_dir):
-    overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024")
-    eager = trainer(tmp_path, "a", data_dir, *overrides)
-    graphed = trainer(tmp_path, "b", data_dir, *overrides)
-    graphed.model.load_state_dict(eager.model.state_dict())
-    graphed.train_batches.set_epoch(1)
-    by_shape = {}
-    for i in range(len(graphed.train_batches)):
-        batch = graphed.train_batches[i].to(graphed.device)
-        by_shape.setdefault(batch_signature(batch), []).append(batch)
-    first, second = sorted(by_shape.values(), key=len)[-2:]  # the two commonest shapes
-    assert len(first) >= 4 and len(second) >= 4
-    for a, b in zip(first[:4], second[:4]):  # A, B, A, B, ...: 2 eager each, then capture, replay
-        for batch in (a, b):
-            torch.testing.assert_close(graphed.train_step(batch), eager.update(batch), rtol=1e-4, atol=1e-6)
-    assert graphed.graphed.stats() == {"graphs": 2, "captures": 2, "replays": 4, "eager_steps": 4, "failure": None}
-    for (name, p), q in zip(eager.model.named_parameters(), graphed.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+    eager, graphed, shapes = paired_trainers(tmp_path, data_dir)
+    assert len(shapes) >= 2 and len(shapes[1]) >= 4
+    alternating = [batch for pair in zip(shapes[0][:4], shapes[1][:4]) for batch in pair]  # A, B, A, B, ...
+    assert_same_updates(eager, graphed, alternating, {"graphs": 2, "captures": 2, "replays": 4, "eager_steps": 4})
