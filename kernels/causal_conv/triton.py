@@ -23,7 +23,8 @@ from torch import Tensor
 __all__ = ["causal_conv_silu_triton"]
 
 # Of {16, 32, 64} x {512, 1024, 4096} programs, the fastest one-kernel backward on the H200
-# (tiles_h200.json); not yet swept for the two-pass backward (benchmarks/tile_sweep.py does).
+# (tiles_h200.json); for the two-pass backward the sweep's spread was within its noise
+# (tiles_two_pass_conv_h200.json), so the tile stayed.
 _BLOCK_N = 64
 _MAX_PROGRAMS = 1024  # first backward pass: programs along the rows; each walks N / (BLOCK_N * P) tiles
 

@@ -217,6 +217,13 @@ def user_bucket_features(users: np.ndarray, buckets: int) -> KeyedJaggedTensor:
 CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
 
 
+def filler_count(quantum: int, longest: int) -> int:
+    """How many filler sequences ``filler_lengths`` adds to every batch (see there)."""
+    if longest < 2:
+        raise ValueError(f"longest={longest}: fillers of at most one position cannot absorb a varying remainder")
+    return max(1, -(-(quantum - 1) // (longest - 1)))
+
+
 def filler_lengths(num_values: int, quantum: int, longest: int) -> np.ndarray:
     """Lengths of the filler sequences that pad ``num_values`` positions up to a multiple of ``quantum``.
 
@@ -226,9 +233,7 @@ def filler_lengths(num_values: int, quantum: int, longest: int) -> np.ndarray:
     captured CUDA graph replays (``train.cuda_graphs``). The bound: ``count`` pieces of at most
     ``longest`` hold ``quantum + count - 1`` when ``count * (longest - 1) >= quantum - 1``.
     """
-    if longest < 2:
-        raise ValueError(f"longest={longest}: fillers of at most one position cannot absorb a varying remainder")
-    count = max(1, -(-(quantum - 1) // (longest - 1)))
+    count = filler_count(quantum, longest)
     total = -(-(num_values + count) // quantum) * quantum - num_values
     return (total // count + (np.arange(count) < total % count)).astype(np.int64)
 
@@ -271,10 +276,11 @@ def make_batch(
         users[len(index) - fillers :] = -1
     if pad[0]:
         extra = filler_lengths(len(values), *pad)
+        padding = int(extra.sum())
         lengths = np.concatenate([lengths, extra])
         offsets = np.concatenate([offsets, offsets[-1] + np.cumsum(extra)])
-        values = np.concatenate([values, np.zeros(int(extra.sum()), dtype=values.dtype)])
-        targets = np.concatenate([targets, np.zeros(int(extra.sum()), dtype=targets.dtype)])
+        values = np.concatenate([values, np.zeros(padding, dtype=values.dtype)])
+        targets = np.concatenate([targets, np.zeros(padding, dtype=targets.dtype)])
         users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
     context = user_bucket_features(users, user_buckets) if user_buckets else None
     rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
@@ -368,7 +374,7 @@ class SampleBatches(Dataset):
     @property
     def fillers_per_batch(self) -> int:
         """Filler sequences ``pad_quantum`` adds to every batch (0 without padding)."""
-        return len(filler_lengths(0, *self.pad)) if self.pad[0] else 0
+        return filler_count(*self.pad) if self.pad[0] else 0
 
     def __getitem__(self, i: int) -> Batch:
         number = i + self.start_batch

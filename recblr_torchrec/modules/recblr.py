@@ -192,27 +192,24 @@ class RecBLR(nn.Module):
         [C, d] candidate embeddings)."""
         return self.after_lookup(self.item_embeddings(features), self.pool_context(context), rows)
 
-    def history_features(self, values: Tensor, lengths: Tensor, num_values: Optional[int] = None) -> KeyedJaggedTensor:
+    def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
         """The KJT of histories this model's table expects (an empty candidate bag added if needed).
-
-        ``num_values``: ``values.numel()`` when the caller passes it, so that TorchRec need not sum
-        ``lengths`` on the host (a device synchronisation for CUDA tensors).
-        """
+        Its value count per key is given (``values.numel()``), so that TorchRec need not sum
+        ``lengths`` on the host (a device synchronisation for CUDA tensors)."""
+        count = values.numel()
         if not self.candidate_feature:
-            per_key = None if num_values is None else [num_values]
-            return KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values, lengths=lengths, length_per_key=per_key)
+            return KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values, lengths=lengths, length_per_key=[count])
         return KeyedJaggedTensor(
             keys=self.feature_names,
             values=values,
             lengths=torch.cat([lengths, torch.zeros_like(lengths)]),
-            length_per_key=None if num_values is None else [num_values, 0],
+            length_per_key=[count, 0],
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
         """[M, d] embeddings of item ids [M], through the (possibly sharded) collection."""
-        count = ids.numel()  # one bag of all ids, its length made on the device (no host copy)
-        lengths = torch.full((1,), count, dtype=torch.int64, device=ids.device)
-        return self.item_embeddings(self.history_features(ids, lengths, count))[ITEM_HISTORY].values().to(self.dtype)
+        lengths = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)  # one bag, made on the device
+        return self.item_embeddings(self.history_features(ids, lengths))[ITEM_HISTORY].values().to(self.dtype)
 
     def compile_encoder(self, backend: str = "inductor") -> None:
         """``torch.compile`` the encoder in place (``train.compile``); parameters, ``state_dict``
@@ -243,7 +240,7 @@ class RecBLR(nn.Module):
         check_padded(item_seq, lengths, self.num_embeddings)
         batch, steps = item_seq.shape
         kjt = self.history_features(
-            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device), batch * steps
+            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device)
         )
         embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
         vectors = self.context_vectors(context)
