@@ -58,8 +58,9 @@ def _batches(trainer: Trainer) -> Iterator:
 
 
 def _step(trainer: Trainer, batch) -> None:
-    """One training step on a loader batch, moved to the device as ``Trainer.train_epoch`` does."""
-    trainer.train_step(batch.to(trainer.device, non_blocking=True))
+    """One training step on a loader batch, as ``Trainer.train_epoch`` takes it (``train_step``
+    moves it to the device)."""
+    trainer.train_step(batch)
 
 
 def _timed_steps(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, float]:

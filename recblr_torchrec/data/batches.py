@@ -100,7 +100,8 @@ class Batch(Pipelineable):
             sequence (key ``user_bucket``: the user id hashed into buckets).
         target_rows: [M] the packed positions that carry a target (``targets > 0``), found where
             the batch is built so that a step on the GPU needs no ``nonzero`` (a host sync);
-            None: found from ``targets`` when needed.
+            None: found from ``targets`` when needed. An all-positions batch padded for CUDA
+            graphs lists every position, fillers included (their targets are 0).
     """
 
     item_history: KeyedJaggedTensor
@@ -161,7 +162,10 @@ class Batch(Pipelineable):
         """Targets of the whole global batch (the loss's denominator on every rank)."""
         if self.global_targets:
             return self.global_targets
-        return self.target_rows.numel() if self.target_rows is not None else int(torch.count_nonzero(self.targets))
+        rows = self.target_rows
+        if rows is not None and rows.numel() < self.targets.numel():
+            return rows.numel()
+        return int(torch.count_nonzero(self.targets))  # every position listed: fillers may be among them
 
     def candidates(self) -> Optional[Tensor]:
         """[C] candidate item ids carried by the batch, or None."""
@@ -256,7 +260,8 @@ def make_batch(
     ``pad = (quantum, longest)`` with quantum > 0 appends filler sequences (padding item 0, user -1,
     no targets; ``filler_lengths``, at most ``longest`` long) that round the position count up to
     a multiple of ``quantum``. The model's sequences are independent, so the loss and its gradients
-    are the unpadded batch's.
+    are the unpadded batch's. Padded all-positions batches list every position in ``target_rows``
+    (the fillers' targets are 0, which the loss ignores), so their row count is fixed by the shape.
     """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -283,7 +288,10 @@ def make_batch(
         targets = np.concatenate([targets, np.zeros(padding, dtype=targets.dtype)])
         users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
     context = user_bucket_features(users, user_buckets) if user_buckets else None
-    rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
+    if samples.all_targets and pad[0]:  # every position, fillers included: a fixed count per shape
+        rows = torch.arange(len(targets), dtype=torch.int64)
+    else:
+        rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
     if candidates is None:
         history = KeyedJaggedTensor(
             keys=[ITEM_HISTORY],

@@ -175,7 +175,9 @@ class DistributedTrainer(Trainer):
     # Training ------------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> float:
-        """One update on this rank's slice; returns its loss share (the shares sum to the global mean)."""
+        """One update on this rank's slice, moved to the rank's device first; returns its loss share
+        (the shares sum to the global mean)."""
+        batch = batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss, _ = self.dmp(batch)
@@ -188,7 +190,7 @@ class DistributedTrainer(Trainer):
         overlaps the next batches' copy to the GPU and input all-to-all with this step)."""
         if not self.use_pipeline:
             for batch in loader:
-                yield self.train_step(batch.to(self.device, non_blocking=True))
+                yield self.train_step(batch)
             return
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 

@@ -18,7 +18,7 @@ def _chunk_logits(hidden: Tensor, catalog: Tensor) -> Tensor:
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, catalog: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, catalog: Tensor, targets: Tensor, chunk: int, ignore_padding: bool) -> Tensor:
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         target_logit = torch.empty_like(lse)
@@ -26,42 +26,61 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             logits = _chunk_logits(hidden[start : start + chunk], catalog).to(acc)
             lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
             target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None])[:, 0]
-        ctx.save_for_backward(hidden, catalog, targets, lse)
         ctx.chunk = chunk
-        return (lse - target_logit).mean()
+        if not ignore_padding:
+            ctx.save_for_backward(hidden, catalog, targets, lse, None)
+            return (lse - target_logit).mean()
+        # a padding target's logit is -inf: its row is selected away, and the mean is over the
+        # other rows, counted on the device (no host sync, so a CUDA graph can capture it)
+        weight = (targets > 0).to(acc)
+        weight = weight / weight.sum().clamp(min=1.0)
+        ctx.save_for_backward(hidden, catalog, targets, lse, weight)
+        return torch.where(weight > 0, lse - target_logit, 0.0).mul(weight).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        hidden, catalog, targets, lse = ctx.saved_tensors
-        scale = grad_loss / hidden.shape[0]
+        hidden, catalog, targets, lse, weight = ctx.saved_tensors
+        scale = grad_loss / hidden.shape[0] if weight is None else grad_loss * weight[:, None]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_catalog = torch.zeros_like(catalog) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[start : start + ctx.chunk]
             probs = torch.exp(_chunk_logits(h, catalog).to(lse.dtype) - lse[start : start + ctx.chunk, None])
             probs[torch.arange(h.shape[0], device=h.device), targets[start : start + ctx.chunk]] -= 1.0
-            probs = (probs * scale).to(hidden.dtype)
+            row_scale = scale if weight is None else scale[start : start + ctx.chunk]
+            probs = (probs * row_scale).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = probs @ catalog
             if grad_catalog is not None:
                 grad_catalog.addmm_(probs.T, h)
-        return grad_hidden, grad_catalog, None, None
+        return grad_hidden, grad_catalog, None, None, None
 
 
 def full_softmax_loss(
-    hidden: Tensor, targets: Tensor, catalog: Tensor, chunk: int = 8192, check_targets: bool = True
+    hidden: Tensor,
+    targets: Tensor,
+    catalog: Tensor,
+    chunk: int = 8192,
+    check_targets: bool = True,
+    ignore_padding: bool = False,
 ) -> Tensor:
     """Mean cross-entropy of ``targets`` [M] under softmax(hidden [M, d] @ catalog [V, d]^T).
 
     Equal to ``F.cross_entropy(logits, targets)`` with the padding column masked to -inf.
-    ``check_targets``: raise a ValueError for a target outside [1, V) (one host sync on GPU); a
-    caller whose targets are item ids of the data the table was built for may skip it.
+    ``ignore_padding``: rows whose target is the padding id 0 carry no loss and the mean is over
+    the others (``F.cross_entropy(..., ignore_index=0)``; 0 when every row is padding): the
+    all-positions loss of a batch padded with filler sequences for CUDA graphs, whose row count is
+    fixed while its target count is not.
+    ``check_targets``: raise a ValueError for a target outside [1, V) ([0, V) with
+    ``ignore_padding``; one host sync on GPU); a caller whose targets are item ids of the data the
+    table was built for may skip it.
     """
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
-    if check_targets and bool(((targets <= 0) | (targets >= catalog.shape[0])).any()):  # one sync, both bounds
-        raise ValueError(f"targets must be item ids in [1, {catalog.shape[0]}), got min {int(targets.min())}")
-    return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk)
+    low = 0 if ignore_padding else 1
+    if check_targets and bool(((targets < low) | (targets >= catalog.shape[0])).any()):  # one sync, both bounds
+        raise ValueError(f"targets must be item ids in [{low}, {catalog.shape[0]}), got min {int(targets.min())}")
+    return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk, ignore_padding)
 
 
 def sampled_softmax_loss(

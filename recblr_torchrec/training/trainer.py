@@ -109,8 +109,10 @@ def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True) -> T
     if batch.candidates() is not None:
         return candidate_loss(model, batch, check_targets)[0]
     rows = target_rows(batch)
-    hidden = model(batch.item_history, batch.context, encoder_rows(batch, rows))
-    return full_softmax_loss(hidden, batch.targets[rows], model.item_table(), check_targets=check_targets)
+    every = encoder_rows(batch, rows) is None  # all positions: fillers of a graphed batch carry target 0
+    hidden = model(batch.item_history, batch.context, None if every else rows)
+    targets = batch.targets if every else batch.targets[rows]
+    return full_softmax_loss(hidden, targets, model.item_table(), check_targets=check_targets, ignore_padding=every)
 
 
 def _format_table(results: Dict[str, Dict[str, float]]) -> str:
@@ -226,9 +228,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not t.cuda_graphs)
 
     def train_step(self, batch: Batch) -> Tensor:
-        """One optimizer update on ``batch`` (replayed from a CUDA graph with ``train.cuda_graphs``);
-        returns the mean loss as a 0-dim tensor on the device (reading it is the caller's host sync,
-        not every step's)."""
+        """One optimizer update on ``batch``, moved to the run's device first (replayed from a CUDA
+        graph with ``train.cuda_graphs``); returns the mean loss as a 0-dim tensor on the device
+        (reading it is the caller's host sync, not every step's)."""
+        batch = batch.to(self.device, non_blocking=True)
         return self.update(batch) if self.graphed is None else self.graphed(batch)
 
     def update(self, batch: Batch) -> Tensor:
@@ -255,7 +258,6 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
         for batch in bar:
-            batch = batch.to(self.device, non_blocking=True)
             total_loss += self.train_step(batch)  # summed on the device; read at log steps only
             steps += 1
             examples += len(batch) - self.train_batches.fillers_per_batch

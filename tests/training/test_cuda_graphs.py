@@ -36,17 +36,24 @@ def test_fillers_round_up_to_the_quantum_with_a_fixed_count_of_short_sequences()
         filler_lengths(10, 8, 1)
 
 
-def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir):
-    plain = trainer(tmp_path, "a", data_dir, "model.dropout=0.0")
+@pytest.mark.parametrize("protocol", ["prefixes", "all_positions"])
+def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol):
+    plain = trainer(tmp_path, "a", data_dir, "model.dropout=0.0", f"train.protocol={protocol}")
     plain.train_batches.set_epoch(1)
     batch = plain.train_batches[0]
     padded_batches = copy.copy(plain.train_batches)
     padded_batches.pad = (512, int(plain.train_batches.samples.lengths.max()))
     padded = padded_batches[0]
     fillers = padded_batches.fillers_per_batch
+    positions = batch.targets.numel()
     assert len(padded) == len(batch) + fillers and padded.targets.numel() % 512 == 0
     assert torch.equal(padded.user_ids[len(batch) :], torch.full((fillers,), -1))
-    assert torch.equal(padded.target_rows, batch.target_rows)  # fillers come after, without targets
+    assert not padded.targets[positions:].any() and padded.num_targets == batch.num_targets
+    if protocol == "prefixes":
+        assert torch.equal(padded.target_rows, batch.target_rows)  # fillers come after, without targets
+    else:  # every position, fillers too: as many rows as the padded shape has positions
+        assert torch.equal(padded.target_rows, torch.arange(padded.targets.numel()))
+        assert batch.num_targets == positions
     losses, grads = [], []
     for b in (batch.to(plain.device), padded.to(plain.device)):
         plain.model.zero_grad(set_to_none=True)
@@ -82,7 +89,6 @@ def test_padded_epoch_has_few_shapes_and_copies_refill_in_order(tmp_path, data_d
         ("train.optimizer=adagrad", "train.optimizer=adagrad"),
         ("model.architecture=sasrec", "model.architecture=sasrec"),
         ("train.graph_quantum=0", "train.graph_quantum=0"),
-        ("train.protocol=all_positions", "train.protocol=all_positions"),
     ],
 )
 def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
@@ -105,10 +111,10 @@ def test_cuda_graphs_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
         trainer(tmp_path, "a", data_dir, "train.cuda_graphs=true")
 
 
-def paired_trainers(tmp_path, data_dir):
+def paired_trainers(tmp_path, data_dir, *extra):
     """An eager and a graphed trainer with the same weights (no dropout), and epoch 1's batches on
     the GPU grouped by shape, the commonest shape first."""
-    overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024")
+    overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024", *extra)
     eager = trainer(tmp_path, "a", data_dir, *overrides)
     graphed = trainer(tmp_path, "b", data_dir, *overrides)
     graphed.model.load_state_dict(eager.model.state_dict())
@@ -129,9 +135,14 @@ def assert_same_updates(eager, graphed, batches, stats):
 
 
 @GPU
-def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir):
-    eager, graphed, shapes = paired_trainers(tmp_path, data_dir)
+@pytest.mark.parametrize("protocol", ["prefixes", "all_positions"])
+def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir, protocol):
+    # all_positions: 16 windows (~600 positions) a batch, so the 1,024-position shape repeats
+    extra = ["train.protocol=all_positions", "train.batch_size=16"] if protocol == "all_positions" else []
+    eager, graphed, shapes = paired_trainers(tmp_path, data_dir, *extra)
     assert len(shapes[0]) >= 6  # one shape: 2 eager steps, a capture, replays
+    if protocol == "all_positions":  # the target count varies inside the captured shape
+        assert len({int(b.targets.count_nonzero()) for b in shapes[0][:6]}) > 1
     assert_same_updates(eager, graphed, shapes[0][:6], {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2})
 
 
@@ -181,7 +192,8 @@ def test_a_resumed_run_takes_its_optimizer_capturable_flag_from_its_config(tmp_p
 
 @GPU
 def test_graphs_of_two_shapes_sharing_a_pool_update_as_eager_steps_do(tmp_path, data_dir):
-    eager, graphed, shapes = paired_trainers(tmp_path, data_dir)
+    # 64 prefixes of at most 50 items a batch (~2,460 positions): 1,024 gives them all one shape, 256 several
+    eager, graphed, shapes = paired_trainers(tmp_path, data_dir, "train.graph_quantum=256")
     assert len(shapes) >= 2 and len(shapes[1]) >= 4
     alternating = [batch for pair in zip(shapes[0][:4], shapes[1][:4]) for batch in pair]  # A, B, A, B, ...
     assert_same_updates(eager, graphed, alternating, {"graphs": 2, "captures": 2, "replays": 4, "eager_steps": 4})
