@@ -1,5 +1,6 @@
 """The explicit choice of implementation for a kernel."""
 
+import os
 from enum import Enum
 
 import torch
@@ -43,6 +44,15 @@ def resolve_backend(backend: "ScanBackend | str", device: torch.device) -> ScanB
         backend = ScanBackend.parse(backend)
     if backend is ScanBackend.AUTO:
         return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
+    # (a traced graph takes the reference: the dispatchers check tracing(); the variable is read
+    # last, so code that Dynamo traces on a GPU never reaches it)
+    off_gpu = backend is ScanBackend.TRITON and device.type != "cuda" and not tracing()
+    if off_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors, got {device}; move the inputs (or the model) to the "
+            "GPU, use ScanBackend.AUTO or ScanBackend.PYTORCH (scan_backend: auto or pytorch), or set "
+            "TRITON_INTERPRET=1 before importing triton (the CPU interpreter the tests use)"
+        )
     return backend
 
 

@@ -60,8 +60,10 @@ def test_sync_warnings_are_counted_by_site_and_other_warnings_ignored():
 
     original = warnings.showwarning
     counts = loop.count_sync_warnings(run)
-    assert sum(counts.values()) == 3 and len(counts) == 1
-    (site,) = counts
+    # on a GPU, torch itself may report a sync while the mode is on (seen on the H200: torch/cuda/__init__.py)
+    ours = {site: n for site, n in counts.items() if "tests/test_benchmarks.py" in site}
+    assert list(ours.values()) == [3]  # "something else" is not a sync warning: not counted
+    (site,) = ours
     assert site.startswith("outside this project (via tests/test_benchmarks.py:")
     assert warnings.showwarning is original  # the hook is gone afterwards
 

@@ -16,7 +16,6 @@ Example::
     True
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -45,18 +44,14 @@ def _check_offset_values(offsets: Tensor, num_rows: int) -> None:
 
 
 def _check_triton_inputs(log_a: Tensor, b: Tensor, initial_state: Optional[Tensor]) -> None:
-    """What the Triton backend adds to :func:`check_scan_inputs`: a device it can run on, no fp64."""
+    """What the Triton backend adds to :func:`check_scan_inputs`: no fp64 (its device is checked by
+    ``resolve_backend``)."""
     for name, t in (("log_a", log_a), ("b", b)):
         if t.dtype == torch.float64:
             raise TypeError(
                 f"{name} is float64, which the Triton backend does not take (it accumulates in float32); "
                 "pass float32/bfloat16/float16 or use backend=ScanBackend.PYTORCH"
             )
-    if log_a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"the Triton backend needs CUDA tensors, got {log_a.device}; move the inputs to the GPU, "
-            "use backend=ScanBackend.PYTORCH, or set TRITON_INTERPRET=1 before importing triton"
-        )
 
 
 def check_scan_inputs(log_a: Tensor, b: Tensor, offsets: Optional[Tensor], initial_state: Optional[Tensor]) -> int:

@@ -237,7 +237,9 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
         script(module).save(tmp)
         os.replace(tmp, os.path.join(output_dir, name))
     files: Dict[str, Any] = {"scorer": SCORER, "step": STEP}
-    if aoti_batch is not None:
+    manifest = _manifest(model, source, files)
+    _write_manifest(manifest, output_dir)
+    if aoti_batch is not None:  # after the TorchScript files and their manifest: a failed compile keeps them
         from .aot import compile_scorer
 
         compile_scorer(scorer, aoti_k, aoti_batch, os.path.join(output_dir, SCORER_AOTI))
@@ -247,8 +249,21 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
             "k": aoti_k,
             "load": "torch._inductor.aoti_load_package(path); set AOTI_RUNTIME_CHECK_INPUTS=1 to check shapes",
         }
+        _write_manifest(manifest, output_dir)
+    return manifest
+
+
+def _write_manifest(manifest: Dict[str, Any], output_dir: str) -> None:
+    tmp = os.path.join(output_dir, f".{MANIFEST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(output_dir, MANIFEST))
+
+
+def _manifest(model, source, files: Dict[str, Any]) -> Dict[str, Any]:
+    """manifest.json's content; ``files`` is referenced, not copied (export adds the AOTI entry)."""
     config = model.config
-    manifest = {
+    return {
         "format": FORMAT,
         "files": files,
         "load": "torch.jit.load(path); needs only `import torch` (no TorchRec or fbgemm op inside)",
@@ -268,6 +283,3 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with open(os.path.join(output_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return manifest

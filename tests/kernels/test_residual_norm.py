@@ -89,8 +89,8 @@ def test_mask_keeps_one_minus_p_and_replays_from_torch_seed(device):
     torch.testing.assert_close(evaluated, F.layer_norm(branch + res, (64,), weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
 
 
-def test_bad_shapes_and_rates_are_named():
-    branch, res, weight, bias = inputs((4, 8), "cpu")
+def test_bad_shapes_and_rates_are_named(device):
+    branch, res, weight, bias = inputs((4, 8), device)
     with pytest.raises(ValueError, match=r"residual \(4, 7\) must have the branch's shape \(4, 8\)"):
         dropout_add_layer_norm(branch, res[:, :7], weight, bias)
     with pytest.raises(ValueError, match=r"weight and bias must be \[d\] = \[8\]"):
@@ -99,12 +99,12 @@ def test_bad_shapes_and_rates_are_named():
         dropout_add_layer_norm(branch, res, weight, bias, p=1.0)
 
 
-def test_traced_and_compiled_graphs_get_the_reference(monkeypatch):
+def test_traced_and_compiled_graphs_get_the_reference(monkeypatch, device):
     def refuse(*args):
         raise AssertionError("the Triton path ran inside a traced graph")
 
     monkeypatch.setattr(fused, "dropout_add_layer_norm_triton", refuse)
-    branch, res, weight, bias = (t.detach() for t in inputs((6, 8), "cpu"))
+    branch, res, weight, bias = (t.detach() for t in inputs((6, 8), device))
 
     def norm(branch, res):
         return dropout_add_layer_norm(branch, res, weight, bias, 0.1, False, 1e-5, backend=ScanBackend.TRITON)

@@ -9,6 +9,21 @@ from recblr_torchrec.modules import GatedRecurrent, RecBLR, RecBLRConfig, RecBLR
 from recblr_torchrec.modules.encoder import RecBLRLayer
 
 LENGTHS = [1, 2, 3, 7, 5]  # odd lengths, unsorted
+GPU = torch.cuda.is_available()
+
+
+def device_of(backend):
+    """Where a backend's test runs: Triton on the GPU when there is one (the interpreter, on CPU
+    tensors, only where there is none: tests/conftest.py), the reference on the CPU."""
+    return torch.device("cuda" if backend == "triton" and GPU else "cpu")
+
+
+def close_grads(got, want, device):
+    """Gradients of two runs of the same math: bitwise-near on the CPU, within the float32 sums'
+    reordering on the GPU (the Triton backward kernels accumulate with atomics)."""
+    tol = dict(rtol=1e-5, atol=1e-6) if device.type == "cuda" else dict(rtol=1e-6, atol=1e-7)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def make_encoder(seed=0, **overrides):
@@ -117,10 +132,11 @@ def test_model_on_a_keyed_jagged_tensor_matches_the_padded_path():
 
 def test_triton_backend_runs_the_fused_layer_and_matches_the_reference():
     torch.manual_seed(5)
-    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0))
+    device = device_of("triton")
+    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0)).to(device)
     lengths = [3, 1, 6]
-    values = torch.randn(sum(lengths), 8, requires_grad=True)
-    offsets = torch.tensor([0] + lengths).cumsum(0)
+    values = torch.randn(sum(lengths), 8, device=device, requires_grad=True)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     outputs, grads = [], []
     for backend in ("pytorch", "triton"):
         set_scan_backend(encoder, backend)
@@ -132,12 +148,20 @@ def test_triton_backend_runs_the_fused_layer_and_matches_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
+    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=1, scan_backend="triton"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine, given CPU tensors
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu.*scan_backend: auto or pytorch"):
+        encoder(torch.randn(4, 8), offsets=torch.tensor([0, 4]))
+
+
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_requested_rows_equal_the_full_output_at_those_rows(backend):
-    encoder = set_scan_backend(make_encoder(3).float(), backend)
+    device = device_of(backend)
+    encoder = set_scan_backend(make_encoder(3).float().to(device), backend)
     lengths = [3, 1, 6, 2]
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    values = torch.randn(sum(lengths), 8, requires_grad=True)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    values = torch.randn(sum(lengths), 8, device=device, requires_grad=True)
     rows = offsets[1:] - 1  # the paper's protocol: each sequence's last position
     full = encoder(values, offsets=offsets)[rows]
     part = encoder(values, offsets=offsets, rows=rows)
@@ -153,15 +177,16 @@ def test_requested_rows_equal_the_full_output_at_those_rows(backend):
 
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
+    device = device_of(backend)
     lengths = [3, 1, 6]
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    values = torch.randn(sum(lengths), 8)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    values = torch.randn(sum(lengths), 8, device=device)
     rows = offsets[1:] - 1
     results, saved = [], []
     for recompute in (False, True):
         torch.manual_seed(7)
         config = RecBLRConfig(embedding_dim=8, dropout=0.3, scan_backend=backend, recompute_recurrence=recompute)
-        encoder = RecBLREncoder(config).train()
+        encoder = RecBLREncoder(config).to(device).train()
         torch.manual_seed(8)
         storages = {}
 
@@ -175,26 +200,25 @@ def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
         results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
     assert saved[1] < saved[0]  # the recurrence's own activations are no longer kept
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    close_grads(results[1][1], results[0][1], device)
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_recomputing_the_mix_gives_the_same_training_gradients(backend):
+    device = device_of(backend)
     lengths = [3, 1, 6]
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    values = torch.randn(sum(lengths), 8)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    values = torch.randn(sum(lengths), 8, device=device)
     results = []
     for recompute in (False, True):
         torch.manual_seed(7)
         config = RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute, scan_backend=backend)
-        encoder = RecBLREncoder(config).train()
+        encoder = RecBLREncoder(config).to(device).train()
         torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
         out = encoder(values, offsets=offsets)
         results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    close_grads(results[1][1], results[0][1], device)
 
 
 def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
@@ -205,11 +229,12 @@ def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
 
     calls = []
     original = fused_norm.dropout_add_layer_norm_triton
+    device = device_of("triton")
     lengths = [3, 1, 6]
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    values = torch.randn(sum(lengths), 8)
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    values = torch.randn(sum(lengths), 8, device=device)
     torch.manual_seed(7)
-    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.3)).train()
+    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.3)).to(device).train()
 
     def counting(*args):
         calls.append(args[0].shape)
@@ -232,10 +257,11 @@ def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
 
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_residual_norm_drops_out_the_branch_not_the_residual(backend):
-    layer = RecBLRLayer(RecBLRConfig(embedding_dim=8, dropout=0.5, scan_backend=backend)).train()
-    residual = torch.randn(12, 8)
+    device = device_of(backend)
+    layer = RecBLRLayer(RecBLRConfig(embedding_dim=8, dropout=0.5, scan_backend=backend)).to(device).train()
+    residual = torch.randn(12, 8, device=device)
     norm = layer.recurrent_norm
-    out = layer.residual_norm(torch.zeros(12, 8), residual, norm.weight, norm.bias)
+    out = layer.residual_norm(torch.zeros(12, 8, device=device), residual, norm.weight, norm.bias)
     want = torch.nn.functional.layer_norm(residual, (8,), norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 

@@ -79,7 +79,7 @@ def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
     overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.protocol=prefixes", "train.max_epochs=1"]
     trainer = Trainer(load_config(TINY, overrides), str(tmp_path), data_dir)
     trainer.train_batches.set_epoch(1)
-    batch = trainer.train_batches[0]
+    batch = trainer.train_batches[0].to(trainer.device)
     assert int(torch.count_nonzero(batch.targets)) == len(batch)  # one target per prefix
     trainer.model.eval()  # the batch's own target rows and rows found from the targets: one loss
     carried = next_item_loss(trainer.model, batch, check_targets=False)
