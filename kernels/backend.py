@@ -44,10 +44,10 @@ def resolve_backend(backend: "ScanBackend | str", device: torch.device) -> ScanB
         backend = ScanBackend.parse(backend)
     if backend is ScanBackend.AUTO:
         return ScanBackend.TRITON if device.type == "cuda" else ScanBackend.PYTORCH
-    # (a traced graph takes the reference: the dispatchers check tracing(); the variable is read
-    # last, so code that Dynamo traces on a GPU never reaches it)
-    off_gpu = backend is ScanBackend.TRITON and device.type != "cuda" and not tracing()
-    if off_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    # off the GPU without the interpreter (code that Dynamo traces on a GPU never reads the variable)
+    if backend is ScanBackend.TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if tracing():  # a graph traced off the GPU can only hold the reference
+            return ScanBackend.PYTORCH
         raise ValueError(
             f"the Triton backend needs CUDA tensors, got {device}; move the inputs (or the model) to the "
             "GPU, use ScanBackend.AUTO or ScanBackend.PYTORCH (scan_backend: auto or pytorch), or set "

@@ -85,7 +85,7 @@ class TrainConfig:
     after two eager steps. All-positions batches take the loss at every position of the padded
     batch, fillers' ignored, so their target count varies inside a fixed shape. The quantum trades
     shapes for padding: 8,192 suits the paper's ML-1M prefix batches (~243k positions: 3 shapes,
-    1.8% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
+    1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
     3.6%). GPU only; single-process RecBLR runs with ``loss: full``, no micro-batches, and
     ``optimizer: adam`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
     A run may resume with it switched on or off.

@@ -207,7 +207,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=[], help="rows whose name contains one of these")
-    parser.add_argument("--set", action="append", default=[], help="override applied to every run")
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides applied to every run (several after one --set, as the launcher takes them)",
+    )
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("pass --data-dir or set RECBLR_DATA_DIR")

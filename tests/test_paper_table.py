@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,9 +19,17 @@ def test_paper_table_runs_seeds_in_parallel_and_tabulates_them(tmp_path, data_di
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     runs = str(tmp_path / "runs")
     args = ["--data-dir", data_dir, "--runs-dir", runs, "--parallel", "2", "--seeds", "0", "1"]
+    args += ["--set", "train.log_every=7", "eval.batch_size=256", "--set", "model.num_layers=1"]
     assert table.main(args) == 0
     for seed in (0, 1):
-        assert os.path.isfile(os.path.join(table.run_dir(runs, "Tiny RecBLR", seed), "metrics.json"))
+        with open(os.path.join(table.run_dir(runs, "Tiny RecBLR", seed), "metrics.json")) as f:
+            config = json.load(f)["config"]
+        assert (config["train"]["log_every"], config["eval"]["batch_size"], config["model"]["num_layers"]) == (
+            7,
+            256,
+            1,
+        )
+        assert config["train"]["seed"] == seed
     with open(os.path.join(runs, "table.md")) as f:
         text = f.read()
     assert "| Tiny RecBLR | 2 |" in text and "ML-1M RecBLR (paper)" in text

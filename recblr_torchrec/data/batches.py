@@ -102,6 +102,8 @@ class Batch(Pipelineable):
             the batch is built so that a step on the GPU needs no ``nonzero`` (a host sync);
             None: found from ``targets`` when needed. An all-positions batch padded for CUDA
             graphs lists every position, fillers included (their targets are 0).
+        filler_rows: how many entries of ``target_rows`` are such filler positions (host side,
+            so that ``num_targets`` needs no device read; not part of a graph's signature).
     """
 
     item_history: KeyedJaggedTensor
@@ -111,6 +113,7 @@ class Batch(Pipelineable):
     global_targets: int = 0
     context: Optional[KeyedJaggedTensor] = None
     target_rows: Optional[Tensor] = None
+    filler_rows: int = 0
 
     @property
     def offsets(self) -> Tensor:
@@ -133,6 +136,7 @@ class Batch(Pipelineable):
             global_targets=self.global_targets,
             context=None if context is None else context.to(device=device, non_blocking=non_blocking),
             target_rows=None if rows is None else rows.to(device=device, non_blocking=non_blocking),
+            filler_rows=self.filler_rows,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -155,6 +159,7 @@ class Batch(Pipelineable):
             self.global_targets,
             context,
             rows,
+            self.filler_rows,
         )
 
     @property
@@ -162,10 +167,9 @@ class Batch(Pipelineable):
         """Targets of the whole global batch (the loss's denominator on every rank)."""
         if self.global_targets:
             return self.global_targets
-        rows = self.target_rows
-        if rows is not None and rows.numel() < self.targets.numel():
-            return rows.numel()
-        return int(torch.count_nonzero(self.targets))  # every position listed: fillers may be among them
+        if self.target_rows is not None:
+            return self.target_rows.numel() - self.filler_rows
+        return int(torch.count_nonzero(self.targets))
 
     def candidates(self) -> Optional[Tensor]:
         """[C] candidate item ids carried by the batch, or None."""
@@ -288,9 +292,11 @@ def make_batch(
         targets = np.concatenate([targets, np.zeros(padding, dtype=targets.dtype)])
         users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
     context = user_bucket_features(users, user_buckets) if user_buckets else None
-    if samples.all_targets and pad[0]:  # every position, fillers included: a fixed count per shape
+    filler_rows = 0
+    if samples.all_targets and pad[0] and candidates is None:  # every position: a fixed count per shape
         rows = torch.arange(len(targets), dtype=torch.int64)
-    else:
+        filler_rows = padding
+    else:  # (the candidate losses take no padding targets)
         rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
     if candidates is None:
         history = KeyedJaggedTensor(
@@ -300,7 +306,14 @@ def make_batch(
             offsets=torch.from_numpy(offsets),
             length_per_key=[len(values)],  # known here; TorchRec would sum the lengths on the device
         )
-        return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), context=context, target_rows=rows)
+        return Batch(
+            history,
+            torch.from_numpy(targets),
+            torch.from_numpy(users),
+            context=context,
+            target_rows=rows,
+            filler_rows=filler_rows,
+        )
     ids, log_q = candidates(targets[targets > 0], batch_number)
     bags = np.zeros(len(index), dtype=np.int64)
     bags[0] = len(ids)

@@ -70,9 +70,15 @@ def compile_scorer(scorer: RecBLRScorer, k: int, batch: int, package_path: str) 
     try:
         return torch._inductor.aoti_compile_and_package(program, package_path=package_path)
     except Exception as error:  # Inductor raises its own types, which differ between versions
+        release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        hint = (
+            "its lowering of the scan loop works with torch 2.13 (measured; torch 2.11 fails in "
+            "codegen_while_loop): upgrade torch, or "
+            if release < (2, 13)
+            else "check the C++ compiler AOTInductor calls, or "
+        )
         raise RuntimeError(
             f"AOTInductor could not compile the exported scorer with torch {torch.__version__} "
-            f"({type(error).__name__}: {str(error).strip()[:300]}). Its lowering of the scan loop works with "
-            "torch 2.13 (measured; torch 2.11 fails in codegen_while_loop): upgrade torch, or serve scorer.pt "
-            "and step.pt (TorchScript, already written) and leave out --aoti-batch"
+            f"({type(error).__name__}: {str(error).strip()[:300]}); {hint}serve scorer.pt and step.pt "
+            "(TorchScript, already written) and leave out --aoti-batch"
         ) from error

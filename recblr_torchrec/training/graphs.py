@@ -97,6 +97,7 @@ def copy_batch(batch: Batch) -> Batch:
         global_targets=batch.global_targets,
         context=_copy_kjt(batch.context),
         target_rows=None if batch.target_rows is None else batch.target_rows.clone(),
+        filler_rows=batch.filler_rows,
     )
 
 

@@ -258,6 +258,12 @@ def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch: 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+    # a graph traced off the GPU can only hold the reference: it gets it instead of a Triton crash
+    log_a, b = -torch.rand(2, 3, 4), torch.randn(2, 3, 4)
+    want = linear_scan(log_a, b, backend=ScanBackend.PYTORCH)[0]
+    fn = lambda x, y: linear_scan(x, y, backend=ScanBackend.TRITON)[0]  # noqa: E731
+    traced = torch.jit.trace(fn, (log_a, b), check_trace=False)  # its check reruns fn eagerly
+    torch.testing.assert_close(traced(log_a, b), want)
 
 
 def test_rejects_non_monotone_offsets(device: torch.device) -> None:

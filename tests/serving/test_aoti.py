@@ -31,6 +31,8 @@ def packaged(tmp_path_factory):
 def test_aoti_scorer_equals_torchscript_scorer_at_any_length(packaged, monkeypatch):
     out, manifest = packaged
     assert manifest["files"]["scorer_aoti"] == {**manifest["files"]["scorer_aoti"], "batch": BATCH, "k": K}
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["files"] == manifest["files"]  # rewritten on disk after the compile
     monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
     compiled = torch._inductor.aoti_load_package(os.path.join(out, "scorer_aoti.pt2"))
     scorer = torch.jit.load(os.path.join(out, "scorer.pt"))

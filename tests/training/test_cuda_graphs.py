@@ -53,7 +53,8 @@ def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir,
         assert torch.equal(padded.target_rows, batch.target_rows)  # fillers come after, without targets
     else:  # every position, fillers too: as many rows as the padded shape has positions
         assert torch.equal(padded.target_rows, torch.arange(padded.targets.numel()))
-        assert batch.num_targets == positions
+        assert batch.num_targets == positions == int(padded.targets.count_nonzero())
+        assert padded.to(plain.device).num_targets == positions  # counted on the host, moved or not
     losses, grads = [], []
     for b in (batch.to(plain.device), padded.to(plain.device)):
         plain.model.zero_grad(set_to_none=True)
