@@ -8,39 +8,29 @@ from recblr_torchrec.training.losses import full_softmax_loss, sampled_softmax_l
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_chunked_loss_and_gradients_equal_masked_cross_entropy(chunk):
+@pytest.mark.parametrize("ignore_padding", [False, True])
+def test_chunked_loss_and_gradients_equal_masked_cross_entropy(chunk, ignore_padding):
+    """With ``ignore_padding`` the padding targets (fillers of a padded batch) carry no loss, as
+    ``F.cross_entropy(ignore_index=0)`` does."""
     torch.manual_seed(chunk)
     hidden = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
     catalog = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(1, 9, (13,))
-    loss = full_softmax_loss(hidden, targets, catalog, chunk=chunk)
+    fillers = [0, 5, 6, 12]
+    if ignore_padding:
+        targets[fillers] = 0
+    loss = full_softmax_loss(hidden, targets, catalog, chunk=chunk, ignore_padding=ignore_padding)
     grads = torch.autograd.grad(loss, (hidden, catalog))
     logits = hidden @ catalog.T
     logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
-    expected = F.cross_entropy(logits, targets)
+    expected = F.cross_entropy(logits, targets, ignore_index=0 if ignore_padding else -100)
     expected_grads = torch.autograd.grad(expected, (hidden, catalog))
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_padding_targets_are_ignored_as_cross_entropy_ignore_index_does(chunk):
-    torch.manual_seed(chunk)
-    hidden = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
-    catalog = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(1, 9, (13,))
-    targets[[0, 5, 6, 12]] = 0  # filler positions of a padded batch
-    loss = full_softmax_loss(hidden, targets, catalog, chunk=chunk, ignore_padding=True)
-    grads = torch.autograd.grad(loss, (hidden, catalog))
-    logits = hidden @ catalog.T
-    logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
-    expected = F.cross_entropy(logits, targets, ignore_index=0)
-    expected_grads = torch.autograd.grad(expected, (hidden, catalog))
-    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert grads[0][[0, 5, 6, 12]].abs().max() == 0  # fillers get no gradient
+    if not ignore_padding:
+        return
+    assert grads[0][fillers].abs().max() == 0  # fillers get no gradient
     empty = full_softmax_loss(hidden, torch.zeros_like(targets), catalog, chunk=chunk, ignore_padding=True)
     assert empty.item() == 0.0 and not torch.autograd.grad(empty, hidden)[0].any()
     with pytest.raises(ValueError, match=r"targets must be item ids in \[0, 9\)"):
