@@ -57,12 +57,6 @@ def _batches(trainer: Trainer) -> Iterator:
         yield from trainer.loader(trainer.train_batches)
 
 
-def _step(trainer: Trainer, batch) -> None:
-    """One training step on a loader batch, as ``Trainer.train_epoch`` takes it (``train_step``
-    moves it to the device)."""
-    trainer.train_step(batch)
-
-
 def _timed_steps(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, float]:
     """Runs ``steps`` steps; returns wall, loader-wait and host milliseconds per step."""
     device = trainer.device
@@ -73,7 +67,7 @@ def _timed_steps(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, f
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
-        _step(trainer, batch)
+        trainer.train_step(batch)
         t2 = time.perf_counter()
         wait, host = wait + (t1 - t0), host + (t2 - t1)
     _synchronize(device)
@@ -122,7 +116,7 @@ def _sync_sites(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, fl
 
     def run() -> None:
         for batch in inputs:
-            _step(trainer, batch)
+            trainer.train_step(batch)
 
     counts = count_sync_warnings(run)
     return {site: n / steps for site, n in counts.most_common()}
@@ -153,7 +147,7 @@ def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
-            _step(trainer, next(batches))
+            trainer.train_step(next(batches))
         _synchronize(trainer.device)
     events = prof.key_averages()
     host_ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
@@ -176,7 +170,7 @@ def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: 
         trainer.model.train()
         batches = _batches(trainer)
         for _ in range(warmup):
-            _step(trainer, next(batches))
+            trainer.train_step(next(batches))
         result = {"config": config.name, "device": str(trainer.device), "warmup": warmup, "steps": steps}
         result.update(_timed_steps(trainer, batches, steps))
         result.update(_profile(trainer, batches, min(steps, 10), top))

@@ -108,9 +108,9 @@ def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True) -> T
     """
     if batch.candidates() is not None:
         return candidate_loss(model, batch, check_targets)[0]
-    rows = target_rows(batch)
-    every = encoder_rows(batch, rows) is None  # all positions: fillers of a graphed batch carry target 0
-    hidden = model(batch.item_history, batch.context, None if every else rows)
+    rows = encoder_rows(batch, target_rows(batch))
+    hidden = model(batch.item_history, batch.context, rows)
+    every = rows is None  # all positions: the fillers of a graphed batch carry target 0
     targets = batch.targets if every else batch.targets[rows]
     return full_softmax_loss(hidden, targets, model.item_table(), check_targets=check_targets, ignore_padding=every)
 
