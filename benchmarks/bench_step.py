@@ -14,7 +14,10 @@ One run measures, for each batch x length, precision and model:
                       sequential scan, nothing fused);
   sasrec            - the SASRec-style Transformer of the same size on the same table and loss
                       (PyTorch scaled_dot_product_attention; its last block also on the loss rows only);
-  sasrec-compiled   - that Transformer's encoder through torch.compile, the peer of recblr-compiled.
+  sasrec-compiled   - that Transformer's encoder through torch.compile, the peer of recblr-compiled;
+  sasrec-graphed, sasrec-compiled-graphed - the Transformer's step from CUDA graphs too (its jagged
+                      batch padded to T, not to the longest history: no host read), the peers of
+                      recblr-graphed and recblr-compiled-graphed.
 A training step is the paper's (RecBole) step: B histories of T items, softmax cross-entropy over
 the whole catalog at each history's last position, backward, Adam; the inference pass scores the
 whole catalog after each history and takes the top 10. Reported: median milliseconds (CUDA events
@@ -61,6 +64,8 @@ MODELS = {
     "recblr-reference": {"architecture": "recblr", "scan_backend": "pytorch"},
     "sasrec": {"architecture": "sasrec"},
     "sasrec-compiled": {"architecture": "sasrec", "compile": True},
+    "sasrec-graphed": {"architecture": "sasrec", "graphs": True},
+    "sasrec-compiled-graphed": {"architecture": "sasrec", "compile": True, "graphs": True},
 }
 PEERS = ("sasrec", "sasrec-compiled")
 SHAPES = [(2048, 200), (256, 2048)]
@@ -74,6 +79,8 @@ def build(model_name: str, steps: int, device: torch.device):
     compiled, graphs = spec.pop("compile", False), spec.pop("graphs", False)
     config = RecBLRConfig(embedding_dim=64, num_layers=2, dropout=0.2, max_positions=steps, **spec)
     model = RecBLR(NUM_ITEMS + 1, config).to(device)
+    if graphs:
+        model.static_padding(steps)  # as the trainer does under train.cuda_graphs
     if compiled:
         model.compile_encoder("inductor")  # as train.compile=inductor
     return model, torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphs)  # as optimizer_factory
@@ -169,8 +176,8 @@ def measure_and_free(*args) -> Dict:
 def step_table(rows: List[Dict]) -> str:
     lines = [
         "| B x T | precision | model | train step (ms) | train ex/s | train peak (GiB) | inference (ms) "
-        "| inference ex/s | train vs sasrec | train vs sasrec-compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| inference ex/s | train vs sasrec | train vs sasrec-compiled | train vs sasrec, same variant |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [
@@ -181,9 +188,16 @@ def step_table(rows: List[Dict]) -> str:
             _cell(row, "infer_ms"),
             _cell(row, "infer_examples_per_s"),
             *(_ratio(row, rows, peer) for peer in PEERS),
+            _ratio(row, rows, same_variant_peer(row["model"])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def same_variant_peer(model_name: str) -> str:
+    """recblr-graphed -> sasrec-graphed and so on; '' for the variants the Transformer lacks."""
+    peer = "sasrec" + model_name[len("recblr") :]
+    return peer if model_name.startswith("recblr") and peer in MODELS else ""
 
 
 def _ratio(row: Dict, rows: List[Dict], peer_name: str) -> str:

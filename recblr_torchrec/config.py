@@ -16,7 +16,7 @@ from .modules.encoder import RecBLRConfig
 from .modules.recblr import ContextConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
-OPTIMIZERS = ("adam", "adagrad", "sgd")
+OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 PRECISIONS = ("fp32", "tf32", "bf16")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
@@ -61,7 +61,8 @@ class TrainConfig:
     ``prefixes`` (the paper's RecBole protocol: one target per prefix, last T items kept).
     ``micro_batch_size``: sequences per forward/backward when accumulating gradients over a
     batch (0 = the whole batch at once); the update equals the whole batch's, in less memory.
-    ``optimizer``: the dense optimizer (and the local table's): ``adam``, ``adagrad`` or ``sgd``.
+    ``optimizer``: the dense optimizer (and the local table's): ``adam``, ``adamw`` (decoupled
+    ``weight_decay``), ``adagrad`` or ``sgd``; ``weight_decay``: 0 (the paper's) or the decay.
     ``loss``: ``full`` (softmax over the whole catalog, the paper's) or ``sampled`` (in-batch
     deduplicated targets plus ``num_negatives`` drawn by ``negative_sampler``, ``uniform`` or
     ``popularity``, with log-Q correction and accidental hits masked), for large catalogs.
@@ -88,7 +89,7 @@ class TrainConfig:
     shapes for padding: 8,192 suits the paper's ML-1M prefix batches (~243k positions: 3 shapes,
     1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
     3.6%). GPU only; single-process RecBLR runs with ``loss: full``, no micro-batches, and
-    ``optimizer: adam`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
+    ``optimizer: adam``/``adamw`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
@@ -300,6 +301,8 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
     if t.lr <= 0:
         raise ValueError(f"train.lr={t.lr} must be > 0")
+    if t.weight_decay < 0:
+        raise ValueError(f"train.weight_decay={t.weight_decay} must be >= 0 (0 = none, the paper's)")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if d.tie_order not in TIE_ORDERS:
@@ -317,10 +320,7 @@ def validate_config(config: RunConfig) -> None:
         reasons = {
             "train.loss=sampled (its candidate count varies; use full)": t.loss == "sampled",
             f"train.micro_batch_size={t.micro_batch_size} (use 0)": t.micro_batch_size != 0,
-            f"train.optimizer={t.optimizer} (use adam or sgd)": t.optimizer not in ("adam", "sgd"),
-            "model.architecture=sasrec (its padding reads the longest history on the host; use recblr)": (
-                m.architecture == "sasrec"
-            ),
+            f"train.optimizer={t.optimizer} (use adam, adamw or sgd)": t.optimizer not in ("adam", "adamw", "sgd"),
         }
         for reason, bad in reasons.items():
             if bad:

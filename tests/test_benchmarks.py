@@ -35,15 +35,20 @@ def test_saved_activation_bytes_are_charged_to_the_innermost_module():
 def test_step_table_reports_ratios_against_sasrec_and_the_sweep_plots(tmp_path):
     bench = load("bench_step")
     rows = []
-    for model, ms in (("recblr", 10.0), ("sasrec", 20.0), ("sasrec-compiled", 8.0)):
+    for model, ms in (("recblr", 10.0), ("sasrec", 20.0), ("sasrec-compiled", 8.0), ("recblr-graphed", 6.0)):
         row = {"model": model, "batch": 8, "length": 16, "precision": "fp32", "train_ms": ms}
         row.update(train_examples_per_s=800.0, train_peak_gib=1.0, infer_ms=1.0, infer_examples_per_s=8000.0)
         row.update(train_epoch_s=ms / 100, infer_epoch_s=0.01)
         rows.append(row)
+    rows.append({**rows[-1], "model": "sasrec-graphed", "train_ms": 4.0})
     rows.append({**rows[0], "length": 32})
     table = bench.step_table(rows).splitlines()
-    assert table[2].endswith("| 0.50x | 1.25x |") and table[3].endswith("| 1.00x | 2.50x |")
-    assert table[5].endswith("| - | - |")  # no peer at that length
+    # against sasrec, sasrec-compiled, and the Transformer run the same way (eager, graphed, ...)
+    assert table[2].endswith("| 0.50x | 1.25x | 0.50x |") and table[3].endswith("| 1.00x | 2.50x | - |")
+    assert table[5].endswith("| 0.30x | 0.75x | 1.50x |")  # recblr-graphed vs sasrec-graphed
+    assert table[7].endswith("| - | - | - |")  # no peer at that length
+    assert bench.same_variant_peer("recblr-compiled-graphed") == "sasrec-compiled-graphed"
+    assert bench.same_variant_peer("recblr-reference") == ""
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"rows": rows}))
     bench.main(["--plot", str(path), "--plot-out", str(tmp_path / "figure.png")])

@@ -54,6 +54,8 @@ def test_overrides_are_typed_and_nested():
         ("train.lr", "must look like section.key=value"),
         ("model.dropout=1.5", r"must be in \[0, 1\)"),
         ("train.compile=fast", "train.compile='fast'; choose off or a torch.compile backend: .*inductor"),
+        ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be >= 0"),
+        ("train.optimizer=lamb", "train.optimizer='lamb'; choose one of adam, adamw, adagrad, sgd"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(override, message):
@@ -72,3 +74,23 @@ def test_a_config_inherits_its_base_and_overrides_it():
     assert cpu.model == paper.model and cpu.data == paper.data
     assert (cpu.train.protocol, paper.train.protocol) == ("all_positions", "prefixes")
     assert cpu.train.lr == paper.train.lr and cpu.train.batch_size == 128
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient():
+    import torch
+
+    from recblr_torchrec.training.optimizers import optimizer_factory
+
+    config = load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.5", "train.lr=0.1"])
+    weight = torch.nn.Parameter(torch.full((3,), 2.0))
+    optimizer = optimizer_factory(config.train)([weight])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    weight.grad = torch.zeros(3)
+    optimizer.step()  # a zero gradient moves nothing but the decay: w * (1 - lr * decay)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 2.0 * (1 - 0.1 * 0.5)))
+    coupled = load_config(None, ["train.weight_decay=0.5", "train.lr=0.1"])  # adam: decay in the gradient
+    weight = torch.nn.Parameter(torch.full((3,), 2.0))
+    optimizer = optimizer_factory(coupled.train)([weight])
+    weight.grad = torch.zeros(3)
+    optimizer.step()  # Adam normalises the decay term: a full lr step
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 2.0 - 0.1), rtol=0, atol=1e-6)

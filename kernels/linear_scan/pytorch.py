@@ -64,13 +64,18 @@ def packed_positions(offsets: Tensor, num_positions: int) -> Tuple[Tensor, Tenso
     return seq_index, pos_index
 
 
-def pad_packed(values: Tensor, offsets: Tensor, seq_index: Tensor, pos_index: Tensor) -> Tensor:
-    """Packed rows [N, D] -> a right-padded block [S, T_max, D] with zeros after each sequence.
+def pad_packed(values: Tensor, offsets: Tensor, seq_index: Tensor, pos_index: Tensor, length: int = 0) -> Tensor:
+    """Packed rows [N, D] -> a right-padded block [S, T, D] with zeros after each sequence.
 
     ``seq_index``/``pos_index`` come from :func:`packed_positions`; TorchScript-compatible.
+    T is the longest sequence (read on the host: a synchronisation), or ``length`` when it is > 0,
+    which must then bound every sequence (no read, so a CUDA graph can capture the padding).
     """
     num_seq = offsets.shape[0] - 1
-    t_max = int((offsets[1:] - offsets[:-1]).max()) if num_seq > 0 else 0
+    if length > 0:
+        t_max = length
+    else:
+        t_max = int((offsets[1:] - offsets[:-1]).max()) if num_seq > 0 else 0
     padded = values.new_zeros(num_seq, t_max, values.shape[-1])
     return padded.index_put((seq_index, pos_index), values)
 

@@ -216,6 +216,14 @@ class RecBLR(nn.Module):
         keys and the exports are unchanged, and the TorchRec modules stay eager."""
         self.encoder.compile(backend=backend)
 
+    def static_padding(self, length: int) -> None:
+        """Make the encoder's padding of jagged batches static: ``length`` (>= every history)
+        positions, read from no tensor, so ``train.cuda_graphs`` can capture the step. Only the
+        SASRec-style encoder pads (to its batch's longest history by default); RecBLR's scan runs
+        on the jagged rows and has nothing to fix."""
+        if isinstance(self.encoder, SASRecEncoder):
+            self.encoder.static_padding(length)
+
     @property
     def dtype(self) -> torch.dtype:
         """The encoder's dtype (TorchRec's lookups return float32 whatever the table holds)."""

@@ -94,10 +94,23 @@ class SASRecEncoder(nn.Module):
     def __init__(self, config: SASRecConfig):
         super().__init__()
         self.config = config
+        self.static_length = 0  # see static_padding
         self.positions = nn.Embedding(config.max_len, config.embedding_dim)
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_layers)])
+
+    def static_padding(self, length: int) -> None:
+        """Pad jagged batches to ``length`` positions (>= every history) instead of the longest
+        history in the batch, which the host would have to read: with no read left the step can be
+        captured in a CUDA graph (``train.cuda_graphs``). 0 restores the default. Causal attention
+        never looks past a sequence's end, so the outputs are the same."""
+        if not 0 <= length <= self.config.max_len:
+            raise ValueError(
+                f"static padding length={length} must be in [0, max_len={self.config.max_len}] "
+                "(raise model.max_positions)"
+            )
+        self.static_length = length
 
     def forward(
         self,
@@ -112,7 +125,7 @@ class SASRecEncoder(nn.Module):
             padded = embeddings
         else:
             seq_index, pos_index = packed_positions(offsets, embeddings.shape[0])
-            padded = pad_packed(embeddings, offsets, seq_index, pos_index)
+            padded = pad_packed(embeddings, offsets, seq_index, pos_index, self.static_length)
         steps = padded.shape[1]
         if steps > self.config.max_len:
             raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")

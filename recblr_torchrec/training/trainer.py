@@ -165,6 +165,8 @@ class Trainer:
         self.model = RecBLR(
             self.data.num_items + 1, config.model, candidate_feature=sampled, context=config.context
         ).to(self.device)
+        if t.cuda_graphs:
+            self.model.static_padding(max_len)  # no host read of the longest history (SASRec-style)
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)

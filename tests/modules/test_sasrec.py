@@ -69,3 +69,36 @@ def test_sasrec_rows_compute_the_last_block_at_those_rows_only():
     empty = encoder(values, offsets=offsets, rows=torch.tensor([], dtype=torch.long))  # a filler batch
     assert empty.shape == (0, 8)
     assert len(lengths) == 3
+
+
+def test_static_padding_gives_the_same_outputs_and_gradients_and_a_fixed_shape():
+    import pytest
+
+    encoder = make(2).double()
+    offsets = torch.tensor([0, 1, 5, 8])
+    values = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    for rows in (None, offsets[1:] - 1, torch.arange(8)):
+        encoder.static_padding(0)
+        want = encoder(values, offsets=offsets, rows=rows)
+        want_grads = torch.autograd.grad(want.square().sum(), [values, *encoder.parameters()])
+        encoder.static_padding(9)  # max_len: longer than every sequence (the longest has 4)
+        got = encoder(values, offsets=offsets, rows=rows)
+        got_grads = torch.autograd.grad(got.square().sum(), [values, *encoder.parameters()])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"length=10 must be in \[0, max_len=9\].*model.max_positions"):
+        encoder.static_padding(10)
+
+
+def test_pad_packed_takes_a_fixed_length_without_reading_the_offsets():
+    from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions, pad_packed
+
+    offsets = torch.tensor([0, 2, 3])
+    values = torch.arange(6.0).view(3, 2)
+    seq, pos = packed_positions(offsets, 3)
+    assert pad_packed(values, offsets, seq, pos).shape == (2, 2, 2)
+    fixed = pad_packed(values, offsets, seq, pos, 5)
+    assert fixed.shape == (2, 5, 2) and not fixed[:, 2:].any() and not fixed[1, 1:].any()
+    torch.testing.assert_close(fixed[0, :2], values[:2])
+    torch.testing.assert_close(fixed[1, 0], values[2])
