@@ -88,8 +88,9 @@ class TrainConfig:
     batch, fillers' ignored, so their target count varies inside a fixed shape. The quantum trades
     shapes for padding: 8,192 suits the paper's ML-1M prefix batches (~243k positions: 3 shapes,
     1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
-    3.6%). GPU only; single-process RecBLR runs with ``loss: full``, no micro-batches, and
-    ``optimizer: adam``/``adamw`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
+    3.6%). GPU only; single-process runs (RecBLR, or the SASRec-style encoder, whose padding is
+    then fixed at ``data.max_len``) with ``loss: full``, no micro-batches, and ``optimizer:
+    adam``/``adamw`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
