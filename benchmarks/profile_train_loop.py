@@ -12,7 +12,10 @@ DataLoader, ``Trainer.train_step``) and splits each step's wall time:
 - ``syncs_per_step``: host synchronisations per step, counted with
   ``torch.cuda.set_sync_debug_mode`` and attributed to the source line that caused each;
 - ``host_ops``: the operators with the most host (CPU) self time per step (a synchronising op's
-  time includes its wait for the device).
+  time includes its wait for the device);
+- ``gpu_kernels``: the kernels and copies with the most GPU time per step;
+- with ``--eval-reps N``: ``eval_wall_ms``, the wall time of one validation pass (as after every
+  epoch, mean of N after a first), and of one profiled pass its operators, GPU busy time and syncs.
 
 Usage (GPU; on CPU the device columns are left out):
 
@@ -122,16 +125,27 @@ def _sync_sites(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, fl
     return {site: n / steps for site, n in counts.most_common()}
 
 
+def _device_spans(events):
+    """The kernels, copies and memsets among profiler events (no annotation ranges)."""
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def top_kernels(events, steps: int, top: int) -> List[Dict]:
+    """The device kernels (and copies) with the most GPU time, in milliseconds and calls per step."""
+    totals: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in _device_spans(events):
+        totals[e.name][0] += e.time_range.end - e.time_range.start
+        totals[e.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    return [{"kernel": name, "gpu_ms": us / 1e3 / steps, "calls": n / steps} for name, (us, n) in ranked]
+
+
 def device_busy_us(events) -> float:
     """Microseconds in which the GPU ran at least one kernel, copy or memset: the union of those
     events' intervals. Operators' device times would count their kernels again, and the GPU-side
     ranges of ``record_function`` annotations (Adam.step, Inductor graphs, TorchRec's) span the
     kernels inside them and the idle gaps between."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    )
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _device_spans(events))
     busy, end = 0.0, float("-inf")
     for start, stop in spans:
         if stop > end:
@@ -160,10 +174,36 @@ def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
     }
     if trainer.device.type == "cuda":
         result["gpu_busy_ms"] = device_busy_us(prof.events()) / 1e3 / steps
+        result["gpu_kernels"] = top_kernels(prof.events(), steps, top)
     return result
 
 
-def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: int = 25) -> Dict:
+def profile_evaluation(trainer: Trainer, reps: int) -> Dict:
+    """One validation pass (``Trainer.evaluate``, as after every epoch): its wall time over ``reps``
+    passes after a first one, then one pass profiled (GPU busy time, operators, syncs)."""
+    trainer.evaluate("valid")  # first pass: allocator, kernel compilation, the catalog cache
+    _synchronize(trainer.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        trainer.evaluate("valid")
+    _synchronize(trainer.device)
+    result = {"eval_wall_ms": 1e3 * (time.perf_counter() - start) / reps}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.evaluate("valid")
+        _synchronize(trainer.device)
+    events = prof.key_averages()
+    result["eval_ops"] = sum(e.count for e in events if e.key.startswith("aten::"))
+    if trainer.device.type == "cuda":
+        result["eval_gpu_busy_ms"] = device_busy_us(prof.events()) / 1e3
+        sites = count_sync_warnings(lambda: trainer.evaluate("valid"))
+        result["eval_syncs"] = sum(sites.values())
+    return result
+
+
+def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: int = 25, eval_reps: int = 0) -> Dict:
     """Builds the trainer of ``config`` and measures its loop (see the module docstring)."""
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out, data_dir)
@@ -180,6 +220,8 @@ def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: 
         if trainer.graphed is not None:
             result["graphs"] = trainer.graphed.stats()
             print(f"  cuda graphs: {result['graphs']}")
+        if eval_reps:
+            result.update(profile_evaluation(trainer, eval_reps))
     result.update(torch=torch.__version__, batch_size=config.train.batch_size, protocol=config.train.protocol)
     return result
 
@@ -191,12 +233,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--eval-reps", type=int, default=0, help="also time this many validation passes")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.eval_reps < 0:
+        parser.error(
+            f"--steps must be >= 1, --warmup and --eval-reps >= 0; got {args.steps}, {args.warmup}, {args.eval_reps}"
+        )
     config = load_config(args.config, args.overrides)
-    result = profile_loop(config, resolve_data_dir(args.data_dir), args.warmup, args.steps)
+    result = profile_loop(config, resolve_data_dir(args.data_dir), args.warmup, args.steps, eval_reps=args.eval_reps)
     line = f"{result['config']} on {result['device']}: {result['wall_ms']:.2f} ms a step wall, "
     line += f"{result['host_ms']:.2f} ms host, {result['loader_wait_ms']:.2f} ms waiting for batches"
     if "gpu_busy_ms" in result:
@@ -206,6 +251,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"  sync {n:5.1f} a step  {site}")
     for op in result["host_ops"][:15]:
         print(f"  {op['host_self_ms']:7.3f} ms host  {op['calls']:6.1f} calls  {op['op'][:90]}")
+    for kernel in result.get("gpu_kernels", [])[:15]:
+        print(f"  {kernel['gpu_ms']:7.3f} ms GPU   {kernel['calls']:6.1f} calls  {kernel['kernel'][:90]}")
+    if "eval_wall_ms" in result:
+        line = f"validation pass: {result['eval_wall_ms']:.1f} ms wall, {result['eval_ops']} operators"
+        if "eval_gpu_busy_ms" in result:
+            line += f", {result['eval_gpu_busy_ms']:.1f} ms GPU busy, {result['eval_syncs']} syncs"
+        print(line)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -62,7 +62,8 @@ class TrainConfig:
     ``micro_batch_size``: sequences per forward/backward when accumulating gradients over a
     batch (0 = the whole batch at once); the update equals the whole batch's, in less memory.
     ``optimizer``: the dense optimizer (and the local table's): ``adam``, ``adamw`` (decoupled
-    ``weight_decay``), ``adagrad`` or ``sgd``; ``weight_decay``: 0 (the paper's) or the decay.
+    ``weight_decay``), ``adagrad`` or ``sgd``; ``weight_decay``: 0 (the paper's) or the decay (in
+    distributed runs also given to the tables' fused optimizer: see ``distributed.sharding``).
     ``loss``: ``full`` (softmax over the whole catalog, the paper's) or ``sampled`` (in-batch
     deduplicated targets plus ``num_negatives`` drawn by ``negative_sampler``, ``uniform`` or
     ``popularity``, with log-Q correction and accidental hits masked), for large catalogs.

@@ -87,6 +87,8 @@ def test_training_loop_profile_splits_the_step(data_dir, tmp_path):
             "1",
             "--steps",
             "2",
+            "--eval-reps",
+            "1",
         ]
         + ["--set", *overrides, "--out", str(out)]
     )
@@ -95,6 +97,7 @@ def test_training_loop_profile_splits_the_step(data_dir, tmp_path):
     assert 0 < result["host_ms"] <= result["wall_ms"]
     assert result["ops_per_step"] > 10 and result["host_ops"][0]["host_self_ms"] > 0
     assert "gpu_busy_ms" not in result  # CPU: no device columns
+    assert result["eval_wall_ms"] > 0 and result["eval_ops"] > 10 and "eval_gpu_busy_ms" not in result
 
 
 def test_device_busy_time_is_the_union_of_kernel_spans_without_annotations():
@@ -113,6 +116,13 @@ def test_device_busy_time_is_the_union_of_kernel_spans_without_annotations():
         event(30, 90, device=DeviceType.CPU),
     ]
     assert loop.device_busy_us(events) == 12 + 5
+    for e, name in zip(events, ["gemm", "gemm", "copy", "annotation", "cpu op"]):
+        e.name = name
+    kernels = loop.top_kernels(events, steps=2, top=5)  # per step, annotations and host ops left out
+    assert kernels == [
+        {"kernel": "gemm", "gpu_ms": 17 / 2e3, "calls": 1.0},
+        {"kernel": "copy", "gpu_ms": 5 / 2e3, "calls": 0.5},
+    ]
 
 
 def test_bench_step_batch_carries_what_the_pipeline_carries():

@@ -81,16 +81,16 @@ def test_adamw_decays_the_weights_apart_from_the_gradient():
 
     from recblr_torchrec.training.optimizers import optimizer_factory
 
-    config = load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.5", "train.lr=0.1"])
-    weight = torch.nn.Parameter(torch.full((3,), 2.0))
-    optimizer = optimizer_factory(config.train)([weight])
-    assert isinstance(optimizer, torch.optim.AdamW)
-    weight.grad = torch.zeros(3)
-    optimizer.step()  # a zero gradient moves nothing but the decay: w * (1 - lr * decay)
-    torch.testing.assert_close(weight.detach(), torch.full((3,), 2.0 * (1 - 0.1 * 0.5)))
-    coupled = load_config(None, ["train.weight_decay=0.5", "train.lr=0.1"])  # adam: decay in the gradient
-    weight = torch.nn.Parameter(torch.full((3,), 2.0))
-    optimizer = optimizer_factory(coupled.train)([weight])
-    weight.grad = torch.zeros(3)
-    optimizer.step()  # Adam normalises the decay term: a full lr step
-    torch.testing.assert_close(weight.detach(), torch.full((3,), 2.0 - 0.1), rtol=0, atol=1e-6)
+    decay = ["train.weight_decay=0.01", "train.lr=0.1"]
+    steps = {}
+    for name in ("adamw", "adam"):
+        config = load_config(None, [f"train.optimizer={name}", *decay])
+        weight = torch.nn.Parameter(torch.full((3,), 2.0))
+        optimizer = optimizer_factory(config.train)([weight])
+        weight.grad = torch.zeros(3)
+        optimizer.step()
+        steps[name] = (type(optimizer), float(weight[0]))
+    # AdamW: a zero gradient moves nothing but the decay, w * (1 - lr * decay) = 1.998; Adam adds the
+    # decay to the gradient and normalises it: a full lr step, 1.9
+    assert steps["adamw"][0] is torch.optim.AdamW and abs(steps["adamw"][1] - 2.0 * (1 - 0.1 * 0.01)) < 1e-6
+    assert steps["adam"][0] is torch.optim.Adam and abs(steps["adam"][1] - 1.9) < 1e-6

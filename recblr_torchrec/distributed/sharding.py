@@ -47,7 +47,34 @@ def fused_params(dc: DistributedConfig, train: TrainConfig, device: torch.device
     }
     if dc.sparse_optimizer in ("adagrad", "rowwise_adagrad"):
         params["eps"] = ADAGRAD_EPS
+    if train.weight_decay > 0:
+        params.update(_table_weight_decay(dc.sparse_optimizer, train, device))
     return params
+
+
+def _table_weight_decay(sparse_optimizer: str, train: TrainConfig, device: torch.device) -> Dict[str, object]:
+    """What the fused table optimizer needs to apply ``train.weight_decay`` to the tables too.
+
+    FBGEMM's fused SGD and Adagrad have no weight decay, and its CPU kernels ignore it (measured:
+    a CPU row-wise Adagrad step is the same with and without it), so a decay that would reach the
+    dense part only is refused. Row-wise Adagrad takes it as L2 (``adam``/``adagrad``/``sgd``) or
+    decoupled (``adamw``); the fused Adam decouples it always.
+    """
+    if device.type != "cuda" or sparse_optimizer in ("sgd", "adagrad"):
+        where = "on CPU " if device.type != "cuda" else ""
+        raise ValueError(
+            f"train.weight_decay={train.weight_decay} would not reach the sharded tables: FBGEMM's fused "
+            f"{sparse_optimizer} {where}has no weight decay. Use distributed.sparse_optimizer=rowwise_adagrad "
+            "or adam on a GPU, or train.weight_decay=0"
+        )
+    if sparse_optimizer != "rowwise_adagrad":
+        return {}
+    try:
+        from fbgemm_gpu.tbe.config import WeightDecayMode
+    except ImportError:  # older FBGEMM
+        from fbgemm_gpu.split_embedding_configs import WeightDecayMode
+    mode = WeightDecayMode.DECOUPLE if train.optimizer == "adamw" else WeightDecayMode.L2
+    return {"weight_decay_mode": mode}
 
 
 def sharding_constraints(dc: DistributedConfig) -> Dict[str, ParameterConstraints]:

@@ -165,8 +165,8 @@ class Trainer:
         self.model = RecBLR(
             self.data.num_items + 1, config.model, candidate_feature=sampled, context=config.context
         ).to(self.device)
-        if t.cuda_graphs:
-            self.model.static_padding(max_len)  # no host read of the longest history (SASRec-style)
+        if t.cuda_graphs:  # the SASRec-style encoder pads to a bound, not to a length the host reads
+            self.model.static_padding(max(max_len, self.train_batches.pad[1]))  # fillers have >= 2 positions
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
@@ -196,11 +196,18 @@ class Trainer:
                     f"{self.output_dir} holds a run with a different {section} config ({saved[section]}); "
                     "use another --output-dir or the same config"
                 )
+        t = self.config.train
+        if saved["train"]["optimizer"] != t.optimizer:  # its state (moments, sums) is another optimizer's
+            raise ValueError(
+                f"{self.output_dir} was trained with train.optimizer={saved['train']['optimizer']}, not "
+                f"{t.optimizer}; resume with the same optimizer or use another --output-dir"
+            )
         self.model.load_state_dict(ckpt["model"])
         optimizer = ckpt["optimizer"]
-        for group in optimizer["param_groups"]:  # a run may resume with train.cuda_graphs switched
-            if "capturable" in group:  # load_state_dict would keep the saved flag
-                group["capturable"] = self.config.train.cuda_graphs
+        for group in optimizer["param_groups"]:  # load_state_dict would keep the saved settings:
+            group.update(lr=t.lr, weight_decay=t.weight_decay)  # a resumed run takes its config's
+            if "capturable" in group:  # and may switch train.cuda_graphs
+                group["capturable"] = t.cuda_graphs
         self.optimizer.load_state_dict(optimizer)
         self.state, self.history = ckpt["state"], ckpt["history"]
         restore_rng(ckpt["rng"], self.device)

@@ -47,3 +47,27 @@ def test_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, dat
     (tmp_path / "one").mkdir()
     (fewer,) = run_on_ranks(resume_on_fewer_ranks, tmp_path / "one", data_dir, cache, str(tmp_path), world=1)
     assert fewer == {"resumed_after_epoch": 2, "epochs": [1, 2, 3]}
+
+
+def test_weight_decay_reaches_the_fused_table_optimizer_or_is_refused():
+    import torch
+
+    from recblr_torchrec.config import DistributedConfig, TrainConfig
+    from recblr_torchrec.distributed.sharding import fused_params
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # a device object only: nothing runs on it
+
+    def params(sparse, optimizer="adam", decay=0.1, device=gpu):
+        return fused_params(
+            DistributedConfig(sparse_optimizer=sparse), TrainConfig(optimizer=optimizer, weight_decay=decay), device
+        )
+
+    assert "weight_decay_mode" not in params("sgd", decay=0.0, device=cpu)  # no decay: nothing to check
+    assert params("rowwise_adagrad")["weight_decay_mode"].name == "L2"  # as Adam's coupled decay
+    assert params("rowwise_adagrad", "adamw")["weight_decay_mode"].name == "DECOUPLE"
+    adam = params("adam", "adamw")
+    assert adam["weight_decay"] == 0.1 and "weight_decay_mode" not in adam  # FBGEMM's Adam decouples it
+    with pytest.raises(ValueError, match="weight_decay=0.1 would not reach the sharded tables.*fused sgd has no"):
+        params("sgd")
+    with pytest.raises(ValueError, match="fused rowwise_adagrad on CPU has no weight decay.*train.weight_decay=0"):
+        params("rowwise_adagrad", device=cpu)

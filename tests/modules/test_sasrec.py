@@ -71,9 +71,20 @@ def test_sasrec_rows_compute_the_last_block_at_those_rows_only():
     assert len(lengths) == 3
 
 
-def test_static_padding_gives_the_same_outputs_and_gradients_and_a_fixed_shape():
+def test_static_padding_gives_the_same_outputs_and_gradients_and_a_fixed_shape(monkeypatch):
     import pytest
 
+    from recblr_torchrec.modules import sasrec
+
+    widths = []
+
+    def recording_pad(*args):
+        padded = pad_packed(*args)
+        widths.append(padded.shape[1])
+        return padded
+
+    pad_packed = sasrec.pad_packed
+    monkeypatch.setattr(sasrec, "pad_packed", recording_pad)
     encoder = make(2).double()
     offsets = torch.tensor([0, 1, 5, 8])
     values = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
@@ -87,18 +98,36 @@ def test_static_padding_gives_the_same_outputs_and_gradients_and_a_fixed_shape()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert widths == [4, 9] * 3  # the longest sequence, then the fixed length
     with pytest.raises(ValueError, match=r"length=10 must be in \[0, max_len=9\].*model.max_positions"):
         encoder.static_padding(10)
 
 
-def test_pad_packed_takes_a_fixed_length_without_reading_the_offsets():
+def test_pad_packed_takes_a_fixed_length_without_reading_the_offsets(monkeypatch):
     from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions, pad_packed
 
     offsets = torch.tensor([0, 2, 3])
     values = torch.arange(6.0).view(3, 2)
     seq, pos = packed_positions(offsets, 3)
     assert pad_packed(values, offsets, seq, pos).shape == (2, 2, 2)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the longest length was read")
+
+    monkeypatch.setattr(torch.Tensor, "max", no_read)  # the longest length is read with .max()
     fixed = pad_packed(values, offsets, seq, pos, 5)
     assert fixed.shape == (2, 5, 2) and not fixed[:, 2:].any() and not fixed[1, 1:].any()
+    monkeypatch.undo()
     torch.testing.assert_close(fixed[0, :2], values[:2])
     torch.testing.assert_close(fixed[1, 0], values[2])
+
+
+def test_the_model_fixes_only_the_sasrec_encoders_padding():
+    from recblr_torchrec.modules import RecBLR, RecBLRConfig
+
+    sasrec_model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1, architecture="sasrec", max_positions=6))
+    sasrec_model.static_padding(5)
+    assert sasrec_model.encoder.static_length == 5
+    recblr_model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1))
+    recblr_model.static_padding(5)  # its scan runs on the jagged rows: nothing to fix
+    assert not hasattr(recblr_model.encoder, "static_length")

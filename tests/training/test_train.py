@@ -56,6 +56,19 @@ def test_resume_refuses_a_different_model(tmp_path, data_dir):
         other.fit()
 
 
+def test_resume_refuses_another_optimizer_and_takes_the_configs_learning_rate_and_decay(tmp_path, data_dir):
+    cache = [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=1"]
+    Trainer(load_config(TINY, SMALL + cache), str(tmp_path), data_dir).fit()  # adam, lr 1e-3, no decay
+    other = Trainer(load_config(TINY, SMALL + cache + ["train.optimizer=adamw"]), str(tmp_path), data_dir)
+    with pytest.raises(ValueError, match="train.optimizer=adam, not adamw; resume with the same optimizer"):
+        other.resume()
+    changed = ["train.lr=3e-4", "train.weight_decay=0.01"]
+    resumed = Trainer(load_config(TINY, SMALL + cache + changed), str(tmp_path), data_dir)
+    assert resumed.resume()
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.optimizer.param_groups] == [(3e-4, 0.01)]
+    assert resumed.optimizer.state  # the moments came back
+
+
 def test_micro_batches_give_the_whole_batch_update(tmp_path, data_dir):
     overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0"]
     whole = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
