@@ -56,8 +56,8 @@ def _table_weight_decay(sparse_optimizer: str, train: TrainConfig, device: torch
     """What the fused table optimizer needs to apply ``train.weight_decay`` to the tables too.
 
     FBGEMM's fused SGD and Adagrad have no weight decay, and its CPU kernels ignore it (measured:
-    a CPU row-wise Adagrad step is the same with and without it), so a decay that would reach the
-    dense part only is refused. Row-wise Adagrad takes it as L2 (``adam``/``adagrad``/``sgd``) or
+    a CPU row-wise Adagrad step is the same with and without it; on the H200 the CUDA kernel
+    applies both modes), so a decay that would reach the dense part only is refused. Row-wise Adagrad takes it as L2 (``adam``/``adagrad``/``sgd``) or
     decoupled (``adamw``); the fused Adam decouples it always.
     """
     if device.type != "cuda" or sparse_optimizer in ("sgd", "adagrad"):
@@ -71,8 +71,8 @@ def _table_weight_decay(sparse_optimizer: str, train: TrainConfig, device: torch
         return {}
     try:
         from fbgemm_gpu.tbe.config import WeightDecayMode
-    except ImportError:  # older FBGEMM
-        from fbgemm_gpu.split_embedding_configs import WeightDecayMode
+    except ImportError:  # FBGEMM 1.6 defines it with the training TBE
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
     mode = WeightDecayMode.DECOUPLE if train.optimizer == "adamw" else WeightDecayMode.L2
     return {"weight_decay_mode": mode}
 
