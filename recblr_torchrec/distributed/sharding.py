@@ -57,8 +57,9 @@ def _table_weight_decay(sparse_optimizer: str, train: TrainConfig, device: torch
 
     FBGEMM's fused SGD and Adagrad have no weight decay, and its CPU kernels ignore it (measured:
     a CPU row-wise Adagrad step is the same with and without it; on the H200 the CUDA kernel
-    applies both modes), so a decay that would reach the dense part only is refused. Row-wise Adagrad takes it as L2 (``adam``/``adagrad``/``sgd``) or
-    decoupled (``adamw``); the fused Adam decouples it always.
+    applies both modes), so a decay that would reach the dense part only is refused. Row-wise
+    Adagrad takes it as L2 (``adam``/``adagrad``/``sgd``) or decoupled (``adamw``); the fused Adam
+    decouples it always.
     """
     if device.type != "cuda" or sparse_optimizer in ("sgd", "adagrad"):
         where = "on CPU " if device.type != "cuda" else ""
