@@ -2,12 +2,14 @@
 
 For each shape ([B, T] = [2048, 200] and [256, 2048], D = 128, fp32, packed), times forward and
 forward+backward (``triton.testing.do_bench``, median ms) of
-  bdlru  - every (CHUNK, BLOCK_D) in {16, 32, 64} x {16, 32, 64, 128};
+  bdlru  - every (CHUNK, BLOCK_D) in {16, 32, 64} x {16, 32, 64, 128}, the same tile both ways;
   conv   - every (BLOCK_N, backward programs) in {16, 32, 64} x {512, 1024, 4096};
-by overriding the kernels' tile choice for the run. The defaults in ``kernels/bdlru/triton.py``
-(``_tile``) and ``kernels/causal_conv/triton.py`` (``_BLOCK_N``, ``_MAX_PROGRAMS``) come from it.
+by overriding the kernels' tile choice for the run. ``--directions`` instead times the BD-LRU's
+forward and backward kernels apart over (CHUNK, BLOCK_D, num_warps) in {8, 16} x {16, 32} x
+{1, 2, 4}, fp32 and bf16. The defaults in ``kernels/bdlru/triton.py`` (``_tile``) and
+``kernels/causal_conv/triton.py`` (``_BLOCK_N``, ``_MAX_PROGRAMS``) come from these sweeps.
 
-Usage (GPU): python benchmarks/tile_sweep.py --out tiles.json
+Usage (GPU): python benchmarks/tile_sweep.py [--directions] --out tiles.json
 """
 
 import argparse
@@ -52,7 +54,7 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     default = fused._tile
     try:
         for chunk, block_d in itertools.product((16, 32, 64), (16, 32, 64, 128)):
-            fused._tile = lambda _channels, _steps, tile=(chunk, block_d): tile
+            fused._tile = lambda _channels, _backward, tile=(chunk, block_d, 4): tile
             run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=ScanBackend.TRITON), [c, gates, z, decay], grad)
             rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
             print(json.dumps(rows[-1]), flush=True)
@@ -76,13 +78,47 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     return rows
 
 
+def time_directions(c, gates, z, dout, decay, offsets) -> Dict[str, float]:
+    """Median ms of the BD-LRU forward kernel and of its backward kernel, with the current tile."""
+    from triton.testing import do_bench
+
+    _, h = fused.bdlru_forward(c, gates, z, decay, offsets)
+    return {
+        "fwd_ms": do_bench(lambda: fused.bdlru_forward(c, gates, z, decay, offsets), warmup=5, rep=40),
+        "bwd_ms": do_bench(lambda: fused.bdlru_backward(dout, c, gates, z, decay, h, offsets), warmup=5, rep=40),
+    }
+
+
+def direction_sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
+    """The BD-LRU forward and backward kernels timed apart, per tile and warp count."""
+    n, rows, default = batch * steps, [], fused._tile
+    offsets = torch.arange(batch + 1, device="cuda") * steps
+    decay = torch.linspace(-2.2, -6.9, channels, device="cuda")
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            c, dout = (torch.randn(n, channels, device="cuda", dtype=dtype) for _ in range(2))
+            gates = (2 * torch.randn(n, 2 * channels, device="cuda")).to(dtype)
+            z = torch.randn(n, 2 * channels, device="cuda", dtype=dtype)[:, channels:]  # strided, as in the model
+            for chunk, block_d, warps in itertools.product((8, 16), (16, 32), (1, 2, 4)):
+                fused._tile = lambda _channels, _backward, tile=(chunk, block_d, warps): tile
+                run = time_directions(c, gates, z, dout, decay, offsets)
+                row = {"kernel": "bdlru-directions", "batch": batch, "length": steps, "dtype": str(dtype)[6:]}
+                rows.append({**row, "chunk": chunk, "block_d": block_d, "warps": warps, **run})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        fused._tile = default
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--directions", action="store_true", help="BD-LRU forward and backward apart, with warps")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    rows = [row for batch, steps in SHAPES for row in sweep(batch, steps)]
+    run = direction_sweep if args.directions else sweep
+    rows = [row for batch, steps in SHAPES for row in run(batch, steps)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -191,17 +191,17 @@ def _allocate(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 class _Launch:
     """What the forward and the backward kernel launch share: one program per (sequence, channel
-    block), softplus(Lambda) as fp32, the tile and the layout flags."""
+    block), softplus(Lambda) as fp32, the tile (``_tile``, by direction) and the layout flags."""
 
-    def __init__(self, c: Tensor, decay_param: Tensor, offsets: Optional[Tensor]):
+    def __init__(self, c: Tensor, decay_param: Tensor, offsets: Optional[Tensor], backward: bool = False):
         if offsets is None:
             self.num_seq, self.steps, self.channels = c.shape[0], c.shape[1], c.shape[2]
         else:
             self.num_seq, self.steps, self.channels = offsets.numel() - 1, 0, c.shape[1]
         self.rate = F.softplus(decay_param.float()).contiguous()
-        chunk, block_d = _tile(self.channels, self.steps)
+        chunk, block_d, warps = _tile(self.channels, backward)
         self.grid = (self.num_seq, triton.cdiv(self.channels, block_d))
-        self.meta = {"IS_PACKED": offsets is not None, "CHUNK": chunk, "BLOCK_D": block_d}
+        self.meta = {"IS_PACKED": offsets is not None, "CHUNK": chunk, "BLOCK_D": block_d, "num_warps": warps}
         self.work = self.num_seq > 0 and c.numel() > 0
 
     def shape_args(self, offsets: Optional[Tensor]) -> Tuple:
@@ -223,12 +223,17 @@ def _strided_rows(z: Tensor) -> Tuple[Tensor, int]:
     return z.contiguous(), z.shape[-1]
 
 
-def _tile(channels: int, steps: int) -> Tuple[int, int]:
-    """(CHUNK, BLOCK_D). Narrow channel blocks give more programs (more sequences in flight) and
-    short chunks keep the scan's registers low: on the H200, [16, 32] tiles ran forward+backward
-    1.6x (2048 x 200 x 128) and 1.7x (256 x 2048 x 128) faster than [32, 64], the best of a
-    {16, 32, 64} x {16, 32, 64, 128} sweep at both shapes."""
-    return 16, min(32, triton.next_power_of_2(channels))
+def _tile(channels: int, backward: bool) -> Tuple[int, int, int]:
+    """(CHUNK, BLOCK_D, num_warps). Narrow channel blocks give more programs (more sequences in
+    flight) and short chunks keep the scan's registers low: on the H200, [16, 32] tiles ran
+    forward+backward 1.6x (2048 x 200 x 128) and 1.7x (256 x 2048 x 128) faster than [32, 64], the
+    best of a {16, 32, 64} x {16, 32, 64, 128} sweep at both shapes. A second sweep, each direction
+    apart ({8, 16} steps x {16, 32} channels x {1, 2, 4} warps, packed, D = 128,
+    ``benchmarks/results/bdlru_tiles_warps_h200.json``) kept [16, 32] with 4 warps forward and
+    found [8, 32] with 2 warps best backward: 0.86x / 0.88x the time in fp32 at 2048 x 200 /
+    256 x 2048, 1.00x / 1.01x in bf16. The backward's register-heavy tile prefers fewer rows."""
+    block_d = min(32, triton.next_power_of_2(channels))
+    return (8, block_d, 2) if backward else (16, block_d, 4)
 
 
 def bdlru_forward(
@@ -260,7 +265,7 @@ def bdlru_backward(
     """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
     c, gate_logits, dout = c.contiguous(), gate_logits.contiguous(), dout.contiguous()
     z, z_stride = _strided_rows(z)
-    launch = _Launch(c, decay_param, offsets)
+    launch = _Launch(c, decay_param, offsets, backward=True)
     dc = _allocate(c.shape, c.dtype, c.device)
     dg = _allocate(gate_logits.shape, gate_logits.dtype, c.device)
     dz = _allocate(z.shape, z.dtype, c.device)
