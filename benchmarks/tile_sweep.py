@@ -79,7 +79,8 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
 
 
 def time_directions(c, gates, z, dout, decay, offsets) -> Dict[str, float]:
-    """Median ms of the BD-LRU forward kernel and of its backward kernel, with the current tile."""
+    """Median ms of the BD-LRU forward and backward host wrappers (each one kernel launch plus the
+    softplus of Lambda, the output buffers and, backward, the dLambda sum), with the current tile."""
     from triton.testing import do_bench
 
     _, h = fused.bdlru_forward(c, gates, z, decay, offsets)

@@ -44,6 +44,19 @@ def test_dense_matches_reference_at_odd_lengths(device, steps):
     compare(inputs((2, steps, 5), device), None, atol=2e-5)
 
 
+@pytest.mark.parametrize("forward_tile, backward_tile", [((16, 32, 4), (8, 32, 2)), ((8, 16, 1), (16, 16, 4))])
+def test_every_tile_boundary_with_different_tiles_forward_and_backward(
+    device, monkeypatch, forward_tile, backward_tile
+):
+    # the defaults first; then the other way round: each direction's chunk must not assume the other's
+    monkeypatch.setattr(fused, "_tile", lambda channels, backward: backward_tile if backward else forward_tile)
+    chunks = {forward_tile[0], backward_tile[0]}
+    lengths = sorted({n for chunk in chunks for n in (chunk - 1, chunk, chunk + 1, 2 * chunk)})  # 7..32
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    compare(inputs((sum(lengths), 40), device, seed=8), offsets, atol=2e-5)  # 40 channels: a partial block
+    compare(inputs((2, lengths[-1], 5), device, seed=9), None, atol=2e-5)
+
+
 def test_several_channel_blocks(device):
     compare(inputs((2, 20, 70), device, seed=4), None, atol=2e-5)
 
