@@ -154,12 +154,17 @@ def device_busy_us(events) -> float:
     return busy
 
 
+def _profiler(device: torch.device) -> torch.profiler.profile:
+    """A profiler of the host and, on a GPU, of the device."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
 def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
     """Device busy time and the host operators with the most CPU self time, per step."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if trainer.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with _profiler(trainer.device) as prof:
         for _ in range(steps):
             trainer.train_step(next(batches))
         _synchronize(trainer.device)
@@ -188,10 +193,7 @@ def profile_evaluation(trainer: Trainer, reps: int) -> Dict:
         trainer.evaluate("valid")
     _synchronize(trainer.device)
     result = {"eval_wall_ms": 1e3 * (time.perf_counter() - start) / reps}
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if trainer.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with _profiler(trainer.device) as prof:
         trainer.evaluate("valid")
         _synchronize(trainer.device)
     events = prof.key_averages()

@@ -70,11 +70,10 @@ def compile_scorer(scorer: RecBLRScorer, k: int, batch: int, package_path: str) 
     try:
         return torch._inductor.aoti_compile_and_package(program, package_path=package_path)
     except Exception as error:  # Inductor raises its own types, which differ between versions
-        release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
         hint = (
             "its lowering of the scan loop works with torch 2.13 (measured; torch 2.11 fails in "
             "codegen_while_loop): upgrade torch, or "
-            if release < (2, 13)
+            if torch.__version__ < (2, 13)  # a TorchVersion: compares with tuples
             else "check the C++ compiler AOTInductor calls, or "
         )
         raise RuntimeError(

@@ -11,7 +11,6 @@ from recblr_torchrec.serving import export
 from .conftest import NUM_EMBEDDINGS, random_histories, random_model, write_checkpoint
 
 BATCH, K = 3, 5
-TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def packaged(tmp_path_factory):
 
 
 @pytest.mark.skipif(
-    TORCH < (2, 13),
+    torch.__version__ < (2, 13),  # a TorchVersion: compares with tuples
     reason="torch 2.11's AOTInductor fails to lower the scan loop (codegen_while_loop, measured on the H200 "
     "machine); export then raises the error test_a_failed_compile_keeps_the_torchscript_artifacts checks",
 )
