@@ -67,6 +67,8 @@ class TrainConfig:
     ``loss``: ``full`` (softmax over the whole catalog, the paper's) or ``sampled`` (in-batch
     deduplicated targets plus ``num_negatives`` drawn by ``negative_sampler``, ``uniform`` or
     ``popularity``, with log-Q correction and accidental hits masked), for large catalogs.
+    ``label_smoothing``: epsilon in [0, 1) of each target's probability spread uniformly over the
+    real items (0 = none, the paper's; ``loss: full`` only).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (0 = epoch ends).
     ``max_steps_per_epoch``: distributed runs end each epoch after that many steps (0 = all);
     for throughput measurements.
@@ -111,6 +113,7 @@ class TrainConfig:
     optimizer: str = "adam"
     loss: str = "full"
     num_negatives: int = 1024
+    label_smoothing: float = 0.0
     negative_sampler: str = "uniform"
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
@@ -339,6 +342,12 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"train.loss={t.loss!r}; choose full or sampled")
     if t.negative_sampler not in ("uniform", "popularity"):
         raise ValueError(f"train.negative_sampler={t.negative_sampler!r}; choose uniform or popularity")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1) (0 = none, the paper's)")
+    if t.loss == "sampled" and t.label_smoothing:
+        raise ValueError(
+            f"train.label_smoothing={t.label_smoothing} needs train.loss=full; set train.label_smoothing=0 with sampled"
+        )
     if t.loss == "sampled" and t.num_negatives < 1:
         raise ValueError(f"train.num_negatives={t.num_negatives} must be >= 1 with train.loss=sampled")
     if config.context.join not in ("input", "output"):

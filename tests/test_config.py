@@ -56,11 +56,13 @@ def test_overrides_are_typed_and_nested():
         ("train.compile=fast", "train.compile='fast'; choose off or a torch.compile backend: .*inductor"),
         ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be >= 0"),
         ("train.optimizer=lamb", "train.optimizer='lamb'; choose one of adam, adamw, adagrad, sgd"),
+        ("train.label_smoothing=1.0", r"train.label_smoothing=1.0 must be in \[0, 1\)"),
+        ("train.label_smoothing=0.1 train.loss=sampled", "train.label_smoothing=0.1 needs train.loss=full"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_missing_config_file():

@@ -92,7 +92,7 @@ class DistributedTrainer(Trainer):
         model = RecBLR(self.data.num_items + 1, config.model, meta, candidate_feature=True, context=config.context)
         # The table has a row for every item id of this data and the samplers add every target to
         # the candidates, so the loss's per-step target check (a host sync) is skipped.
-        task = NextItemTask(model, world, check_targets=False)
+        task = NextItemTask(model, world, check_targets=False, label_smoothing=t.label_smoothing)
         self.dmp = shard_model(task, config.distributed, t, env)
         self.model = self.dmp.module.model
         if t.compile != "off":

@@ -4,6 +4,11 @@ The logits [M, V] of an all-positions batch (M ~ 3e5 positions, V ~ 3.4e3 items)
 gigabytes; here forward keeps only the log-sum-exp per position and backward recomputes each
 chunk's logits, so memory is O(chunk * V) whatever M is. The padding row 0 is excluded from the
 softmax: it is never a target, and the RecBole code's extra logit for it only adds noise.
+
+Label smoothing (epsilon > 0, beyond the paper) spreads epsilon of each target's probability mass
+uniformly over the V - 1 real items: loss = lse - (1 - epsilon) * logit_target - epsilon * mean of
+the real items' logits, where the mean logit is hidden . (mean of catalog rows 1..V-1), one [d]
+vector for the whole batch.
 """
 
 import torch
@@ -18,7 +23,9 @@ def _chunk_logits(hidden: Tensor, catalog: Tensor) -> Tensor:
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, catalog: Tensor, targets: Tensor, chunk: int, ignore_padding: bool) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, catalog: Tensor, targets: Tensor, chunk: int, ignore_padding: bool, smoothing: float
+    ) -> Tensor:
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         target_logit = torch.empty_like(lse)
@@ -26,7 +33,10 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             logits = _chunk_logits(hidden[start : start + chunk], catalog).to(acc)
             lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
             target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None])[:, 0]
-        ctx.chunk = chunk
+        ctx.chunk, ctx.smoothing = chunk, smoothing
+        if smoothing:
+            mean_logit = hidden.to(acc) @ catalog[1:].to(acc).mean(dim=0)
+            target_logit = (1.0 - smoothing) * target_logit + smoothing * mean_logit  # padding: stays -inf
         if not ignore_padding:
             ctx.save_for_backward(hidden, catalog, targets, lse, None)
             return (lse - target_logit).mean()
@@ -46,14 +56,16 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[start : start + ctx.chunk]
             probs = torch.exp(_chunk_logits(h, catalog).to(lse.dtype) - lse[start : start + ctx.chunk, None])
-            probs[torch.arange(h.shape[0], device=h.device), targets[start : start + ctx.chunk]] -= 1.0
+            probs[torch.arange(h.shape[0], device=h.device), targets[start : start + ctx.chunk]] -= 1.0 - ctx.smoothing
+            if ctx.smoothing:
+                probs[:, 1:] -= ctx.smoothing / (catalog.shape[0] - 1)
             row_scale = scale if weight is None else scale[start : start + ctx.chunk]
             probs = (probs * row_scale).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + ctx.chunk] = probs @ catalog
             if grad_catalog is not None:
                 grad_catalog.addmm_(probs.T, h)
-        return grad_hidden, grad_catalog, None, None, None
+        return grad_hidden, grad_catalog, None, None, None, None
 
 
 def full_softmax_loss(
@@ -63,6 +75,7 @@ def full_softmax_loss(
     chunk: int = 8192,
     check_targets: bool = True,
     ignore_padding: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean cross-entropy of ``targets`` [M] under softmax(hidden [M, d] @ catalog [V, d]^T).
 
@@ -74,13 +87,17 @@ def full_softmax_loss(
     ``check_targets``: raise a ValueError for a target outside [1, V) ([0, V) with
     ``ignore_padding``; one host sync on GPU); a caller whose targets are item ids of the data the
     table was built for may skip it.
+    ``label_smoothing``: epsilon in [0, 1), spread over the V - 1 real items (the padding column
+    stays out), as ``F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=epsilon)``.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1) (0 = none, the paper's)")
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
     low = 0 if ignore_padding else 1
     if check_targets and bool(((targets < low) | (targets >= catalog.shape[0])).any()):  # one sync, both bounds
         raise ValueError(f"targets must be item ids in [{low}, {catalog.shape[0]}), got min {int(targets.min())}")
-    return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk, ignore_padding)
+    return _ChunkedSoftmaxCE.apply(hidden, catalog, targets, chunk, ignore_padding, float(label_smoothing))
 
 
 def sampled_softmax_loss(

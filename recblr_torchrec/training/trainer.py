@@ -98,21 +98,24 @@ def training_candidates(config: RunConfig, data: SequenceData, distributed: bool
     return FullCatalog(data.num_items + 1) if distributed else None
 
 
-def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True) -> Tensor:
+def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True, label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy over the catalog at every position that carries a target.
 
     A batch carrying its candidate set (sampled softmax) is scored against those candidates.
     ``check_targets=False`` skips the loss's check of the targets (a host sync on GPU): their
     bounds, or, sampled, their presence among the candidates. The trainer passes it: its table has
     a row for every item id of its data, and its sampler adds every target to the candidates.
+    ``label_smoothing``: ``train.label_smoothing`` (:func:`full_softmax_loss`; full softmax only).
     """
     if batch.candidates() is not None:
-        return candidate_loss(model, batch, check_targets)[0]
+        return candidate_loss(model, batch, check_targets, label_smoothing)[0]
     rows = encoder_rows(batch, target_rows(batch))
     hidden = model(batch.item_history, batch.context, rows)
     every = rows is None  # all positions: the fillers of a graphed batch carry target 0
     targets = batch.targets if every else batch.targets[rows]
-    return full_softmax_loss(hidden, targets, model.item_table(), check_targets=check_targets, ignore_padding=every)
+    return full_softmax_loss(
+        hidden, targets, model.item_table(), check_targets=check_targets, ignore_padding=every, label_smoothing=label_smoothing
+    )
 
 
 def _format_table(results: Dict[str, Dict[str, float]]) -> str:
@@ -253,7 +256,7 @@ class Trainer:
         for part in parts:
             weight = part.num_targets / num_targets if len(parts) > 1 else 1.0
             with self.autocast():  # the table was sized from this data: every target id has a row
-                loss = next_item_loss(self.model, part, check_targets=False) * weight
+                loss = next_item_loss(self.model, part, False, self.config.train.label_smoothing) * weight
             loss.backward()
             loss_sum += loss.detach()
         self.optimizer.step()

@@ -37,6 +37,32 @@ def test_chunked_loss_and_gradients_equal_masked_cross_entropy(chunk, ignore_pad
         full_softmax_loss(hidden, torch.full_like(targets, -1), catalog, ignore_padding=True)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 100])
+@pytest.mark.parametrize("ignore_padding", [False, True])
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
+def test_label_smoothing_spreads_its_mass_over_the_real_items_only(chunk, ignore_padding, epsilon):
+    """The smoothed loss and its gradients equal PyTorch's over the catalog without its padding
+    column (whose logit is -inf here, where PyTorch's own smoothing would give inf)."""
+    torch.manual_seed(chunk)
+    hidden = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    catalog = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, 7, (11,))
+    if ignore_padding:
+        targets[[2, 3, 10]] = 0
+    loss = full_softmax_loss(hidden, targets, catalog, chunk=chunk, ignore_padding=ignore_padding, label_smoothing=epsilon)
+    grads = torch.autograd.grad(loss, (hidden, catalog))
+    expected = F.cross_entropy((hidden @ catalog.T)[:, 1:], targets - 1, ignore_index=-1, label_smoothing=epsilon)
+    expected_grads = torch.autograd.grad(expected, (hidden, catalog))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert grads[1][0].abs().max() == 0  # the padding row is never a candidate
+    plain = full_softmax_loss(hidden, targets, catalog, ignore_padding=ignore_padding)
+    assert loss.item() != pytest.approx(plain.item())
+    with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
+        full_softmax_loss(hidden, targets, catalog, ignore_padding=ignore_padding, label_smoothing=1.0)
+
+
 @pytest.mark.parametrize("bad", [0, 4])
 def test_targets_outside_the_catalog_are_refused_unless_the_check_is_skipped(bad):
     hidden, catalog = torch.randn(2, 3), torch.randn(4, 3)
@@ -83,8 +109,10 @@ def test_a_target_outside_the_candidate_set_is_refused_unless_the_check_is_skipp
     torch.testing.assert_close(unchecked, checked)
 
 
-def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(data_dir, tmp_path):
-    """The distributed path (candidates 1..V-1 looked up with the histories) == the local path."""
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(data_dir, tmp_path, smoothing):
+    """The distributed path (candidates 1..V-1 looked up with the histories) == the local path,
+    with and without label smoothing."""
     from recblr_torchrec.config import load_config
     from recblr_torchrec.data import SampleBatches, training_samples
     from recblr_torchrec.data.negatives import FullCatalog
@@ -104,10 +132,12 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
     model = RecBLR(data.num_items + 1, config.model, candidate_feature=True)
     local_model = RecBLR(data.num_items + 1, config.model)
     local_model.load_state_dict(model.state_dict())
-    local = next_item_loss(local_model, plain[0])
+    local = next_item_loss(local_model, plain[0], label_smoothing=smoothing)
     local_grads = torch.autograd.grad(local, list(local_model.parameters()))
-    distributed = next_item_loss(model, carried[0])
+    distributed = next_item_loss(model, carried[0], label_smoothing=smoothing)
     grads = torch.autograd.grad(distributed, list(model.parameters()))
     torch.testing.assert_close(distributed, local, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, local_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    if smoothing:  # it reached the loss (the logits of a fresh model are small: so is the change)
+        assert abs(local.item() - next_item_loss(local_model, plain[0]).item()) > 1e-5
