@@ -66,7 +66,11 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     # Transformer given the same change.
     ("Beauty RecBLR 4 layers, label smoothing 0.3 (prefixes)", "configs/beauty/recblr-label-smoothing.yaml", []),
     ("Beauty RecBLR label smoothing 0.3 (prefixes)", "configs/beauty/recblr-paper.yaml", ["train.label_smoothing=0.3"]),
-    ("Beauty SASRec-style label smoothing 0.3 (prefixes)", "configs/beauty/sasrec-paper.yaml", ["train.label_smoothing=0.3"]),
+    (
+        "Beauty SASRec-style label smoothing 0.3 (prefixes)",
+        "configs/beauty/sasrec-paper.yaml",
+        ["train.label_smoothing=0.3"],
+    ),
 ]
 # The paper's Table 1 (SPEC.md section 3), test set, full ranking.
 PAPER = {

@@ -7,8 +7,8 @@ softmax: it is never a target, and the RecBole code's extra logit for it only ad
 
 Label smoothing (epsilon > 0, beyond the paper) spreads epsilon of each target's probability mass
 uniformly over the V - 1 real items: loss = lse - (1 - epsilon) * logit_target - epsilon * mean of
-the real items' logits, where the mean logit is hidden . (mean of catalog rows 1..V-1), one [d]
-vector for the whole batch.
+the real items' logits (taken from each chunk's logits, like the log-sum-exp). The loss value then
+includes the smoothing term, so losses logged with different epsilons do not compare.
 """
 
 import torch
@@ -32,11 +32,11 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[start : start + chunk], catalog).to(acc)
             lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
-            target_logit[start : start + chunk] = logits.gather(1, targets[start : start + chunk, None])[:, 0]
+            target = logits.gather(1, targets[start : start + chunk, None])[:, 0]
+            if smoothing:  # a padding target's -inf stays -inf: that row is dropped below
+                target = (1.0 - smoothing) * target + smoothing * logits[:, 1:].mean(dim=-1)
+            target_logit[start : start + chunk] = target
         ctx.chunk, ctx.smoothing = chunk, smoothing
-        if smoothing:
-            mean_logit = hidden.to(acc) @ catalog[1:].to(acc).mean(dim=0)
-            target_logit = (1.0 - smoothing) * target_logit + smoothing * mean_logit  # padding: stays -inf
         if not ignore_padding:
             ctx.save_for_backward(hidden, catalog, targets, lse, None)
             return (lse - target_logit).mean()

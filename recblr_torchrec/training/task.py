@@ -67,7 +67,10 @@ def loss_on_lookups(
         loss = full_softmax_loss(hidden, targets, catalog, check_targets=check_targets, label_smoothing=label_smoothing)
         return loss, rows.numel()
     if label_smoothing:
-        raise ValueError(f"label_smoothing={label_smoothing} needs the full softmax; this batch carries sampled candidates")
+        raise ValueError(
+            f"label_smoothing={label_smoothing} needs the full softmax, but this batch carries sampled candidates: "
+            "set train.loss=full or train.label_smoothing=0"
+        )
     ids, log_q = batch.candidates(), batch.candidate_log_q
     loss = sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets=check_targets)
     return loss, rows.numel()

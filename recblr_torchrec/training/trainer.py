@@ -114,7 +114,12 @@ def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True, labe
     every = rows is None  # all positions: the fillers of a graphed batch carry target 0
     targets = batch.targets if every else batch.targets[rows]
     return full_softmax_loss(
-        hidden, targets, model.item_table(), check_targets=check_targets, ignore_padding=every, label_smoothing=label_smoothing
+        hidden,
+        targets,
+        model.item_table(),
+        check_targets=check_targets,
+        ignore_padding=every,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -253,10 +258,11 @@ class Trainer:
         parts = batch.split(self.config.train.micro_batch_size)
         num_targets = batch.num_targets if len(parts) > 1 else 0
         loss_sum = torch.zeros((), device=self.device)
+        smoothing = self.config.train.label_smoothing
         for part in parts:
             weight = part.num_targets / num_targets if len(parts) > 1 else 1.0
             with self.autocast():  # the table was sized from this data: every target id has a row
-                loss = next_item_loss(self.model, part, False, self.config.train.label_smoothing) * weight
+                loss = next_item_loss(self.model, part, check_targets=False, label_smoothing=smoothing) * weight
             loss.backward()
             loss_sum += loss.detach()
         self.optimizer.step()

@@ -49,7 +49,9 @@ def test_label_smoothing_spreads_its_mass_over_the_real_items_only(chunk, ignore
     targets = torch.randint(1, 7, (11,))
     if ignore_padding:
         targets[[2, 3, 10]] = 0
-    loss = full_softmax_loss(hidden, targets, catalog, chunk=chunk, ignore_padding=ignore_padding, label_smoothing=epsilon)
+    loss = full_softmax_loss(
+        hidden, targets, catalog, chunk=chunk, ignore_padding=ignore_padding, label_smoothing=epsilon
+    )
     grads = torch.autograd.grad(loss, (hidden, catalog))
     expected = F.cross_entropy((hidden @ catalog.T)[:, 1:], targets - 1, ignore_index=-1, label_smoothing=epsilon)
     expected_grads = torch.autograd.grad(expected, (hidden, catalog))
@@ -61,6 +63,23 @@ def test_label_smoothing_spreads_its_mass_over_the_real_items_only(chunk, ignore
     assert loss.item() != pytest.approx(plain.item())
     with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
         full_softmax_loss(hidden, targets, catalog, ignore_padding=ignore_padding, label_smoothing=1.0)
+
+
+def test_label_smoothing_of_bf16_inputs_sums_in_fp32():
+    torch.manual_seed(3)
+    hidden = torch.randn(9, 8).bfloat16().requires_grad_()
+    catalog = torch.randn(6, 8).bfloat16().requires_grad_()
+    targets = torch.tensor([1, 2, 3, 4, 5, 1, 2, 0, 0])
+    loss = full_softmax_loss(hidden, targets, catalog, chunk=4, ignore_padding=True, label_smoothing=0.3)
+    grads = torch.autograd.grad(loss, (hidden, catalog))
+    exact = [t.detach().double().requires_grad_() for t in (hidden, catalog)]
+    logits = (exact[0] @ exact[1].T)[:, 1:]
+    expected = F.cross_entropy(logits, targets - 1, ignore_index=-1, label_smoothing=0.3)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=5e-3, atol=0)  # bf16 logits, fp32 sums
+    for got, want in zip(grads, torch.autograd.grad(expected, exact)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("bad", [0, 4])
@@ -117,6 +136,7 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
     from recblr_torchrec.data import SampleBatches, training_samples
     from recblr_torchrec.data.negatives import FullCatalog
     from recblr_torchrec.modules import RecBLR
+    from recblr_torchrec.training.task import NextItemTask
     from recblr_torchrec.training.trainer import load_data, next_item_loss
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,3 +161,6 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     if smoothing:  # it reached the loss (the logits of a fresh model are small: so is the change)
         assert abs(local.item() - next_item_loss(local_model, plain[0]).item()) > 1e-5
+    # the distributed trainer's module (its loss, world size 1) passes the smoothing on too
+    task_loss = NextItemTask(model, 1, label_smoothing=smoothing)(carried[0])[0]
+    torch.testing.assert_close(task_loss, distributed, rtol=1e-6, atol=1e-7)

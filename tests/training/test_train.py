@@ -101,6 +101,17 @@ def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
     assert trainer.history[0]["train_loss"] > 0 and trainer.state["epoch"] == 1
 
 
+def test_the_trainer_step_takes_the_label_smoothing_of_its_config(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0", "train.label_smoothing=0.2"]
+    trainer = Trainer(load_config(TINY, overrides), str(tmp_path), data_dir)
+    trainer.train_batches.set_epoch(1)
+    batch = trainer.train_batches[0].to(trainer.device)
+    smoothed = next_item_loss(trainer.model, batch, label_smoothing=0.2).detach()
+    plain = next_item_loss(trainer.model, batch).detach()
+    assert abs(smoothed.item() - plain.item()) > 1e-5
+    torch.testing.assert_close(trainer.update(batch), smoothed)  # the loss before its update
+
+
 def test_bf16_autocast_step_tracks_the_fp32_step(tmp_path, data_dir):
     overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0"]
     fp32 = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
