@@ -13,6 +13,7 @@ Usage (GPU): python benchmarks/tile_sweep.py [--directions] --out tiles.json
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -33,6 +34,17 @@ from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions  # noqa
 SHAPES = [(2048, 200), (256, 2048)]
 
 
+@contextlib.contextmanager
+def forced_tile(chunk: int, block_d: int, warps: int):
+    """Inside, both BD-LRU kernels launch with this (CHUNK, BLOCK_D, num_warps) instead of ``_tile``'s."""
+    default = fused._tile
+    fused._tile = lambda _channels, _backward: (chunk, block_d, warps)
+    try:
+        yield
+    finally:
+        fused._tile = default
+
+
 def timed(forward, inputs: List[torch.Tensor], grad: torch.Tensor) -> Dict[str, float]:
     from triton.testing import do_bench
 
@@ -51,15 +63,11 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     c, z = (torch.randn(n, channels, device=device, requires_grad=True) for _ in range(2))
     gates = torch.randn(n, 2 * channels, device=device, requires_grad=True)
     decay = torch.linspace(-2.2, -6.9, channels, device=device).requires_grad_()
-    default = fused._tile
-    try:
-        for chunk, block_d in itertools.product((16, 32, 64), (16, 32, 64, 128)):
-            fused._tile = lambda _channels, _backward, tile=(chunk, block_d, 4): tile
+    for chunk, block_d in itertools.product((16, 32, 64), (16, 32, 64, 128)):
+        with forced_tile(chunk, block_d, 4):
             run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=ScanBackend.TRITON), [c, gates, z, decay], grad)
-            rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        fused._tile = default
+        rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
+        print(json.dumps(rows[-1]), flush=True)
     x = torch.randn(n, 2 * channels, device=device)[:, :channels].requires_grad_()  # a strided view, as in the model
     weight = torch.randn(channels, 1, 4, device=device, requires_grad=True)
     bias = torch.randn(channels, device=device, requires_grad=True)
@@ -92,22 +100,19 @@ def time_directions(c, gates, z, dout, decay, offsets) -> Dict[str, float]:
 
 def direction_sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     """The BD-LRU forward and backward kernels timed apart, per tile and warp count."""
-    n, rows, default = batch * steps, [], fused._tile
+    n, rows = batch * steps, []
     offsets = torch.arange(batch + 1, device="cuda") * steps
     decay = torch.linspace(-2.2, -6.9, channels, device="cuda")
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            c, dout = (torch.randn(n, channels, device="cuda", dtype=dtype) for _ in range(2))
-            gates = (2 * torch.randn(n, 2 * channels, device="cuda")).to(dtype)
-            z = torch.randn(n, 2 * channels, device="cuda", dtype=dtype)[:, channels:]  # strided, as in the model
-            for chunk, block_d, warps in itertools.product((8, 16), (16, 32), (1, 2, 4)):
-                fused._tile = lambda _channels, _backward, tile=(chunk, block_d, warps): tile
+    for dtype in (torch.float32, torch.bfloat16):
+        c, dout = (torch.randn(n, channels, device="cuda", dtype=dtype) for _ in range(2))
+        gates = (2 * torch.randn(n, 2 * channels, device="cuda")).to(dtype)
+        z = torch.randn(n, 2 * channels, device="cuda", dtype=dtype)[:, channels:]  # strided, as in the model
+        for chunk, block_d, warps in itertools.product((8, 16), (16, 32), (1, 2, 4)):
+            with forced_tile(chunk, block_d, warps):
                 run = time_directions(c, gates, z, dout, decay, offsets)
-                row = {"kernel": "bdlru-directions", "batch": batch, "length": steps, "dtype": str(dtype)[6:]}
-                rows.append({**row, "chunk": chunk, "block_d": block_d, "warps": warps, **run})
-                print(json.dumps(rows[-1]), flush=True)
-    finally:
-        fused._tile = default
+            row = {"kernel": "bdlru-directions", "batch": batch, "length": steps, "dtype": str(dtype)[6:]}
+            rows.append({**row, "chunk": chunk, "block_d": block_d, "warps": warps, **run})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
