@@ -12,17 +12,12 @@ Usage: python benchmarks/activation_memory.py [--batch 2048 --length 200] [--out
 
 import argparse
 import json
-import os
-import sys
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
+from profile_step import EncoderStep  # the benchmark beside this one (run as a script)
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from profile_step import EncoderStep  # noqa: E402
 
 
 def saved_bytes_by_module(model: nn.Module, run) -> Dict[str, int]:

@@ -14,34 +14,28 @@ Usage (GPU): python benchmarks/bench_bdlru.py --out results.json
 
 import argparse
 import json
-import os
-import sys
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
+from bench_linear_scan import copy_bandwidth
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_linear_scan import copy_bandwidth  # noqa: E402
-
-from recblr_torchrec import ScanBackend, linear_scan  # noqa: E402
-from recblr_torchrec.kernels.bdlru import bdlru, bdlru_gates  # noqa: E402
+from recblr_torchrec import KernelBackend, linear_scan
+from recblr_torchrec.kernels.bdlru import bdlru, bdlru_gates
 
 SHAPES = [(2048, 200, 128), (256, 2048, 128)]
 
 
 def unfused(c, gate_logits, z, decay):
     log_alpha, beta = bdlru_gates(gate_logits, decay)
-    h, _ = linear_scan(log_alpha, beta * c, backend=ScanBackend.TRITON)
+    h, _ = linear_scan(log_alpha, beta * c, backend=KernelBackend.TRITON)
     return F.silu(z) * h
 
 
 VARIANTS: Dict[str, Callable] = {
-    "fused": lambda *a: bdlru(*a, backend=ScanBackend.TRITON),
+    "fused": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),
     "unfused": unfused,
-    "reference": lambda *a: bdlru(*a, backend=ScanBackend.PYTORCH),
+    "reference": lambda *a: bdlru(*a, backend=KernelBackend.PYTORCH),
 }
 
 

@@ -23,20 +23,19 @@ import argparse
 import gzip
 import json
 import os
-import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recblr_torchrec.kernels.linear_scan import triton as triton_scan  # noqa: E402
+from recblr_torchrec.kernels.linear_scan import launch as scan_launch
+from recblr_torchrec.kernels.linear_scan import op as scan_op
+from recblr_torchrec.kernels.linear_scan import tuning as scan_tuning
 
 DENSE_SHAPES: List[Tuple[int, int, int]] = [(2048, 256, 128), (128, 2048, 128), (32, 8192, 128)]
 MAX_LENGTH = 200  # ML-1M training length: each user's last 200 items
 CHANNELS = 128
-C = triton_scan.ScanConfig
+C = scan_tuning.ScanConfig
 SWEEP = [  # (chunk, block_d, num_warps, lookback)
     C(64, 32, 4, 1),
     C(64, 32, 4, 16),
@@ -131,7 +130,7 @@ def time_both_ways(forward: Callable[[], object], leaves: List[Tensor], backward
 
 def time_ours(case: Case) -> Dict[str, float]:
     """Times of the path linear_scan(backend=TRITON) takes, without its eager input checks."""
-    op = triton_scan.linear_scan_triton
+    op = scan_op.linear_scan_triton
     log_a = case.log_a.clone().requires_grad_()
     b = case.b.clone().requires_grad_()
     with torch.no_grad():
@@ -143,13 +142,13 @@ def time_ours(case: Case) -> Dict[str, float]:
 
 def time_public_api(case: Case) -> float:
     """Forward+backward through recblr_torchrec.linear_scan, eager input checks included."""
-    from recblr_torchrec import ScanBackend, linear_scan
+    from recblr_torchrec import KernelBackend, linear_scan
 
     log_a = case.log_a.clone().requires_grad_()
     b = case.b.clone().requires_grad_()
 
     def fwd_bwd() -> None:
-        h, _ = linear_scan(log_a, b, case.offsets, backend=ScanBackend.TRITON)
+        h, _ = linear_scan(log_a, b, case.offsets, backend=KernelBackend.TRITON)
         h.backward(case.grad_h)
 
     return time_ms(fwd_bwd, grad_to_none=[log_a, b])
@@ -176,15 +175,15 @@ def time_peer(case: Case) -> Dict[str, float]:
     return {"fwd_eager_ms": fwd, "fwd_bwd_eager_ms": both}
 
 
-def sweep(case: Case, configs: List[triton_scan.ScanConfig], bandwidth: float) -> Dict[str, object]:
+def sweep(case: Case, configs: List[scan_tuning.ScanConfig], bandwidth: float) -> Dict[str, object]:
     """Forward and backward times of each tile shape and schedule, each kernel alone."""
     rows = []
     fwd_bytes, bwd_bytes = scan_bytes(case.elements, case.dtype)
-    h, _ = triton_scan.scan_forward(case.log_a, case.b, case.offsets, None)
+    h, _ = scan_launch.scan_forward(case.log_a, case.b, case.offsets, None)
     for config in configs:
-        fwd = time_ms(lambda c=config: triton_scan.scan_forward(case.log_a, case.b, case.offsets, None, c))
+        fwd = time_ms(lambda c=config: scan_launch.scan_forward(case.log_a, case.b, case.offsets, None, c))
         bwd = time_ms(
-            lambda c=config: triton_scan.scan_backward(case.grad_h, None, case.log_a, h, case.offsets, None, c)
+            lambda c=config: scan_launch.scan_backward(case.grad_h, None, case.log_a, h, case.offsets, None, c)
         )
         fwd_frac, bwd_frac = fwd_bytes / bandwidth / (fwd * 1e-3), bwd_bytes / bandwidth / (bwd * 1e-3)
         rows.append(

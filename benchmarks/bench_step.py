@@ -2,13 +2,13 @@
 
 One run measures, for each batch x length, precision and model:
   recblr            - this project's model: EmbeddingCollection table, RecBLR encoder on the fused
-                      Triton BD-LRU and conv kernels (``scan_backend: triton``), the last layer on
+                      Triton BD-LRU and conv kernels (``model.recblr.kernels: triton``), the last layer on
                       the loss rows only;
   recblr-compiled   - the same with ``train.compile: inductor`` (the encoder through torch.compile);
   recblr-graphed    - the same with ``train.cuda_graphs: true``: the whole step (lookup, encoder,
                       loss, backward, capturable Adam) replayed from one CUDA graph;
   recblr-compiled-graphed - both;
-  recblr-recompute  - the same with ``model.recompute_recurrence`` and ``model.recompute_mix``: the
+  recblr-recompute  - the same with ``model.recblr.recompute_recurrence`` and ``model.recblr.recompute_mix``: the
                       gate projection, the recurrence and the FFN recomputed in backward (memory);
   recblr-reference  - the same model on the PyTorch reference backend (torch ops around the
                       sequential scan, nothing fused);
@@ -39,33 +39,24 @@ Usage (GPU; TorchRec staged):
 import argparse
 import json
 import math
-import os
 import statistics
-import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 NUM_ITEMS = 3416  # ML-1M after 5-core filtering; the table has a padding row more
 NUM_USERS = 6040
 MODELS = {
-    "recblr": {"architecture": "recblr", "scan_backend": "triton"},
-    "recblr-compiled": {"architecture": "recblr", "scan_backend": "triton", "compile": True},
-    "recblr-graphed": {"architecture": "recblr", "scan_backend": "triton", "graphs": True},
-    "recblr-compiled-graphed": {"architecture": "recblr", "scan_backend": "triton", "compile": True, "graphs": True},
-    "recblr-recompute": {
-        "architecture": "recblr",
-        "scan_backend": "triton",
-        "recompute_recurrence": True,
-        "recompute_mix": True,
-    },
-    "recblr-reference": {"architecture": "recblr", "scan_backend": "pytorch"},
-    "sasrec": {"architecture": "sasrec"},
-    "sasrec-compiled": {"architecture": "sasrec", "compile": True},
-    "sasrec-graphed": {"architecture": "sasrec", "graphs": True},
-    "sasrec-compiled-graphed": {"architecture": "sasrec", "compile": True, "graphs": True},
+    "recblr": {"encoder": "recblr", "kernels": "triton"},
+    "recblr-compiled": {"encoder": "recblr", "kernels": "triton", "compile": True},
+    "recblr-graphed": {"encoder": "recblr", "kernels": "triton", "graphs": True},
+    "recblr-compiled-graphed": {"encoder": "recblr", "kernels": "triton", "compile": True, "graphs": True},
+    "recblr-recompute": {"encoder": "recblr", "kernels": "triton", "recompute_recurrence": True, "recompute_mix": True},
+    "recblr-reference": {"encoder": "recblr", "kernels": "pytorch"},
+    "sasrec": {"encoder": "sasrec"},
+    "sasrec-compiled": {"encoder": "sasrec", "compile": True},
+    "sasrec-graphed": {"encoder": "sasrec", "graphs": True},
+    "sasrec-compiled-graphed": {"encoder": "sasrec", "compile": True, "graphs": True},
 }
 PEERS = ("sasrec", "sasrec-compiled")
 SHAPES = [(2048, 200), (256, 2048)]
@@ -73,12 +64,15 @@ SWEEP_LENGTHS = [200, 512, 1024, 2048, 4096]
 
 
 def build(model_name: str, steps: int, device: torch.device):
-    from recblr_torchrec.modules import RecBLR, RecBLRConfig
+    from recblr_torchrec.modules import ModelConfig, RecBLRConfig, SASRecConfig, SequenceRecommender
 
     spec = dict(MODELS[model_name])
-    compiled, graphs = spec.pop("compile", False), spec.pop("graphs", False)
-    config = RecBLRConfig(embedding_dim=64, num_layers=2, dropout=0.2, max_positions=steps, **spec)
-    model = RecBLR(NUM_ITEMS + 1, config).to(device)
+    compiled, graphs, encoder = spec.pop("compile", False), spec.pop("graphs", False), spec.pop("encoder")
+    shared = {"embedding_dim": 64, "num_layers": 2, "dropout": 0.2}
+    config = ModelConfig(
+        encoder=encoder, recblr=RecBLRConfig(**shared, **spec), sasrec=SASRecConfig(**shared, max_positions=steps)
+    )
+    model = SequenceRecommender(NUM_ITEMS + 1, config).to(device)
     if graphs:
         model.static_padding(steps)  # as the trainer does under train.cuda_graphs
     if compiled:
@@ -90,7 +84,7 @@ def make_batch(batch: int, steps: int, device: torch.device, seed: int = 0):
     """B full-length histories of random items; the target after each history's last item."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from recblr_torchrec.data.batches import ITEM_HISTORY, Batch
+    from recblr_torchrec.data import ITEM_HISTORY, Batch
 
     gen = torch.Generator().manual_seed(seed)
     items = torch.randint(1, NUM_ITEMS + 1, (batch * steps,), generator=gen)
@@ -118,12 +112,13 @@ def median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
 
 def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, device: torch.device) -> Dict:
     """Training step and inference pass of one model at one shape and precision."""
-    from recblr_torchrec.training import next_item_loss
+    from recblr_torchrec.training import NextItemTask
     from recblr_torchrec.training.graphs import GraphedStep
     from recblr_torchrec.training.trainer import apply_matmul_precision
 
     torch.manual_seed(0)
     model, optimizer = build(model_name, steps, device)
+    task = NextItemTask(model, check_targets=False)  # the trainer's loss
     data = make_batch(batch, steps, device)
     graphs = MODELS[model_name].get("graphs", False)  # no autocast weight cache inside a capture
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not graphs)
@@ -132,7 +127,7 @@ def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, 
     def update(batch):
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = next_item_loss(model, batch, check_targets=False)  # as Trainer.update
+            loss, _ = task(batch)  # as Trainer.update
         loss.backward()
         optimizer.step()
         return loss.detach()

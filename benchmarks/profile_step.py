@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: the encoder step alone, and a per-op profile.
 
-The model of ``bench_step.py`` without TorchRec (a plain ``nn.Embedding`` instead of the
-EmbeddingCollection, so it runs where TorchRec is not installed): B full-length histories of T
+The model of ``bench_step.py`` without TorchRec's lookup in the step (a plain ``nn.Embedding``
+instead of the EmbeddingCollection): B full-length histories of T
 items, the encoder with the loss rows only in its last layer, the chunked full softmax at each
 history's last position, backward, Adam. Prints the step's median milliseconds (CUDA events), then
 ``torch.profiler``'s CUDA time per op for a few steps, and writes both as JSON.
@@ -10,32 +10,15 @@ Usage (GPU): python benchmarks/profile_step.py --out profile.json [--batch 2048 
 """
 
 import argparse
-import importlib
 import json
-import os
-import sys
-import types
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def import_without_torchrec(subpackage: str, name: str):
-    """Imports ``recblr_torchrec.<subpackage>.<name>`` without running the subpackage's
-    ``__init__`` (which imports the TorchRec model)."""
-    import recblr_torchrec
-
-    package = f"recblr_torchrec.{subpackage}"
-    if package not in sys.modules:
-        stub = types.ModuleType(package)
-        stub.__path__ = [os.path.join(os.path.dirname(recblr_torchrec.__file__), subpackage)]
-        sys.modules[package] = stub
-    return importlib.import_module(f"{package}.{name}")
+from recblr_torchrec.modules.recblr import RecBLRConfig, RecBLREncoder
+from recblr_torchrec.modules.sasrec import SASRecConfig, SASRecEncoder
+from recblr_torchrec.training.losses import full_softmax_loss
 
 
 class EncoderStep(nn.Module):
@@ -46,15 +29,12 @@ class EncoderStep(nn.Module):
         self, arch: str, batch: int, steps: int, items: int, backend: str, device: torch.device, **recblr: bool
     ):
         super().__init__()
-        encoder_mod = import_without_torchrec("modules", "encoder")
-        sasrec_mod = import_without_torchrec("modules", "sasrec")
-        self.loss_fn = import_without_torchrec("training", "losses").full_softmax_loss
         torch.manual_seed(0)
         if arch.startswith("recblr"):
-            config = encoder_mod.RecBLRConfig(scan_backend=backend, fused_norms=arch != "recblr-torch-norms", **recblr)
-            self.encoder = encoder_mod.RecBLREncoder(config)
+            config = RecBLRConfig(kernels=backend, fused_norms=arch != "recblr-torch-norms", **recblr)
+            self.encoder = RecBLREncoder(config)
         else:
-            self.encoder = sasrec_mod.SASRecEncoder(sasrec_mod.SASRecConfig(max_len=steps))
+            self.encoder = SASRecEncoder(SASRecConfig(max_positions=steps))
         self.table = nn.Embedding(items, 64)
         nn.init.normal_(self.table.weight, std=0.02)  # as the model's item table
         self.to(device)
@@ -65,7 +45,7 @@ class EncoderStep(nn.Module):
 
     def forward(self) -> torch.Tensor:
         hidden = self.encoder(self.table(self.ids), offsets=self.offsets, rows=self.rows)
-        return self.loss_fn(hidden, self.targets, self.table.weight)
+        return full_softmax_loss(hidden, self.targets, self.table.weight)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -79,11 +59,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         nargs="+",
         default=["recblr", "sasrec"],
         choices=["recblr", "recblr-torch-norms", "sasrec"],
-        help="recblr-torch-norms: RecBLR with model.fused_norms=false (torch's dropout, add, LayerNorm)",
+        help="recblr-torch-norms: RecBLR with model.recblr.fused_norms=false (torch's dropout, add, LayerNorm)",
     )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    parser.add_argument("--recompute-mix", action="store_true", help="RecBLR with model.recompute_mix")
+    parser.add_argument("--recompute-mix", action="store_true", help="RecBLR with model.recblr.recompute_mix")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     from bench_step import median_ms

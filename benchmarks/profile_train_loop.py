@@ -27,7 +27,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -37,11 +36,10 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch.autograd import DeviceType
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from recblr_torchrec.config import load_config, resolve_data_dir
+from recblr_torchrec.training.trainer import Trainer
 
-from recblr_torchrec.config import load_config, resolve_data_dir  # noqa: E402
-from recblr_torchrec.training.trainer import Trainer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PACKAGE_DIRS = tuple(os.path.join(ROOT, name) + os.sep for name in ("recblr_torchrec", "kernels"))
 

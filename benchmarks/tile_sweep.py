@@ -6,7 +6,7 @@ forward+backward (``triton.testing.do_bench``, median ms) of
   conv   - every (BLOCK_N, backward programs) in {16, 32, 64} x {512, 1024, 4096};
 by overriding the kernels' tile choice for the run. ``--directions`` instead times the BD-LRU's
 forward and backward kernels apart over (CHUNK, BLOCK_D, num_warps) in {8, 16} x {16, 32} x
-{1, 2, 4}, fp32 and bf16. The defaults in ``kernels/bdlru/triton.py`` (``_tile``) and
+{1, 2, 4}, fp32 and bf16. The defaults in ``kernels/bdlru/tuning.py`` (``_tile``) and
 ``kernels/causal_conv/triton.py`` (``_BLOCK_N``, ``_MAX_PROGRAMS``) come from these sweeps.
 
 Usage (GPU): python benchmarks/tile_sweep.py [--directions] --out tiles.json
@@ -16,20 +16,17 @@ import argparse
 import contextlib
 import itertools
 import json
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recblr_torchrec import ScanBackend  # noqa: E402
-from recblr_torchrec.kernels.bdlru import bdlru  # noqa: E402
-from recblr_torchrec.kernels.bdlru import triton as fused  # noqa: E402
-from recblr_torchrec.kernels.causal_conv import causal_conv_silu  # noqa: E402
-from recblr_torchrec.kernels.causal_conv import triton as conv  # noqa: E402
-from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions  # noqa: E402
+from recblr_torchrec import KernelBackend
+from recblr_torchrec.kernels.bdlru import bdlru
+from recblr_torchrec.kernels.bdlru import launch as bdlru_launch
+from recblr_torchrec.kernels.bdlru import tuning as bdlru_tuning
+from recblr_torchrec.kernels.causal_conv import causal_conv_silu
+from recblr_torchrec.kernels.causal_conv import triton as conv
+from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions
 
 SHAPES = [(2048, 200), (256, 2048)]
 
@@ -37,12 +34,12 @@ SHAPES = [(2048, 200), (256, 2048)]
 @contextlib.contextmanager
 def forced_tile(chunk: int, block_d: int, warps: int):
     """Inside, both BD-LRU kernels launch with this (CHUNK, BLOCK_D, num_warps) instead of ``_tile``'s."""
-    default = fused._tile
-    fused._tile = lambda _channels, _backward: (chunk, block_d, warps)
+    default = bdlru_tuning._tile
+    bdlru_tuning._tile = lambda _channels, _backward: (chunk, block_d, warps)
     try:
         yield
     finally:
-        fused._tile = default
+        bdlru_tuning._tile = default
 
 
 def timed(forward, inputs: List[torch.Tensor], grad: torch.Tensor) -> Dict[str, float]:
@@ -65,7 +62,7 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     decay = torch.linspace(-2.2, -6.9, channels, device=device).requires_grad_()
     for chunk, block_d in itertools.product((16, 32, 64), (16, 32, 64, 128)):
         with forced_tile(chunk, block_d, 4):
-            run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=ScanBackend.TRITON), [c, gates, z, decay], grad)
+            run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=KernelBackend.TRITON), [c, gates, z, decay], grad)
         rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
         print(json.dumps(rows[-1]), flush=True)
     x = torch.randn(n, 2 * channels, device=device)[:, :channels].requires_grad_()  # a strided view, as in the model
@@ -76,7 +73,9 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     try:
         for block_n, programs in itertools.product((16, 32, 64), (512, 1024, 4096)):
             conv._BLOCK_N, conv._MAX_PROGRAMS = block_n, programs
-            run = timed(lambda *t: causal_conv_silu(*t, positions, backend=ScanBackend.TRITON), [x, weight, bias], grad)
+            run = timed(
+                lambda *t: causal_conv_silu(*t, positions, backend=KernelBackend.TRITON), [x, weight, bias], grad
+            )
             rows.append(
                 {"kernel": "conv", "batch": batch, "length": steps, "block_n": block_n, "programs": programs, **run}
             )
@@ -91,10 +90,10 @@ def time_directions(c, gates, z, dout, decay, offsets) -> Dict[str, float]:
     softplus of Lambda, the output buffers and, backward, the dLambda sum), with the current tile."""
     from triton.testing import do_bench
 
-    _, h = fused.bdlru_forward(c, gates, z, decay, offsets)
+    _, h = bdlru_launch.bdlru_forward(c, gates, z, decay, offsets)
     return {
-        "fwd_ms": do_bench(lambda: fused.bdlru_forward(c, gates, z, decay, offsets), warmup=5, rep=40),
-        "bwd_ms": do_bench(lambda: fused.bdlru_backward(dout, c, gates, z, decay, h, offsets), warmup=5, rep=40),
+        "fwd_ms": do_bench(lambda: bdlru_launch.bdlru_forward(c, gates, z, decay, offsets), warmup=5, rep=40),
+        "bwd_ms": do_bench(lambda: bdlru_launch.bdlru_backward(dout, c, gates, z, decay, h, offsets), warmup=5, rep=40),
     }
 
 

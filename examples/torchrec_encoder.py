@@ -13,22 +13,17 @@ table's dtype or placement, not the encoder, and are left to the user's pipeline
 The scripted module holds TorchRec's jagged ops: a process that loads it needs ``import fbgemm_gpu``.
 """
 
-import os
-import sys
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
+import torchrec.fx
 from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # plain checkout
-
-import torchrec.fx  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingConfig  # noqa: E402
-from torchrec.modules.embedding_modules import EmbeddingCollection  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
-
-from recblr_torchrec.modules import RecBLRConfig, RecBLREncoder  # noqa: E402
+from recblr_torchrec.modules import RecBLRConfig, RecBLREncoder
 
 FEATURE = "clicks"
 

@@ -9,12 +9,9 @@ DIR/scorer_aoti.pt2 (torch.export + AOTInductor, batch B, top --aoti-k); see doc
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # plain checkout
-
-from recblr_torchrec.serving import export  # noqa: E402
+from recblr_torchrec.serving import export
 
 
 def main(argv=None) -> int:

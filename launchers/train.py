@@ -16,12 +16,10 @@ import os
 import sys
 from typing import List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # plain checkout
+from recblr_torchrec.config import load_config, resolve_data_dir
+from recblr_torchrec.training import train
 
-from recblr_torchrec.config import load_config, resolve_data_dir  # noqa: E402
-from recblr_torchrec.distributed.env import launched_by_torchrun  # noqa: E402
-from recblr_torchrec.training import train  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def strip_own_path(argv: List[str]) -> List[str]:
@@ -52,20 +50,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="e.g. --set train.lr=3e-4 model.dropout=0.1 (TorchX refuses a repeated --set: list them after one)",
+        help="e.g. --set train.lr=3e-4 model.recblr.dropout=0.1 (TorchX refuses a repeated --set: list them after one)",
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     output_dir = args.output_dir or os.path.join("runs", config.name)
-    if launched_by_torchrun():
-        from recblr_torchrec.distributed.trainer import train_distributed
-
-        train_distributed(config, output_dir, resolve_data_dir(args.data_dir))
-        if os.environ.get("RANK") != "0":
-            return 0
-    else:
-        train(config, output_dir, resolve_data_dir(args.data_dir))
-    print(f"wrote {os.path.join(output_dir, 'metrics.json')}")
+    train(config, output_dir, resolve_data_dir(args.data_dir))  # sharded under torchrun / TorchX
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {os.path.join(output_dir, 'metrics.json')}")
     return 0
 
 

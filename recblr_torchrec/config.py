@@ -1,24 +1,36 @@
-"""Run configuration: small dataclasses, filled from YAML and ``--set key=value`` overrides.
+"""Run configuration: small typed dataclasses, filled from YAML and ``--set key=value`` overrides.
 
-YAML stays at the edge (launchers, configs/); modules receive these dataclasses.
+YAML stays at the edge (launchers, configs/); modules receive these dataclasses. Every choice is a
+string enum and every dataclass checks its own values in ``__post_init__`` (``fields.py``), so a
+config that exists is valid; :class:`RunConfig` adds the checks that span sections.
 """
 
-import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .data.sequences import TIE_ORDERS
 from .data.synthetic import SyntheticConfig
-from .modules.encoder import RecBLRConfig
-from .modules.recblr import ContextConfig
+from .fields import Choice, choose, fill, plain, require, typed_fields
+from .modules.recommender import ContextConfig, EncoderKind, ModelConfig
 
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
-OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
-PRECISIONS = ("fp32", "tf32", "bf16")
-SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+
+class DataFormat(Choice):
+    AUTO = "auto"
+    SEQ = "seq"
+    INTER = "inter"
+    RATINGS = "ratings"
+    SYNTHETIC = "synthetic"
+
+
+class TieOrder(Choice):
+    FILE = "file"
+    ITEM = "item"
+    SHUFFLED_RUNS = "shuffled_runs"
 
 
 @dataclass
@@ -37,20 +49,61 @@ class DataConfig:
         max_users: keep only the first users (after filtering) for quick runs; 0 keeps all.
         tie_order: interactions with the same timestamp keep the ``file`` order (RecBole) or are
             sorted by ``item`` id (LRURec's ML-1M); SEQ files carry no timestamps (no ties).
-            ``shuffled_runs``: the ``item`` order, then each run of ascending item ids shuffled (seeded),
-            emulating RecBole's same-second order on a copy that sorted such groups by item id
-            (our ML-1M; README, "Results").
+            ``shuffled_runs``: the ``item`` order, then each run of ascending item ids shuffled
+            (seeded), emulating RecBole's same-second order on a copy that sorted such groups by
+            item id (``data.sequences.shuffle_ascending_runs``).
     """
 
     path: str = "ml-1m/ml-1m.txt.gz"
-    format: str = "auto"
+    format: DataFormat = DataFormat.AUTO
     min_user_interactions: int = 5
     min_item_interactions: int = 5
     max_len: int = 200
     cache_dir: str = ""
     max_users: int = 0
-    tie_order: str = "file"
+    tie_order: TieOrder = TieOrder.FILE
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        typed_fields(self, "data")
+        require(self.max_len >= 1, f"data.max_len={self.max_len} must be >= 1")
+        require(self.max_users >= 0, f"data.max_users={self.max_users} must be >= 0 (0 keeps every user)")
+        require(
+            self.min_user_interactions >= 3,
+            f"data.min_user_interactions={self.min_user_interactions} must be >= 3: leave-one-out needs a "
+            "training item, a validation target and a test target per user",
+        )
+        require(
+            self.min_item_interactions >= 1, f"data.min_item_interactions={self.min_item_interactions} must be >= 1"
+        )
+
+
+class Protocol(Choice):
+    ALL_POSITIONS = "all_positions"
+    PREFIXES = "prefixes"
+
+
+class Optimizer(Choice):
+    ADAM = "adam"
+    ADAMW = "adamw"
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+
+
+class Loss(Choice):
+    FULL = "full"
+    SAMPLED = "sampled"
+
+
+class NegativeSampler(Choice):
+    UNIFORM = "uniform"
+    POPULARITY = "popularity"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    TF32 = "tf32"
+    BF16 = "bf16"
 
 
 @dataclass
@@ -70,8 +123,8 @@ class TrainConfig:
     ``label_smoothing``: epsilon in [0, 1) of each target's probability spread uniformly over the
     real items (0 = none, the paper's; ``loss: full`` only).
     ``checkpoint_every``: also checkpoint every that many steps inside an epoch (0 = epoch ends).
-    ``max_steps_per_epoch``: distributed runs end each epoch after that many steps (0 = all);
-    for throughput measurements.
+    ``max_steps_per_epoch``: end each epoch after that many steps (0 = all); for throughput
+    measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
     ``precision``: ``fp32``; ``tf32`` (float32 tensors, the float32 matmuls of forward and backward
     on TF32 tensor cores: ``torch.set_float32_matmul_precision("high")`` for the process); or
@@ -97,9 +150,10 @@ class TrainConfig:
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
+    ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
-    protocol: str = "all_positions"
+    protocol: Protocol = Protocol.ALL_POSITIONS
     batch_size: int = 2048
     micro_batch_size: int = 0
     lr: float = 1e-3
@@ -110,18 +164,80 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 2
     log_every: int = 10
-    optimizer: str = "adam"
-    loss: str = "full"
+    optimizer: Optimizer = Optimizer.ADAM
+    loss: Loss = Loss.FULL
     num_negatives: int = 1024
     label_smoothing: float = 0.0
-    negative_sampler: str = "uniform"
+    negative_sampler: NegativeSampler = NegativeSampler.UNIFORM
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
-    precision: str = "fp32"
+    precision: Precision = Precision.FP32
     time_budget_s: float = 0.0
     compile: str = field(default="off", metadata={"booleans": {False: "off", True: "inductor"}})
     cuda_graphs: bool = False
     graph_quantum: int = 8192
+
+    def __post_init__(self) -> None:
+        typed_fields(self, "train")
+        for name in ("batch_size", "max_epochs", "patience", "log_every"):
+            require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("micro_batch_size", "num_workers", "checkpoint_every", "max_steps_per_epoch"):
+            require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        require(math.isfinite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0")
+        require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"train.weight_decay={self.weight_decay} must be >= 0 (0 = none, the paper's)",
+        )
+        require(
+            self.device == "auto" or self.device == "cpu" or _is_cuda_name(self.device),
+            f"train.device={self.device!r}; choose auto, cpu, cuda or cuda:N",
+        )
+        if self.compile != "off":
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            require(
+                self.compile in backends,
+                f"train.compile={self.compile!r}; choose off or a torch.compile backend: {', '.join(backends)}",
+            )
+        if self.cuda_graphs:
+            reasons = {
+                "train.loss=sampled (its candidate count varies; use full)": self.loss is Loss.SAMPLED,
+                f"train.micro_batch_size={self.micro_batch_size} (use 0)": self.micro_batch_size != 0,
+                f"train.optimizer={self.optimizer} (use adam, adamw or sgd)": self.optimizer is Optimizer.ADAGRAD,
+            }
+            for reason, bad in reasons.items():
+                require(
+                    not bad,
+                    f"train.cuda_graphs=true cannot capture a step with {reason}, or set train.cuda_graphs=false",
+                )
+            require(
+                self.graph_quantum >= 1,
+                f"train.graph_quantum={self.graph_quantum} must be >= 1 (positions a graphed batch rounds up to)",
+            )
+        require(self.time_budget_s >= 0, f"train.time_budget_s={self.time_budget_s} must be >= 0 (0 = no budget)")
+        require(
+            0.0 <= self.label_smoothing < 1.0,
+            f"train.label_smoothing={self.label_smoothing} must be in [0, 1) (0 = none, the paper's)",
+        )
+        if self.loss is Loss.SAMPLED:
+            require(
+                not self.label_smoothing,
+                f"train.label_smoothing={self.label_smoothing} needs train.loss=full; "
+                "set train.label_smoothing=0 with sampled",
+            )
+            require(
+                self.num_negatives >= 1,
+                f"train.num_negatives={self.num_negatives} must be >= 1 with train.loss=sampled",
+            )
+
+
+def _is_cuda_name(device: str) -> bool:
+    kind, _, index = device.partition(":")
+    return kind == "cuda" and (index == "" or index.isdigit())
+
+
+METRIC_NAMES = ("HR", "NDCG", "MRR")
 
 
 @dataclass
@@ -137,6 +253,42 @@ class EvalConfig:
     item_chunk_size: int = 65536
     valid_metric: str = "NDCG@10"
 
+    def __post_init__(self) -> None:
+        typed_fields(self, "eval")
+        require(len(self.ks) > 0 and min(self.ks) >= 1, f"eval.ks={self.ks} must list cut-offs >= 1, e.g. [10, 20]")
+        for name in ("every", "batch_size", "item_chunk_size"):
+            require(getattr(self, name) >= 1, f"eval.{name}={getattr(self, name)} must be >= 1")
+        require(self.max_users >= 0, f"eval.max_users={self.max_users} must be >= 0 (0 evaluates every user)")
+        valid_names = [f"{n}@{k}" for n in METRIC_NAMES for k in self.ks]
+        require(
+            self.valid_metric in valid_names,
+            f"eval.valid_metric={self.valid_metric!r} is not computed; choose one of {', '.join(sorted(valid_names))}",
+        )
+
+
+class SparseOptimizer(Choice):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+
+
+class CollectiveBackend(Choice):
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+class Pipeline(Choice):
+    AUTO = "auto"
+    SPARSE_DIST = "sparse_dist"
+    NONE = "none"
+
+
+TABLES = ("item", "context_user")
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise")
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
+
 
 @dataclass
 class DistributedConfig:
@@ -145,7 +297,7 @@ class DistributedConfig:
     Args:
         sharding_types: table name -> allowed TorchRec sharding type (``table_wise``,
             ``row_wise``, ``column_wise``, ``table_row_wise``, ...); unnamed tables are left to
-            the planner. Tables: ``item`` (the item table) and ``context_<feature>``.
+            the planner. Tables: ``item`` (the item table) and ``context_user``.
         compute_kernels: table name -> compute kernel (``fused`` by default, the kernel whose
             optimizer is applied in the backward pass).
         sparse_optimizer: the fused optimizer of the tables: ``sgd``, ``adagrad``,
@@ -159,62 +311,44 @@ class DistributedConfig:
 
     sharding_types: Dict[str, str] = field(default_factory=dict)
     compute_kernels: Dict[str, str] = field(default_factory=dict)
-    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
     sparse_lr: float = 0.0
-    backend: str = "auto"
+    backend: CollectiveBackend = CollectiveBackend.AUTO
     timeout_s: int = 600
-    pipeline: str = "auto"
+    pipeline: Pipeline = Pipeline.AUTO
+
+    def __post_init__(self) -> None:
+        typed_fields(self, "distributed")
+        for name, allowed in (("sharding_types", SHARDING_TYPES), ("compute_kernels", COMPUTE_KERNELS)):
+            for table, value in getattr(self, name).items():
+                require(table in TABLES, f"distributed.{name}.{table}: no table {table!r}; {choose(TABLES)}")
+                require(value in allowed, f"distributed.{name}.{table}={value!r}; {choose(allowed)}")
+        require(self.sparse_lr >= 0, f"distributed.sparse_lr={self.sparse_lr} must be >= 0 (0 = train.lr)")
+        require(self.timeout_s >= 1, f"distributed.timeout_s={self.timeout_s} must be >= 1")
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
-    model: RecBLRConfig = field(default_factory=RecBLRConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
 
+    def __post_init__(self) -> None:
+        typed_fields(self, "")
+        m, d = self.model, self.data
+        if m.encoder is EncoderKind.SASREC:
+            require(
+                m.sasrec.max_positions >= d.max_len,
+                f"model.sasrec.max_positions={m.sasrec.max_positions} must be >= data.max_len={d.max_len}",
+            )
+
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _fill(cls: type, values: Dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"unknown config key {where}.{key}; known keys: {', '.join(sorted(fields))}")
-        sub = fields[key].type
-        if dataclasses.is_dataclass(sub):
-            kwargs[key] = _fill(sub, value, f"{where}.{key}")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _check_types(obj: Any, where: str) -> None:
-    defaults = type(obj)()
-    for f in dataclasses.fields(obj):
-        value, default = getattr(obj, f.name), getattr(defaults, f.name)
-        name = f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(value):
-            _check_types(value, name)
-        elif isinstance(value, bool) and "booleans" in f.metadata:  # YAML reads off/no/false as False
-            setattr(obj, f.name, f.metadata["booleans"][value])
-        elif isinstance(default, bool) or isinstance(value, bool):
-            if not isinstance(value, bool) or not isinstance(default, bool):
-                raise ValueError(f"{name}={value!r} must be a {type(default).__name__}")
-        elif isinstance(default, float) and isinstance(value, (int, str)):
-            try:  # YAML reads 3e-4 (no dot) as a string
-                setattr(obj, f.name, float(value))
-            except ValueError:
-                raise ValueError(f"{name}={value!r} must be a float") from None
-        elif not isinstance(value, type(default)):
-            raise ValueError(f"{name}={value!r} must be a {type(default).__name__}")
+        """The config as plain Python (choices as strings): what checkpoints and metrics.json hold."""
+        return plain(self)
 
 
 def parse_override(item: str) -> tuple:
@@ -252,6 +386,47 @@ def read_yaml_with_base(path: str, _seen: tuple = ()) -> Dict[str, Any]:
     return _merge(read_yaml_with_base(parent, _seen + (os.path.abspath(path),)), raw)
 
 
+# Keys of the model section before each encoder had its own section: (old key, new place(s)).
+_RECBLR_KEYS = ("expand", "conv_width", "recompute_mix", "recompute_recurrence", "fused_norms")
+_SHARED_KEYS = ("embedding_dim", "num_layers", "dropout", "layer_norm_eps")
+_MOVED = {
+    "architecture": "model.encoder",
+    "scan_backend": "model.recblr.kernels",
+    "num_heads": "model.sasrec.num_heads",
+    "max_positions": "model.sasrec.max_positions",
+    **{key: f"model.recblr.{key}" for key in _RECBLR_KEYS},
+    **{key: f"model.recblr.{key} (model.sasrec.{key} for the SASRec-style encoder)" for key in _SHARED_KEYS},
+}
+
+
+def moved_model_keys(model: Dict[str, Any]) -> List[str]:
+    """``old -> new`` for each key of a model section written in the flat layout (one section
+    for both encoders, ``scan_backend`` for the kernels)."""
+    return [f"model.{key} is now {_MOVED[key]}" for key in model if key in _MOVED]
+
+
+def upgrade_config_dict(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved config (a checkpoint's or metrics.json's) in the current layout: a flat model
+    section becomes the encoder's own section, ``scan_backend`` becomes ``kernels``; a current
+    config comes back unchanged."""
+    model = dict(raw.get("model", {}))
+    if not moved_model_keys(model):
+        return raw
+    encoder = model.pop("architecture", "recblr")
+    shared = {key: model.pop(key) for key in _SHARED_KEYS if key in model}  # the encoder's that was used
+    recblr = {key: model.pop(key) for key in _RECBLR_KEYS if key in model}
+    if "scan_backend" in model:
+        recblr["kernels"] = model.pop("scan_backend")
+    sasrec = {key: model.pop(key) for key in ("num_heads", "max_positions") if key in model}
+    (recblr if encoder == "recblr" else sasrec).update(shared)
+    return {**raw, "model": {"encoder": encoder, "recblr": recblr, "sasrec": sasrec, **model}}
+
+
+def config_from_dict(raw: Dict[str, Any]) -> RunConfig:
+    """A RunConfig from plain Python (``RunConfig.to_dict()``, or an older saved layout)."""
+    return fill(RunConfig, upgrade_config_dict(raw), "config")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """Reads a YAML config (or the defaults) and applies ``section.key=value`` overrides."""
     raw = read_yaml_with_base(path) if path is not None else {}
@@ -263,112 +438,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
-    config = _fill(RunConfig, raw, "config")
-    _check_types(config, "")
-    validate_config(config)
-    return config
-
-
-def validate_config(config: RunConfig) -> None:
-    """Rejects values that would fail later, naming the key and the fix."""
-    t, m, d = config.train, config.model, config.data
-    if t.protocol not in ("all_positions", "prefixes"):
-        raise ValueError(f"train.protocol={t.protocol!r}; choose all_positions or prefixes")
-    for name, value in (
-        ("train.batch_size", t.batch_size),
-        ("data.max_len", d.max_len),
-        ("model.embedding_dim", m.embedding_dim),
-        ("model.num_layers", m.num_layers),
-        ("model.expand", m.expand),
-        ("model.conv_width", m.conv_width),
-        ("eval.batch_size", config.eval.batch_size),
-        ("eval.item_chunk_size", config.eval.item_chunk_size),
-        ("eval.every", config.eval.every),
-    ):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-    from .kernels import ScanBackend
-    from .modules.recblr import ARCHITECTURES
-
-    ScanBackend.parse(m.scan_backend)
-    if m.architecture not in ARCHITECTURES:
-        raise ValueError(f"model.architecture={m.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if m.architecture == "sasrec":
-        if m.embedding_dim % m.num_heads:
-            raise ValueError(
-                f"model.embedding_dim={m.embedding_dim} must be divisible by model.num_heads={m.num_heads}"
-            )
-        if m.max_positions < d.max_len:
-            raise ValueError(f"model.max_positions={m.max_positions} must be >= data.max_len={d.max_len} for sasrec")
-    if t.micro_batch_size < 0:
-        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be >= 0 (0 = no accumulation)")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if t.lr <= 0:
-        raise ValueError(f"train.lr={t.lr} must be > 0")
-    if t.weight_decay < 0:
-        raise ValueError(f"train.weight_decay={t.weight_decay} must be >= 0 (0 = none, the paper's)")
-    if t.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if d.tie_order not in TIE_ORDERS:
-        raise ValueError(f"data.tie_order={d.tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
-    if t.precision not in PRECISIONS:
-        raise ValueError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if t.compile != "off":
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if t.compile not in backends:
-            choices = ", ".join(backends)
-            raise ValueError(f"train.compile={t.compile!r}; choose off or a torch.compile backend: {choices}")
-    if t.cuda_graphs:
-        reasons = {
-            "train.loss=sampled (its candidate count varies; use full)": t.loss == "sampled",
-            f"train.micro_batch_size={t.micro_batch_size} (use 0)": t.micro_batch_size != 0,
-            f"train.optimizer={t.optimizer} (use adam, adamw or sgd)": t.optimizer not in ("adam", "adamw", "sgd"),
-        }
-        for reason, bad in reasons.items():
-            if bad:
-                raise ValueError(
-                    f"train.cuda_graphs=true cannot capture a step with {reason}, or set train.cuda_graphs=false"
-                )
-        if t.graph_quantum < 1:
-            raise ValueError(
-                f"train.graph_quantum={t.graph_quantum} must be >= 1 (positions a graphed batch rounds up to)"
-            )
-    if t.time_budget_s < 0:
-        raise ValueError(f"train.time_budget_s={t.time_budget_s} must be >= 0 (0 = no budget)")
-    if t.loss not in ("full", "sampled"):
-        raise ValueError(f"train.loss={t.loss!r}; choose full or sampled")
-    if t.negative_sampler not in ("uniform", "popularity"):
-        raise ValueError(f"train.negative_sampler={t.negative_sampler!r}; choose uniform or popularity")
-    if not 0.0 <= t.label_smoothing < 1.0:
-        raise ValueError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1) (0 = none, the paper's)")
-    if t.loss == "sampled" and t.label_smoothing:
-        raise ValueError(
-            f"train.label_smoothing={t.label_smoothing} needs train.loss=full; set train.label_smoothing=0 with sampled"
-        )
-    if t.loss == "sampled" and t.num_negatives < 1:
-        raise ValueError(f"train.num_negatives={t.num_negatives} must be >= 1 with train.loss=sampled")
-    if config.context.join not in ("input", "output"):
-        raise ValueError(f"context.join={config.context.join!r}; choose input or output")
-    if config.context.user_buckets < 0 or config.context.embedding_dim < 0:
-        raise ValueError("context.user_buckets and context.embedding_dim must be >= 0 (0 = off / the model's d)")
-    dc = config.distributed
-    if dc.sparse_optimizer not in SPARSE_OPTIMIZERS:
-        raise ValueError(
-            f"distributed.sparse_optimizer={dc.sparse_optimizer!r}; choose one of {', '.join(SPARSE_OPTIMIZERS)}"
-        )
-    if dc.backend not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"distributed.backend={dc.backend!r}; choose auto, gloo or nccl")
-    if dc.pipeline not in ("auto", "sparse_dist", "none"):
-        raise ValueError(f"distributed.pipeline={dc.pipeline!r}; choose auto, sparse_dist or none")
-    valid_names = {f"{n}@{k}" for n in ("HR", "NDCG", "MRR") for k in config.eval.ks}
-    if config.eval.valid_metric not in valid_names:
-        raise ValueError(
-            f"eval.valid_metric={config.eval.valid_metric!r} is not computed; choose one of "
-            f"{', '.join(sorted(valid_names))}"
-        )
+    moved = moved_model_keys(raw["model"]) if isinstance(raw.get("model"), dict) else []
+    if moved:
+        raise ValueError(f"{'; '.join(moved)}: each encoder has its own section under model; update {path or '--set'}")
+    return fill(RunConfig, raw, "config")
 
 
 def resolve_data_dir(flag: Optional[str]) -> Optional[str]:

@@ -13,8 +13,8 @@ from typing import Dict, Mapping
 
 from torch import Tensor
 
-from .modules import RecBLR, RecBLRConfig
-from .modules.recblr import ITEM_TABLE
+from .modules import ModelConfig, RecBLRConfig, SequenceRecommender
+from .modules.recommender import ITEM_TABLE
 
 _LAYER_PARTS = {
     "behavior_modeling.input.weight": "recurrent.input_proj.weight",
@@ -42,7 +42,7 @@ _LAYER_KEY = re.compile(r"recurrent_layers\.(\d+)\.(.+)")
 
 
 def public_key_to_local(key: str) -> str:
-    """The name in :class:`RecBLR` of a public-code state_dict key."""
+    """The name in :class:`SequenceRecommender` of a public-code state_dict key."""
     if key in _TOP:
         return _TOP[key]
     match = _LAYER_KEY.fullmatch(key)
@@ -58,8 +58,8 @@ def load_public_recblr(
     num_layers: int,
     expand: int,
     conv_width: int,
-) -> RecBLR:
-    """Builds an eval-mode :class:`RecBLR` holding the public code's weights.
+) -> SequenceRecommender:
+    """Builds an eval-mode :class:`SequenceRecommender` (RecBLR encoder) holding the public code's weights.
 
     Args:
         state_dict: the public model's ``state_dict`` (keys as in shared/golden/README.md).
@@ -72,7 +72,7 @@ def load_public_recblr(
     config = RecBLRConfig(
         embedding_dim=embedding_dim, num_layers=num_layers, expand=expand, conv_width=conv_width, dropout=0.0
     )
-    model = RecBLR(num_items, config)
+    model = SequenceRecommender(num_items, ModelConfig(recblr=config))
     converted: Dict[str, Tensor] = {}
     for key, value in state_dict.items():
         converted[public_key_to_local(key)] = value

@@ -76,7 +76,7 @@ def test_sync_warnings_are_counted_by_site_and_other_warnings_ignored():
 def test_training_loop_profile_splits_the_step(data_dir, tmp_path):
     loop = load("profile_train_loop")
     out = tmp_path / "loop.json"
-    overrides = ["model.embedding_dim=8", "model.num_layers=1", "train.batch_size=32", "train.device=cpu"]
+    overrides = ["model.recblr.embedding_dim=8", "model.recblr.num_layers=1", "train.batch_size=32", "train.device=cpu"]
     result = loop.main(
         [
             "--config",

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from recblr_torchrec.config import load_config
+from recblr_torchrec.config import Protocol, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +28,9 @@ def test_the_paper_configs_are_shipped():
 
 def test_paper_hyper_parameters_in_the_ml1m_config():
     c = load_config(os.path.join(ROOT, "configs", "ml-1m", "recblr-paper.yaml"))
-    assert (c.model.embedding_dim, c.model.num_layers, c.model.expand, c.model.conv_width) == (64, 2, 2, 4)
-    assert (c.model.dropout, c.data.max_len, c.train.batch_size, c.train.lr) == (0.2, 200, 2048, 1e-3)
+    m = c.model.recblr
+    assert (c.model.encoder, m.embedding_dim, m.num_layers, m.expand, m.conv_width) == ("recblr", 64, 2, 2, 4)
+    assert (m.dropout, c.data.max_len, c.train.batch_size, c.train.lr) == (0.2, 200, 2048, 1e-3)
 
 
 def test_compile_reads_yaml_booleans():
@@ -40,8 +41,9 @@ def test_compile_reads_yaml_booleans():
 
 
 def test_overrides_are_typed_and_nested():
-    c = load_config(None, ["train.lr=3e-4", "model.dropout=0.5", "eval.ks=[5, 10]", "eval.valid_metric=HR@5"])
-    assert c.train.lr == 3e-4 and c.model.dropout == 0.5 and c.eval.ks == [5, 10]
+    c = load_config(None, ["train.lr=3e-4", "model.recblr.dropout=0.5", "eval.ks=[5, 10]", "eval.valid_metric=HR@5"])
+    assert c.train.lr == 3e-4 and c.model.recblr.dropout == 0.5 and c.eval.ks == [5, 10]
+    assert c.train.protocol == "all_positions" and isinstance(c.train.protocol, Protocol)  # a typed choice
 
 
 @pytest.mark.parametrize(
@@ -50,9 +52,9 @@ def test_overrides_are_typed_and_nested():
         ("train.lrr=1", "unknown config key config.train.lrr"),
         ("train.batch_size=abc", "train.batch_size='abc' must be a int"),
         ("train.protocol=random", "choose all_positions or prefixes"),
-        ("model.scan_backend=cuda", "unknown scan backend"),
+        ("model.recblr.kernels=cuda", "model.recblr.kernels='cuda'; choose one of pytorch, triton, auto"),
         ("train.lr", "must look like section.key=value"),
-        ("model.dropout=1.5", r"must be in \[0, 1\)"),
+        ("model.recblr.dropout=1.5", r"must be in \[0, 1\)"),
         ("train.compile=fast", "train.compile='fast'; choose off or a torch.compile backend: .*inductor"),
         ("train.weight_decay=-0.1", r"train.weight_decay=-0.1 must be >= 0"),
         ("train.optimizer=lamb", "train.optimizer='lamb'; choose one of adam, adamw, adagrad, sgd"),

@@ -1,4 +1,5 @@
-"""The top-level kernels/ folder imports as recblr_torchrec.kernels however the project is installed."""
+"""The top-level kernels/ folder imports as recblr_torchrec.kernels through the package install alone
+(editable or wheel), and a checkout that is not installed says how to install it."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = (
     "import os, recblr_torchrec, recblr_torchrec.kernels as k; "
-    "from recblr_torchrec import linear_scan, ScanBackend; "
+    "from recblr_torchrec import linear_scan, KernelBackend; "
     "print(os.path.dirname(recblr_torchrec.__file__)); print(os.path.dirname(k.__file__))"
 )
 
@@ -22,7 +23,17 @@ def run_probe(cwd, pythonpath=None):
     return result.stdout.split()
 
 
-def test_plain_checkout_on_pythonpath(tmp_path):
+def test_a_checkout_on_pythonpath_without_the_install_says_to_install_it(tmp_path):
+    # A fresh interpreter without this environment's install (-S: no site-packages, hence no
+    # editable finder), the checkout on its path: the package imports, its kernels do not.
+    env = {"PYTHONPATH": ROOT, "PATH": os.environ.get("PATH", "")}
+    probe = "import recblr_torchrec"
+    result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "only the package install maps: run `bash scripts/setup_venv.sh` (or `pip install -e .`" in result.stderr
+
+
+def test_the_editable_install_maps_the_checkouts_kernels_folder(tmp_path):
     package, kernels = run_probe(tmp_path, ROOT)
     assert package == os.path.join(ROOT, "recblr_torchrec") and kernels == os.path.join(ROOT, "kernels")
 

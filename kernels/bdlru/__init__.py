@@ -9,15 +9,15 @@ From the conv output c, the gate logits [r; i] and the output-gate input z (SPEC
 
 The Triton kernel reads c, the gate logits and z once, forms alpha and beta in registers, scans,
 and applies the output gate; backward recomputes alpha and beta from the same inputs and reads
-the saved h instead of storing any gate. ``ScanBackend.PYTORCH`` is the reference.
+the saved h instead of storing any gate. ``KernelBackend.PYTORCH`` is the reference.
 
 Example::
 
     >>> c, z = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
     >>> gate_logits, decay = torch.randn(2, 7, 16), torch.randn(8)
-    >>> out = bdlru(c, gate_logits, z, decay, backend=ScanBackend.PYTORCH)        # [2, 7, 8]
+    >>> out = bdlru(c, gate_logits, z, decay, backend=KernelBackend.PYTORCH)        # [2, 7, 8]
     >>> packed = bdlru(c.reshape(14, 8), gate_logits.reshape(14, 16), z.reshape(14, 8), decay,
-    ...                offsets=torch.tensor([0, 7, 14]), backend=ScanBackend.PYTORCH)
+    ...                offsets=torch.tensor([0, 7, 14]), backend=KernelBackend.PYTORCH)
     >>> torch.allclose(out.reshape(14, 8), packed, atol=1e-6)
     True
 """
@@ -26,7 +26,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend
+from ..backend import Kernel, KernelBackend, implementation
 from .pytorch import bdlru_gates, bdlru_pytorch
 
 __all__ = ["bdlru", "bdlru_gates"]
@@ -57,7 +57,7 @@ def bdlru(
     z: Tensor,
     decay_param: Tensor,
     offsets: Optional[Tensor] = None,
-    backend: ScanBackend = ScanBackend.TRITON,
+    backend: KernelBackend = KernelBackend.TRITON,
 ) -> Tensor:
     """SiLU(z) * h for the BD-LRU recurrence driven by c (see the module docstring).
 
@@ -74,9 +74,8 @@ def bdlru(
         [like c] in c's dtype; accumulation in float32 at least.
     """
     _check(c, gate_logits, z, decay_param, offsets)
-    backend = resolve_backend(backend, c.device)
-    if backend is ScanBackend.PYTORCH:
+    if implementation(Kernel.BDLRU, backend, c.device) is KernelBackend.PYTORCH:
         return bdlru_pytorch(c, gate_logits, z, decay_param, offsets)
-    from . import triton as _triton  # lazily: the reference needs no Triton
+    from . import op as _op  # lazily: the reference needs no Triton
 
-    return _triton.bdlru_triton(c, gate_logits, z, decay_param, offsets)
+    return _op.bdlru_triton(c, gate_logits, z, decay_param, offsets)

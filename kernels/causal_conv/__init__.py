@@ -4,16 +4,16 @@ c_t = SiLU(bias + sum_{j<k} w[k-1-j] * x_{t-j}), taps before a sequence's first 
 (SPEC.md section 1, step 2). Rows of several sequences are packed end to end; ``positions``
 [N] gives each row's index inside its sequence, which is all the masking needs.
 
-``ScanBackend.PYTORCH`` is the reference (k shifted multiply-adds; backward recomputes the
-pre-activation from x). ``ScanBackend.TRITON`` is one kernel each way that reads x once and writes
-c (or dx) once. Under ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the reference is
-used whatever the backend (Inductor fuses it with the ops around it).
+``KernelBackend.PYTORCH`` is the reference (k shifted multiply-adds; backward recomputes the
+pre-activation from x). ``KernelBackend.TRITON`` is one kernel each way that reads x once and
+writes c (or dx) once. While torch records a graph the reference runs whatever the backend
+(``kernels.backend``; Inductor fuses it with the ops around it).
 
 Example::
 
     >>> x, weight, bias = torch.randn(5, 3), torch.randn(3, 1, 4), torch.zeros(3)
     >>> positions = torch.tensor([0, 1, 0, 1, 2])                 # sequences of 2 and 3 rows
-    >>> c = causal_conv_silu(x, weight, bias, positions, backend=ScanBackend.PYTORCH)
+    >>> c = causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.PYTORCH)
     >>> dense = causal_conv_dense(x[2:][None], weight, bias)[0]   # the second sequence alone
     >>> torch.allclose(c[2:], torch.nn.functional.silu(dense), atol=1e-6)
     True
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend, tracing
+from ..backend import Kernel, KernelBackend, implementation
 from .pytorch import CausalConvSiLUPacked, causal_conv_dense, causal_conv_packed
 
 __all__ = ["causal_conv_silu", "causal_conv_dense", "causal_conv_packed"]
 
 
 def causal_conv_silu(
-    x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, backend: ScanBackend = ScanBackend.TRITON
+    x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, backend: KernelBackend = KernelBackend.TRITON
 ) -> Tensor:
     """SiLU(causal depthwise conv(x)) on packed rows.
 
@@ -55,8 +55,7 @@ def causal_conv_silu(
         )
     if positions.device != x.device:
         raise ValueError(f"positions are on {positions.device} but x on {x.device}; move them to x's device")
-    backend = resolve_backend(backend, x.device)
-    if backend is ScanBackend.TRITON and not tracing():
+    if implementation(Kernel.CAUSAL_CONV, backend, x.device) is KernelBackend.TRITON:
         from .triton import causal_conv_silu_triton  # lazily: the reference needs no Triton
 
         return causal_conv_silu_triton(x, weight, bias, positions)

@@ -170,7 +170,7 @@ class _CausalConvSiLU(torch.autograd.Function):
 
 
 def causal_conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
-    """The Triton kernels behind ``causal_conv_silu(..., backend=ScanBackend.TRITON)``."""
+    """The Triton kernels behind ``causal_conv_silu(..., backend=KernelBackend.TRITON)``."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(
             f"the Triton causal conv takes float32, bfloat16 or float16, got {x.dtype}; use the PyTorch backend"

@@ -3,15 +3,15 @@
 Example::
 
     >>> import torch
-    >>> from recblr_torchrec import ScanBackend, linear_scan
+    >>> from recblr_torchrec import KernelBackend, linear_scan
     >>> log_a = -torch.rand(2, 5, 4)            # a = exp(log_a) in (0, 1]
     >>> b = torch.randn(2, 5, 4)
-    >>> h, final = linear_scan(log_a, b, output_final_state=True, backend=ScanBackend.PYTORCH)
+    >>> h, final = linear_scan(log_a, b, output_final_state=True, backend=KernelBackend.PYTORCH)
     >>> # the same two sequences packed end to end, lengths 5 and 5:
     >>> offsets = torch.tensor([0, 5, 10])
     >>> h_packed, final_packed = linear_scan(
     ...     log_a.reshape(10, 4), b.reshape(10, 4), offsets=offsets,
-    ...     output_final_state=True, backend=ScanBackend.PYTORCH)
+    ...     output_final_state=True, backend=KernelBackend.PYTORCH)
     >>> torch.allclose(h.reshape(10, 4), h_packed) and torch.allclose(final, final_packed)
     True
 """
@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend
+from ..backend import Kernel, KernelBackend, implementation
 from . import pytorch as _pytorch
 
 __all__ = ["linear_scan", "check_scan_inputs"]
@@ -45,12 +45,12 @@ def _check_offset_values(offsets: Tensor, num_rows: int) -> None:
 
 def _check_triton_inputs(log_a: Tensor, b: Tensor, initial_state: Optional[Tensor]) -> None:
     """What the Triton backend adds to :func:`check_scan_inputs`: no fp64 (its device is checked by
-    ``resolve_backend``)."""
+    ``implementation``)."""
     for name, t in (("log_a", log_a), ("b", b)):
         if t.dtype == torch.float64:
             raise TypeError(
                 f"{name} is float64, which the Triton backend does not take (it accumulates in float32); "
-                "pass float32/bfloat16/float16 or use backend=ScanBackend.PYTORCH"
+                "pass float32/bfloat16/float16 or use backend=KernelBackend.PYTORCH"
             )
 
 
@@ -100,7 +100,7 @@ def linear_scan(
     offsets: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
     output_final_state: bool = False,
-    backend: ScanBackend = ScanBackend.TRITON,
+    backend: KernelBackend = KernelBackend.TRITON,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Computes h_t = exp(log_a_t) * h_{t-1} + b_t per channel, restarting at every sequence.
 
@@ -111,8 +111,9 @@ def linear_scan(
             (TorchRec's jagged offsets); zero-length sequences are allowed.
         initial_state: optional [B or S, D] state before the first step (zeros when None).
         output_final_state: also return the state after each sequence's last step.
-        backend: ``ScanBackend.TRITON`` (GPU kernel), ``ScanBackend.PYTORCH`` (reference) or
-            ``ScanBackend.AUTO`` (the kernel for CUDA tensors, the reference elsewhere).
+        backend: ``KernelBackend.TRITON`` (GPU kernel), ``KernelBackend.PYTORCH`` (reference) or
+            ``KernelBackend.AUTO`` (the kernel for CUDA tensors, the reference elsewhere); while
+            torch records a graph, what ``kernels.backend.implementation`` declares.
 
     Returns:
         ``(h, final_state)``: h has the shape and dtype of ``b``; final_state is [B or S, D] in
@@ -120,12 +121,11 @@ def linear_scan(
         Accumulation is in float32 at least, whatever the input dtype.
     """
     check_scan_inputs(log_a, b, offsets, initial_state)
-    backend = resolve_backend(backend, b.device)
-    if backend is ScanBackend.PYTORCH:
+    if implementation(Kernel.LINEAR_SCAN, backend, b.device) is KernelBackend.PYTORCH:
         h, final = _pytorch.linear_scan_pytorch(log_a, b, offsets, initial_state)
     else:
         _check_triton_inputs(log_a, b, initial_state)
-        from . import triton as _triton  # imported lazily: Triton is not needed for the reference
+        from . import op as _op  # imported lazily: Triton is not needed for the reference
 
-        h, final = _triton.linear_scan_triton(log_a, b, offsets, initial_state)
+        h, final = _op.linear_scan_triton(log_a, b, offsets, initial_state)
     return h, (final if output_final_state else None)

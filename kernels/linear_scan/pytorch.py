@@ -83,7 +83,7 @@ def pad_packed(values: Tensor, offsets: Tensor, seq_index: Tensor, pos_index: Te
 def linear_scan_pytorch(
     log_a: Tensor, b: Tensor, offsets: Optional[Tensor], initial_state: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    """Reference implementation behind ``linear_scan(..., backend=ScanBackend.PYTORCH)``."""
+    """Reference implementation behind ``linear_scan(..., backend=KernelBackend.PYTORCH)``."""
     acc = compute_dtype(b.dtype)
     num_seq = log_a.shape[0] if offsets is None else offsets.numel() - 1
     channels = log_a.shape[-1]

@@ -1,14 +1,13 @@
 """LayerNorm(Dropout(branch) + residual): the residual mix of every RecBLR layer, in one pass.
 
-``ScanBackend.PYTORCH`` is the reference, ``F.layer_norm(F.dropout(branch) + residual)``.
-``ScanBackend.TRITON`` is one kernel each way (:mod:`.triton`): forward reads branch and residual
+``KernelBackend.PYTORCH`` is the reference, ``F.layer_norm(F.dropout(branch) + residual)``.
+``KernelBackend.TRITON`` is one kernel each way (:mod:`.triton`): forward reads branch and residual
 once and writes the output once; backward recomputes the sum from them (the dropout mask from a
 seed, never stored) and writes both input gradients once, with the weight and bias gradients from
 per-program partials. PyTorch's LayerNorm kernel is slow at the narrow widths of sequential
 recommenders (d = 64: ~0.6 ms for a 409,600-row pass on an H200, several times its bytes) and the
-dropout, add and norm are three more passes each way. Under ``torch.compile``, ``torch.export`` and
-``torch.jit.trace`` the reference is used whatever the backend (Inductor fuses it with the ops
-around it).
+dropout, add and norm are three more passes each way. While torch records a graph the reference
+runs whatever the backend (``kernels.backend``; Inductor fuses it with the ops around it).
 
 The two backends draw different dropout masks (the kernel's come from Triton's Philox with a seed
 drawn by torch's generator of the input's device, so ``torch.manual_seed`` and checkpoint replay
@@ -19,7 +18,7 @@ Example::
     >>> branch, residual = torch.randn(5, 8), torch.randn(5, 8)
     >>> weight, bias = torch.ones(8), torch.zeros(8)
     >>> out = dropout_add_layer_norm(branch, residual, weight, bias, p=0.2, training=False,
-    ...                              eps=1e-12, backend=ScanBackend.PYTORCH)
+    ...                              eps=1e-12, backend=KernelBackend.PYTORCH)
     >>> torch.allclose(out, F.layer_norm(branch + residual, (8,), weight, bias, 1e-12))
     True
 """
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import ScanBackend, resolve_backend, tracing
+from ..backend import Kernel, KernelBackend, implementation
 
 __all__ = ["dropout_add_layer_norm"]
 
@@ -45,7 +44,7 @@ def dropout_add_layer_norm(
     p: float = 0.0,
     training: bool = False,
     eps: float = 1e-5,
-    backend: ScanBackend = ScanBackend.TRITON,
+    backend: KernelBackend = KernelBackend.TRITON,
 ) -> Tensor:
     """LayerNorm(Dropout_p(branch) + residual) over the last dimension.
 
@@ -62,8 +61,7 @@ def dropout_add_layer_norm(
         [..., d], the dtype ``F.layer_norm`` gives: the inputs' (promoted) dtype, float32 under
         autocast.
     """
-    backend = resolve_backend(backend, branch.device)
-    if tracing() or backend is not ScanBackend.TRITON:
+    if implementation(Kernel.RESIDUAL_NORM, backend, branch.device) is not KernelBackend.TRITON:
         return _reference(branch, residual, weight, bias, p, training, eps)
     width = branch.shape[-1]
     if residual is not None and residual.shape != branch.shape:

@@ -207,7 +207,7 @@ def dropout_add_layer_norm_triton(
     eps: float,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """The Triton kernels behind ``dropout_add_layer_norm(..., backend=ScanBackend.TRITON)``;
+    """The Triton kernels behind ``dropout_add_layer_norm(..., backend=KernelBackend.TRITON)``;
     ``p`` is the dropout actually applied (0 outside training); the output is ``out_dtype`` (the
     caller applies ``F.layer_norm``'s dtype rule)."""
     return _DropoutAddLayerNorm.apply(branch, residual, weight, bias, float(p), float(eps), out_dtype)

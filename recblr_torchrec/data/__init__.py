@@ -1,20 +1,16 @@
-"""Data path: source files -> CSR sequences -> leave-one-out samples -> jagged ``Batch``."""
+"""Data path: source files -> CSR sequences -> samples (protocols, splits) -> jagged ``Batch``."""
 
-from .batches import (
-    ITEM_HISTORY,
-    Batch,
-    SampleBatches,
-    Samples,
-    evaluation_samples,
-    make_batch,
-    make_loader,
-    training_samples,
-)
+from .batch import Batch
+from .features import ITEM_CANDIDATES, ITEM_HISTORY, USER_BUCKET
+from .loader import SampleBatches, make_batch, make_loader
 from .readers import DataFormatError, read_interactions
+from .samples import Samples, evaluation_samples, training_samples
 from .sequences import SequenceData, build_sequences, load_sequences
 
 __all__ = [
+    "ITEM_CANDIDATES",
     "ITEM_HISTORY",
+    "USER_BUCKET",
     "Batch",
     "DataFormatError",
     "SampleBatches",

@@ -22,6 +22,12 @@ def item_frequencies(data: SequenceData) -> np.ndarray:
     return np.bincount(data.items[mask], minlength=data.num_items + 1).astype(np.float64)
 
 
+def no_candidates(targets: np.ndarray, key: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """An empty candidate set: the batches of a model whose table serves the candidate feature,
+    where no loss is taken (evaluation)."""
+    return np.empty(0, dtype=np.int64), None
+
+
 class FullCatalog:
     """Every item id 1..V-1 as the candidate set (the paper's full softmax); no log-Q."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..fields import require, typed_fields
 from .sequences import SequenceData
 
 
@@ -28,6 +29,19 @@ class SyntheticConfig:
     topic_switch: float = 0.1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        typed_fields(self, "data.synthetic")
+        require(
+            self.num_topics >= 1 and self.num_items % self.num_topics == 0,
+            f"data.synthetic.num_items={self.num_items} must be a multiple of num_topics={self.num_topics}",
+        )
+        require(
+            3 <= self.min_length <= self.mean_length,
+            f"data.synthetic lengths: need 3 <= min_length ({self.min_length}) <= mean_length ({self.mean_length})",
+        )
+        require(self.num_users >= 1, f"data.synthetic.num_users={self.num_users} must be >= 1")
+        require(0.0 <= self.topic_switch <= 1.0, f"data.synthetic.topic_switch={self.topic_switch} must be in [0, 1]")
+
 
 def _zipf_cdf(size: int, exponent: float) -> np.ndarray:
     weights = np.arange(1, size + 1, dtype=np.float64) ** -exponent
@@ -38,10 +52,6 @@ def _zipf_cdf(size: int, exponent: float) -> np.ndarray:
 def synthetic_sequences(config: SyntheticConfig) -> SequenceData:
     """CSR sequences (ids 1..num_items, all of them in the catalog whether seen or not)."""
     c = config
-    if c.num_items % c.num_topics:
-        raise ValueError(f"synthetic num_items={c.num_items} must be a multiple of num_topics={c.num_topics}")
-    if c.min_length < 3 or c.mean_length < c.min_length:
-        raise ValueError(f"synthetic lengths: need 3 <= min_length ({c.min_length}) <= mean_length ({c.mean_length})")
     rng = np.random.default_rng(c.seed)
     lengths = c.min_length + rng.poisson(c.mean_length - c.min_length, c.num_users)
     offsets = np.zeros(c.num_users + 1, dtype=np.int64)

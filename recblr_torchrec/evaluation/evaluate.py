@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..data.batches import Batch
-from ..modules.recblr import ITEM_TABLE, RecBLR
+from ..data.batch import Batch
+from ..modules.recommender import ITEM_TABLE, SequenceRecommender
 from .metrics import RankingMetrics, target_ranks
 
 CACHE_LIMIT = 1 << 26  # floats of catalog embeddings kept across batches (256 MB in fp32)
@@ -15,7 +15,7 @@ CACHE_LIMIT = 1 << 26  # floats of catalog embeddings kept across batches (256 M
 
 @torch.no_grad()
 def evaluate(
-    model: RecBLR,
+    model: SequenceRecommender,
     batches: Iterable[Batch],
     device: torch.device,
     ks: Sequence[int] = (10, 20),
@@ -38,7 +38,7 @@ def evaluate(
         # The catalog's embeddings are looked up once per evaluation, chunk by chunk, unless the
         # table is too large to hold twice (then each batch looks its chunks up again).
         chunks = {}
-        cache = model.num_embeddings * model.config.embedding_dim <= CACHE_LIMIT
+        cache = model.num_embeddings * model.embedding_dim <= CACHE_LIMIT
 
         def item_chunk(start: int, end: int) -> torch.Tensor:
             if not cache:
@@ -75,13 +75,13 @@ def evaluate(
         model.train(was_training)
 
 
-def local_rows(model: RecBLR, group: dist.ProcessGroup) -> Optional[List[Tuple[int, Tensor]]]:
+def local_rows(model: SequenceRecommender, group: dist.ProcessGroup) -> Optional[List[Tuple[int, Tensor]]]:
     """(first row, rows [R, d]) of the item table on this rank, when every rank's shards hold whole
     rows (table-wise, row-wise); None otherwise (unsharded, column-wise), agreed over the ranks."""
     weight = model.item_embeddings.state_dict().get(f"embeddings.{ITEM_TABLE}.weight")
     shards: Optional[List[Tuple[int, Tensor]]] = None
     if weight is not None and hasattr(weight, "local_shards"):
-        width = model.config.embedding_dim
+        width = model.embedding_dim
         local = weight.local_shards()
         if all(shard.metadata.shard_sizes[1] == width for shard in local):
             shards = [(int(shard.metadata.shard_offsets[0]), shard.tensor) for shard in local]

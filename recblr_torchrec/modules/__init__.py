@@ -1,16 +1,30 @@
-"""Model building blocks: the BD-LRU block, the RecBLR encoder and the TorchRec model."""
+"""Model building blocks: the BD-LRU block, the RecBLR and SASRec-style encoders, and the
+sequence recommender (TorchRec item table + an encoder) that trains and serves them."""
 
-from .encoder import RecBLRConfig, RecBLREncoder, RecBLRLayer, init_weights, set_scan_backend
 from .gated_recurrent import GatedRecurrent
-from .recblr import RecBLR, last_positions
+from .recblr import RecBLRConfig, RecBLREncoder, RecBLRLayer, set_kernels
+from .recommender import (
+    ContextConfig,
+    EncoderKind,
+    ModelConfig,
+    SequenceRecommender,
+    init_weights,
+    last_positions,
+)
+from .sasrec import SASRecConfig, SASRecEncoder
 
 __all__ = [
+    "ContextConfig",
+    "EncoderKind",
     "GatedRecurrent",
-    "RecBLR",
+    "ModelConfig",
     "RecBLRConfig",
     "RecBLREncoder",
     "RecBLRLayer",
+    "SASRecConfig",
+    "SASRecEncoder",
+    "SequenceRecommender",
     "init_weights",
     "last_positions",
-    "set_scan_backend",
+    "set_kernels",
 ]

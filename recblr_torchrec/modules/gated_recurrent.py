@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import ScanBackend, linear_scan
-from ..kernels.backend import resolve_backend
+from ..kernels import Kernel, KernelBackend, linear_scan
+from ..kernels.backend import Recording, implementation, recording
 from ..kernels.bdlru import bdlru, bdlru_gates
 from ..kernels.causal_conv import causal_conv_dense, causal_conv_packed, causal_conv_silu
 from ..kernels.linear_scan.pytorch import packed_positions, pad_packed, scan_sequential
@@ -22,20 +22,10 @@ def inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-def exporting() -> bool:
-    """True under ``torch.export`` (non-strict, the default), False under ``torch.compile``.
-
-    torch 2.11's Dynamo folds ``torch.compiler.is_exporting()`` to True in every graph it traces,
-    so under ``torch.compile`` alone the export-only paths would replace the fused kernel. Strict
-    export (Dynamo) reads False here: this project exports with ``strict=False``.
-    """
-    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
-
-
 def scan_scripted(log_a: Tensor, b: Tensor, offsets: Optional[Tensor]) -> Tensor:
     """h_t = exp(log_a_t) h_{t-1} + b_t from h = 0, forward only: the PyTorch scan backend under TorchScript.
 
-    Same arithmetic as ``linear_scan(..., backend=ScanBackend.PYTORCH)`` (whose autograd function
+    Same arithmetic as ``linear_scan(..., backend=KernelBackend.PYTORCH)`` (whose autograd function
     TorchScript cannot compile): time-major :func:`scan_sequential` in float32 (float64 for
     float64 input); packed [N, D] input is scattered into a right-padded block whose padding
     steps carry the state (a = 1, b = 0).
@@ -87,8 +77,8 @@ class GatedRecurrent(nn.Module):
         embedding_dim: d, the width of H and Y.
         expand: E; the recurrence has D = E * d channels.
         conv_width: k, taps of the causal depthwise convolution.
-        scan_backend: which implementation computes the scan; ``AUTO`` (the default) runs the
-            fused Triton kernel on CUDA and the PyTorch reference elsewhere.
+        kernels: the implementation of the scan, the fused BD-LRU and the causal conv; ``AUTO``
+            (the default) runs the Triton kernels on CUDA and the PyTorch reference elsewhere.
         recompute: in training, keep only c and z for backward and recompute the gate logits and
             the recurrence there (``torch.utils.checkpoint``): one more gate projection and
             recurrence forward for 1.5 KB less saved per position at D = 128 (fused path).
@@ -98,8 +88,9 @@ class GatedRecurrent(nn.Module):
 
     :meth:`step` advances one event from a carried state (conv tail [B, k-1, D], h [B, D]) at a
     cost independent of the history's length; :meth:`sequence` also returns the x and h that the
-    state is cut from. Under TorchScript the scan is :func:`scan_scripted` whatever the backend,
-    under ``torch.export`` (dense input) :func:`scan_exported`.
+    state is cut from. While torch records a graph the kernels fall back as ``kernels/backend.py``
+    declares; the reference scan is then :func:`scan_scripted` under TorchScript and
+    :func:`scan_exported` under ``torch.export`` (dense input).
     """
 
     def __init__(
@@ -107,7 +98,7 @@ class GatedRecurrent(nn.Module):
         embedding_dim: int,
         expand: int,
         conv_width: int,
-        scan_backend: "ScanBackend | str" = ScanBackend.AUTO,
+        kernels: "KernelBackend | str" = KernelBackend.AUTO,
         recompute: bool = False,
     ):
         super().__init__()
@@ -119,7 +110,7 @@ class GatedRecurrent(nn.Module):
         self.gate_proj = nn.Linear(channels, 2 * channels, bias=True)
         self.decay_param = nn.Parameter(torch.empty(channels))  # Lambda
         self.output_proj = nn.Linear(channels, embedding_dim, bias=False)
-        self.scan_backend = ScanBackend.parse(scan_backend)
+        self.kernels = KernelBackend.parse(kernels)
         self.reset_decay()
 
     def reset_decay(self) -> None:
@@ -144,7 +135,7 @@ class GatedRecurrent(nn.Module):
             if positions is None:
                 raise ValueError("packed input needs positions (index of each row inside its sequence)")
             if not torch.jit.is_scripting():
-                c = causal_conv_silu(x, self.conv.weight, bias, positions, backend=self.scan_backend)
+                c = causal_conv_silu(x, self.conv.weight, bias, positions, backend=self.kernels)
             else:
                 c = F.silu(causal_conv_packed(x, self.conv.weight, bias, positions))
         return x, z, c
@@ -158,7 +149,7 @@ class GatedRecurrent(nn.Module):
     ) -> Tensor:
         """Y at every position, or only at packed ``rows`` [M] (the output projection then runs on M rows)."""
         if not torch.jit.is_scripting():
-            if not exporting():
+            if recording() is not Recording.EXPORT:
                 _, z, c = self.conv_branch(hidden, offsets, positions)
                 if self.recompute and self.training and torch.is_grad_enabled():
                     gated = checkpoint(self.recurrence, c, z, offsets, use_reentrant=False)
@@ -170,12 +161,12 @@ class GatedRecurrent(nn.Module):
 
     def recurrence(self, c: Tensor, z: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
         """SiLU(z) * h from the conv output c: one fused kernel for gates, scan and output gate
-        (kernels/bdlru) when the backend resolves to TRITON, else the gates, the scan backend and
-        the output gate as separate ops."""
-        if resolve_backend(self.scan_backend, c.device) is ScanBackend.TRITON:
-            return bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=ScanBackend.TRITON)
+        (kernels/bdlru) where the BD-LRU runs as Triton, else the gates, the scan and the output
+        gate as separate ops."""
+        if implementation(Kernel.BDLRU, self.kernels, c.device) is KernelBackend.TRITON:
+            return bdlru(c, self.gate_proj(c), z, self.decay_param, offsets, backend=KernelBackend.TRITON)
         log_alpha, beta = self.gates(c)
-        h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
+        h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.kernels)
         return F.silu(z) * h
 
     def sequence(
@@ -186,10 +177,10 @@ class GatedRecurrent(nn.Module):
         log_alpha, beta = self.gates(c)
         if torch.jit.is_scripting():
             h = scan_scripted(log_alpha, beta * c, offsets)
-        elif offsets is None and exporting():
+        elif offsets is None and recording() is Recording.EXPORT:
             h = scan_exported(log_alpha, beta * c)
         else:
-            h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.scan_backend)
+            h, _ = linear_scan(log_alpha, beta * c, offsets=offsets, backend=self.kernels)
         return self.output_proj(F.silu(z) * h), x, h
 
     def step(self, hidden: Tensor, conv_tail: Tensor, state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

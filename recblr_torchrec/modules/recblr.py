@@ -1,283 +1,278 @@
-"""RecBLR as a TorchRec model: the item table in an EmbeddingCollection, the encoder on its output."""
+"""The RecBLR sequence encoder: item embeddings in, one hidden vector per position out."""
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torch.utils.checkpoint import checkpoint
 
-from ..data.batches import ITEM_CANDIDATES, ITEM_HISTORY, USER_BUCKET
-from .encoder import RecBLRConfig, RecBLREncoder, init_weights
-from .sasrec import SASRecConfig, SASRecEncoder
-
-ITEM_TABLE = "item"
-CONTEXT_USER_TABLE = "context_user"
+from ..fields import require, typed_fields
+from ..kernels import Kernel, KernelBackend
+from ..kernels.backend import kernel_table
+from ..kernels.linear_scan.pytorch import packed_positions
+from ..kernels.residual_norm import dropout_add_layer_norm
+from .gated_recurrent import GatedRecurrent
 
 
 @dataclass
-class ContextConfig:
-    """Pooled context features in an EmbeddingBagCollection, joined to the encoder.
+class RecBLRConfig:
+    """RecBLR hyper-parameters (SPEC.md section 1); the paper's ML-1M values are the defaults.
+    In a run config this is the section ``model.recblr``.
 
-    Args:
-        user_buckets: rows of the ``context_user`` table, indexed by the user id hashed into
-            buckets (feature ``user_bucket``); 0 = no context features (the paper's model).
-        embedding_dim: that table's width (0 = the model's d); projected to d by a linear layer.
-        join: ``input`` (added to every position's item embedding, before the encoder) or
-            ``output`` (added to every position's hidden vector, after it).
+    ``kernels``: the implementation of the encoder's sequence kernels (the scan, the fused
+    BD-LRU, the causal conv and the residual norm): ``auto`` (Triton on CUDA, the PyTorch
+    reference elsewhere), ``triton`` or ``pytorch``. What runs instead while torch records a graph
+    (compile, export, TorchScript) is declared in ``kernels/backend.py`` and shown in a run's
+    ``resolved_config.json``.
+
+    ``recompute_mix``: in training, the residual LayerNorms and the FFN of every layer that runs
+    at all positions keep only their inputs for backward and are recomputed there
+    (``torch.utils.checkpoint``; dropout masks replayed): ~4.4 KB less per position at d=64 for
+    one more FFN forward.
+
+    ``recompute_recurrence``: in training, every GatedRecurrent keeps only the conv output c and z
+    for backward and recomputes the gate projection and the recurrence there: with the fused
+    kernel 1.5 KB less per position at d=64 (the gate logits and h, fp32) for one more gate
+    projection and fused forward per layer.
+
+    ``fused_norms``: where the kernels are Triton, the embedding norm and the residual LayerNorms
+    (with their dropout and residual add) run in one Triton kernel each way
+    (kernels/residual_norm); false keeps torch's dropout, add and LayerNorm ops (and their RNG).
     """
 
-    user_buckets: int = 0
-    embedding_dim: int = 0
-    join: str = "input"
+    embedding_dim: int = 64
+    num_layers: int = 2
+    expand: int = 2
+    conv_width: int = 4
+    dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    kernels: KernelBackend = KernelBackend.AUTO
+    recompute_mix: bool = False
+    recompute_recurrence: bool = False
+    fused_norms: bool = True
+
+    def __post_init__(self) -> None:
+        typed_fields(self, "model.recblr")
+        for name in ("embedding_dim", "num_layers", "expand", "conv_width"):
+            require(getattr(self, name) >= 1, f"model.recblr.{name}={getattr(self, name)} must be >= 1")
+        require(0.0 <= self.dropout < 1.0, f"model.recblr.dropout={self.dropout} must be in [0, 1)")
+        require(self.layer_norm_eps > 0, f"model.recblr.layer_norm_eps={self.layer_norm_eps} must be > 0")
 
 
-ARCHITECTURES = ("recblr", "sasrec")
+class RecBLRLayer(nn.Module):
+    """A = LN(Dropout(GatedRecurrent(H)) + H); F = LN(A + Dropout(W2 Dropout(SiLU(W1 A + b1)) + b2))."""
 
-
-def build_encoder(config: RecBLRConfig) -> nn.Module:
-    """The sequence encoder named by ``config.architecture``: RecBLR, or the SASRec-style baseline."""
-    if config.architecture == "recblr":
-        return RecBLREncoder(config)
-    if config.architecture == "sasrec":
-        return SASRecEncoder(
-            SASRecConfig(
-                embedding_dim=config.embedding_dim,
-                num_layers=config.num_layers,
-                num_heads=config.num_heads,
-                dropout=config.dropout,
-                attention_dropout=config.dropout,
-                max_len=config.max_positions,
-                layer_norm_eps=config.layer_norm_eps,
-            )
-        )
-    raise ValueError(f"model.architecture={config.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-
-
-class RecBLR(nn.Module):
-    """Next-item model: EmbeddingCollection (item table, V rows, row 0 padding) + RecBLR encoder.
-
-    Scores are dot products with the same (tied) item table, as in the paper. With
-    ``config.architecture = "sasrec"`` the encoder is the SASRec-style baseline instead, so the
-    comparison shares the table, the data path, the loss and the evaluation.
-
-    Args:
-        num_embeddings: V, rows of the item table including the padding row 0.
-        config: encoder hyper-parameters.
-        device: where to build the item table; ``torch.device("meta")`` lets
-            DistributedModelParallel materialise it sharded.
-        candidate_feature: the item table also serves the feature ``item_candidates`` (the
-            loss's candidate ids carried by a training batch), so ``embed`` looks up histories
-            and candidates in one call; every input KJT must then carry both keys (``lookup``,
-            ``encode`` and ``item_table`` add an empty one).
-        context: pooled context features (an EmbeddingBagCollection, shardable like the item
-            table) and how they join the encoder; None or ``user_buckets=0``: none.
-
-    Example::
-
-        >>> model = RecBLR(num_embeddings=11, config=RecBLRConfig(embedding_dim=8, num_layers=1))
-        >>> history = KeyedJaggedTensor(keys=["item_history"], values=torch.tensor([3, 1, 4, 1, 5]),
-        ...                             lengths=torch.tensor([2, 3]))
-        >>> model(history).shape                         # one hidden vector per position
-        torch.Size([5, 8])
-        >>> model.score_last(history).shape              # [B, V]
-        torch.Size([2, 11])
-    """
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        config: RecBLRConfig,
-        device: Optional[torch.device] = None,
-        candidate_feature: bool = False,
-        context: Optional[ContextConfig] = None,
-    ):
+    def __init__(self, config: RecBLRConfig):
         super().__init__()
-        if num_embeddings < 2:
-            raise ValueError(f"num_embeddings={num_embeddings}: the table needs the padding row and one item")
-        self.num_embeddings = num_embeddings
-        self.config = config
-        self.candidate_feature = candidate_feature
-        self.feature_names = [ITEM_HISTORY, ITEM_CANDIDATES] if candidate_feature else [ITEM_HISTORY]
-        self.item_embeddings = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=ITEM_TABLE,
-                    embedding_dim=config.embedding_dim,
-                    num_embeddings=num_embeddings,
-                    feature_names=self.feature_names,
-                    init_fn=partial(nn.init.normal_, mean=0.0, std=0.02),
-                )
-            ],
-            device=device,
+        d = config.embedding_dim
+        self.recurrent = GatedRecurrent(
+            d, config.expand, config.conv_width, config.kernels, config.recompute_recurrence
         )
-        self.encoder = build_encoder(config)
-        init_weights(self.encoder)
-        self.context_embeddings: Optional[EmbeddingBagCollection] = None
-        self.context_join = "input"
-        if context is not None and context.user_buckets > 0:
-            if context.join not in ("input", "output"):
-                raise ValueError(f"context join {context.join!r}; choose input or output")
-            width = context.embedding_dim or config.embedding_dim
-            self.context_embeddings = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=CONTEXT_USER_TABLE,
-                        embedding_dim=width,
-                        num_embeddings=context.user_buckets,
-                        feature_names=[USER_BUCKET],
-                        pooling=PoolingType.SUM,
-                        init_fn=partial(nn.init.normal_, mean=0.0, std=0.02),
-                    )
-                ],
-                device=device,
-            )
-            self.context_proj = nn.Linear(width, config.embedding_dim)
-            self.context_join = context.join
-
-    def pool_context(self, context: Optional[KeyedJaggedTensor]) -> Optional[KeyedTensor]:
-        """The EmbeddingBagCollection's pooled output for ``context``; None for a model without context."""
-        if self.context_embeddings is None:
-            return None
-        if context is None:
-            raise ValueError("this model has context features: pass the batch's context (batch.context)")
-        return self.context_embeddings(context)
-
-    def context_vectors(self, context: Optional[KeyedJaggedTensor]) -> Optional[Tensor]:
-        """[B, d] the pooled context of each sequence, projected; None for a model without context."""
-        return self._project(self.pool_context(context))
-
-    def _project(self, pooled: Optional[KeyedTensor]) -> Optional[Tensor]:
-        return None if pooled is None else self.context_proj(pooled.values().to(self.dtype))
-
-    def after_lookup(
-        self, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None, rows: Optional[Tensor] = None
-    ) -> Tuple[Tensor, Tensor]:
-        """The dense part on the lookups' outputs: ([N, d] hidden vectors, or [M, d] at packed
-        ``rows``; [C, d] candidate embeddings)."""
-        history = embedded[ITEM_HISTORY]
-        hidden = self._encode_with(history.values().to(self.dtype), history.offsets(), self._project(pooled), rows)
-        return hidden, embedded[ITEM_CANDIDATES].values().to(self.dtype)
-
-    def _encode_with(
-        self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor], rows: Optional[Tensor] = None
-    ) -> Tensor:
-        if vectors is None:
-            return self.encoder(values, offsets=offsets, rows=rows)
-        per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0, output_size=values.shape[0])
-        if self.context_join == "input":
-            return self.encoder(values + per_position, offsets=offsets, rows=rows)
-        return self.encoder(values, offsets=offsets, rows=rows) + (per_position if rows is None else per_position[rows])
+        self.recurrent_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(d, 4 * d)
+        self.ffn_out = nn.Linear(4 * d, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.norm_eps = config.layer_norm_eps
+        self.fused_norms = config.fused_norms
+        self.dropout = nn.Dropout(config.dropout)
+        self.recompute_mix = config.recompute_mix
 
     def forward(
         self,
-        item_history: KeyedJaggedTensor,
-        context: Optional[KeyedJaggedTensor] = None,
+        hidden: Tensor,
+        offsets: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
         rows: Optional[Tensor] = None,
     ) -> Tensor:
-        """[N, d] hidden vector at every position of the jagged histories, or [M, d] at the packed
-        positions ``rows`` only (cheaper: the encoder's last layer runs on those rows). ``context``:
-        the batch's pooled context features, for a model built with them."""
-        jagged = self.item_embeddings(item_history)[ITEM_HISTORY]
-        vectors = self.context_vectors(context)
-        return self._encode_with(jagged.values().to(self.dtype), jagged.offsets(), vectors, rows)
+        """The layer's output at every position, or only at packed ``rows`` (the recurrence still
+        runs over every position; the residual mix and the FFN run on the requested rows only)."""
+        recurrent_out = self.recurrent(hidden, offsets, positions, rows)
+        residual = hidden if rows is None else hidden[rows]
+        if not torch.jit.is_scripting():
+            if self.recompute_mix and self.training and rows is None and torch.is_grad_enabled():
+                return checkpoint(self.mix, recurrent_out, residual, use_reentrant=False)
+        return self.mix(recurrent_out, residual)
 
-    def embed(
-        self, features: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None, rows: Optional[Tensor] = None
-    ) -> Tuple[Tensor, Tensor]:
-        """One lookup of histories and candidates: ([N, d] hidden vectors, or [M, d] at ``rows``;
-        [C, d] candidate embeddings)."""
-        return self.after_lookup(self.item_embeddings(features), self.pool_context(context), rows)
+    def mix(self, recurrent_out: Tensor, hidden: Tensor) -> Tensor:
+        """The residual LayerNorm and the FFN around the GatedRecurrent output."""
+        mixed = self.residual_norm(recurrent_out, hidden, self.recurrent_norm.weight, self.recurrent_norm.bias)
+        ffn = self.ffn_out(self.dropout(F.silu(self.ffn_in(mixed))))
+        return self.residual_norm(ffn, mixed, self.ffn_norm.weight, self.ffn_norm.bias)
 
-    def history_features(self, values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
-        """The KJT of histories this model's table expects (an empty candidate bag added if needed).
-        Its value count per key is given (``values.numel()``), so that TorchRec need not sum
-        ``lengths`` on the host (a device synchronisation for CUDA tensors)."""
-        count = values.numel()
-        if not self.candidate_feature:
-            return KeyedJaggedTensor(keys=[ITEM_HISTORY], values=values, lengths=lengths, length_per_key=[count])
-        return KeyedJaggedTensor(
-            keys=self.feature_names,
-            values=values,
-            lengths=torch.cat([lengths, torch.zeros_like(lengths)]),
-            length_per_key=[count, 0],
-        )
+    def residual_norm(self, branch: Tensor, residual: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """LayerNorm(Dropout(branch) + residual): one Triton kernel each way when the kernels are
+        Triton (kernels/residual_norm), torch ops otherwise."""
+        p, eps = self.dropout.p, self.norm_eps
+        if not torch.jit.is_scripting():
+            return dropout_add_layer_norm(branch, residual, weight, bias, p, self.training, eps, self.norm_backend())
+        return F.layer_norm(self.dropout(branch) + residual, [branch.shape[-1]], weight, bias, eps)
 
-    def lookup(self, ids: Tensor) -> Tensor:
-        """[M, d] embeddings of item ids [M], through the (possibly sharded) collection."""
-        lengths = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)  # one bag, made on the device
-        return self.item_embeddings(self.history_features(ids, lengths))[ITEM_HISTORY].values().to(self.dtype)
+    def norm_backend(self) -> KernelBackend:
+        """The residual norms' backend: the layer's kernels, or the PyTorch reference with
+        ``fused_norms`` off."""
+        return self.recurrent.kernels if self.fused_norms else KernelBackend.PYTORCH
 
-    def compile_encoder(self, backend: str = "inductor") -> None:
-        """``torch.compile`` the encoder in place (``train.compile``); parameters, ``state_dict``
-        keys and the exports are unchanged, and the TorchRec modules stay eager."""
-        self.encoder.compile(backend=backend)
+    def sequence(self, hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Padded [B, T, d] -> (output, conv input x [B, T, D], recurrent state h [B, T, D])."""
+        y, x, h = self.recurrent.sequence(hidden)
+        return self.mix(y, hidden), x, h
 
-    def static_padding(self, length: int) -> None:
-        """Make the encoder's padding of jagged batches static: ``length`` (>= every history)
-        positions, read from no tensor, so ``train.cuda_graphs`` can capture the step. Only the
-        SASRec-style encoder pads (to its batch's longest history by default); RecBLR's scan runs
-        on the jagged rows and has nothing to fix."""
-        if isinstance(self.encoder, SASRecEncoder):
-            self.encoder.static_padding(length)
+    def step(self, hidden: Tensor, conv_tail: Tensor, state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One event: hidden [B, d] -> (output [B, d], new conv tail [B, k-1, D], new h [B, D])."""
+        y, conv_tail, state = self.recurrent.step(hidden, conv_tail, state)
+        return self.mix(y, hidden), conv_tail, state
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The encoder's dtype (TorchRec's lookups return float32 whatever the table holds)."""
-        return self.encoder.input_norm.weight.dtype
 
-    def item_table(self, start: int = 0, end: Optional[int] = None) -> Tensor:
-        """[end - start, d] rows of the item table (all rows by default), padding row included."""
-        end = self.num_embeddings if end is None else end
-        device = self.encoder.input_norm.weight.device
-        return self.lookup(torch.arange(start, end, device=device))
+class RecBLREncoder(nn.Module):
+    """RecBLR over jagged or padded sequences of item embeddings. Causal: position t sees 0..t.
 
-    def score_last(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
-        """[B, V] scores of every table row after each history's last item."""
-        last = self(item_history, context, rows=item_history.offsets()[1:] - 1)
-        return last @ self.item_table().T
+    Input, one of:
+      - jagged: ``embeddings`` [N, d] and ``offsets`` [S+1], what an EmbeddingCollection returns
+        (``jt.values()``, ``jt.offsets()``);
+      - padded: ``embeddings`` [B, T, d], right-padded; optional ``lengths`` [B] zeroes the
+        outputs at padded positions (padding never changes a real output either way).
+    Output: the hidden state of the last layer, same shape as the input; with jagged input and
+    ``rows`` [M] (indices into the N positions), only those rows [M, d]: the loss of the paper's
+    protocol needs one row per sequence, and the last layer then mixes and projects M rows, not N.
 
-    def encode(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
-        """Padded path: item_seq [B, T] right-padded with 0, lengths [B] -> hidden [B, T, d].
+    Example::
 
-        Outputs at padded positions are zero.
+        >>> encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=1, dropout=0.0))
+        >>> values = torch.randn(5, 8)                     # two sequences, lengths 2 and 3
+        >>> jagged = encoder(values, offsets=torch.tensor([0, 2, 5]))
+        >>> padded = torch.zeros(2, 3, 8)
+        >>> padded[0, :2], padded[1] = values[:2], values[2:]
+        >>> dense = encoder(padded, lengths=torch.tensor([2, 3]))
+        >>> torch.allclose(jagged[:2], dense[0, :2], atol=1e-6)
+        True
+
+    Incremental inference: the recurrent state of a user is one row of ``state_size()`` floats,
+    per layer the causal-conv tail (the last k-1 conv inputs x, [k-1, D] row-major, oldest
+    first) then the recurrent state h [D]; float32 (float64 for a float64 encoder).
+    :meth:`forward_with_state` returns it after a padded history, :meth:`step` advances it by one
+    event in O(layers * k * D) whatever the history's length, and the empty history's state is zeros.
+    """
+
+    def __init__(self, config: RecBLRConfig):
+        super().__init__()
+        self.config = config
+        # Plain ints beside the dataclass, which TorchScript cannot read.
+        self.embedding_dim = config.embedding_dim
+        self.conv_width = config.conv_width
+        self.channels = config.expand * config.embedding_dim
+        self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([RecBLRLayer(config) for _ in range(config.num_layers)])
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        offsets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        d = self.embedding_dim
+        if embeddings.shape[-1] != d:
+            raise ValueError(f"embeddings have width {embeddings.shape[-1]} but the encoder expects d={d}")
+        positions: Optional[Tensor] = None
+        if offsets is not None:
+            if embeddings.dim() != 2:
+                raise ValueError(f"jagged input must be [N, d] with offsets, got {list(embeddings.shape)}")
+            positions = packed_positions(offsets, embeddings.shape[0])[1]
+        elif embeddings.dim() != 3:
+            raise ValueError(f"padded input must be [B, T, d], got {list(embeddings.shape)}; or pass offsets")
+        if rows is not None and offsets is None:
+            raise ValueError("rows select packed positions: pass jagged input with offsets")
+        hidden = self.embedding_norm(embeddings)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, offsets, positions, rows if i == last else None)
+        if offsets is None and lengths is not None:
+            hidden = hidden * self._real_steps(hidden, lengths)
+        return hidden
+
+    def embedding_norm(self, embeddings: Tensor) -> Tensor:
+        """input_norm(Dropout(embeddings)), through the fused kernel as the layers' residual norms."""
+        norm = self.input_norm
+        if not torch.jit.is_scripting():
+            p = self.dropout.p  # the layers' norm backend (set_kernels switches them all)
+            backend = self.layers[0].norm_backend()
+            return dropout_add_layer_norm(embeddings, None, norm.weight, norm.bias, p, self.training, norm.eps, backend)
+        return norm(self.dropout(embeddings))
+
+    @staticmethod
+    def _real_steps(hidden: Tensor, lengths: Tensor) -> Tensor:
+        steps = torch.arange(hidden.shape[1], device=hidden.device)
+        return (steps < lengths.unsqueeze(1)).unsqueeze(-1).to(hidden.dtype)
+
+    @torch.jit.export
+    def state_size(self) -> int:
+        """Floats in one user's state: layers * (k-1 conv-tail rows + 1 recurrent row) * D."""
+        return len(self.layers) * self.conv_width * self.channels
+
+    @torch.jit.export
+    def state_dtype(self) -> torch.dtype:
+        return torch.float64 if self.input_norm.weight.dtype == torch.float64 else torch.float32
+
+    @torch.jit.export
+    def forward_with_state(self, embeddings: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """Padded [B, T, d] + lengths [B] in [0, T] -> (hidden [B, T, d] zero at padding, state [B, state_size()]).
+
+        The state is the one after each history's last real event (zeros for a zero-length history).
         """
-        check_padded(item_seq, lengths, self.num_embeddings)
-        batch, steps = item_seq.shape
-        kjt = self.history_features(
-            item_seq.reshape(-1), torch.full((batch,), steps, dtype=torch.long, device=item_seq.device)
-        )
-        embedded = self.item_embeddings(kjt)[ITEM_HISTORY].values().to(self.dtype).reshape(batch, steps, -1)
-        vectors = self.context_vectors(context)
-        if vectors is None:
-            return self.encoder(embedded, lengths=lengths)
-        if self.context_join == "input":
-            return self.encoder(embedded + vectors[:, None], lengths=lengths)
-        mask = torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
-        return self.encoder(embedded, lengths=lengths) + vectors[:, None] * mask[..., None]
+        hidden = self.input_norm(self.dropout(embeddings))
+        k, channels = self.conv_width, self.channels
+        batch = embeddings.shape[0]
+        # Indices of the last k-1 conv inputs and of the last state; negative ones are before the start.
+        tail_steps = lengths.unsqueeze(1) - (k - 1) + torch.arange(k - 1, device=lengths.device)
+        tail_index = tail_steps.clamp(min=0).unsqueeze(-1).expand(batch, k - 1, channels)
+        tail_real = (tail_steps >= 0).unsqueeze(-1)
+        last_index = (lengths - 1).clamp(min=0).view(batch, 1, 1).expand(batch, 1, channels)
+        last_real = (lengths > 0).view(batch, 1)
+        states: List[Tensor] = []
+        for layer in self.layers:
+            hidden, x, h = layer.sequence(hidden)
+            tail = torch.where(tail_real, x.gather(1, tail_index), torch.zeros_like(x[:, :1]))
+            final = torch.where(last_real, h.gather(1, last_index)[:, 0], torch.zeros_like(h[:, 0]))
+            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(final.to(self.state_dtype()))
+        return hidden * self._real_steps(hidden, lengths), torch.cat(states, dim=1)
 
-    def score(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
-        """[B, V] scores of every table row (padding included) at position length-1."""
-        hidden = self.encode(item_seq, lengths, context)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        return last @ self.item_table().T
+    @torch.jit.export
+    def step(self, embeddings: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One new event per user: embeddings [B, d], state [B, state_size()] -> (hidden [B, d], new state)."""
+        k, channels = self.conv_width, self.channels
+        batch = embeddings.shape[0]
+        hidden = self.input_norm(self.dropout(embeddings))
+        states: List[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            start = i * k * channels
+            tail = state[:, start : start + (k - 1) * channels].reshape(batch, k - 1, channels)
+            h = state[:, start + (k - 1) * channels : start + k * channels]
+            hidden, tail, h = layer.step(hidden, tail, h)
+            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(h.to(self.state_dtype()))
+        return hidden, torch.cat(states, dim=1)
 
 
-def last_positions(hidden: Tensor, offsets: Tensor) -> Tensor:
-    """[B, d] the hidden vector at each sequence's last position (packed [N, d] input)."""
-    return hidden[offsets[1:] - 1]
+def set_kernels(module: nn.Module, backend: "KernelBackend | str") -> nn.Module:
+    """Switches the sequence kernels of every GatedRecurrent inside ``module`` (and with them the
+    residual norms of their layers) to ``backend``; returns ``module``."""
+    backend = KernelBackend.parse(backend)
+    for sub in module.modules():
+        if isinstance(sub, GatedRecurrent):
+            sub.kernels = backend
+    return module
 
 
-def check_padded(item_seq: Tensor, lengths: Tensor, num_embeddings: int) -> None:
-    if item_seq.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != item_seq.shape[0]:
-        raise ValueError(
-            f"item_seq must be [B, T] and lengths [B]; got {tuple(item_seq.shape)} and {tuple(lengths.shape)}"
-        )
-    if bool((lengths < 1).any()) or bool((lengths > item_seq.shape[1]).any()):
-        raise ValueError(f"lengths must be in [1, T={item_seq.shape[1]}], got {lengths.tolist()}")
-    if bool((item_seq < 0).any()) or bool((item_seq >= num_embeddings).any()):
-        bad = int(item_seq[(item_seq < 0) | (item_seq >= num_embeddings)][0])
-        raise ValueError(f"item id {bad} is outside the table [0, {num_embeddings})")
+def kernels_in_use(module: nn.Module, device: torch.device) -> Dict[str, Dict[str, str]]:
+    """{recording: {kernel: implementation}} of the RecBLR layers inside ``module`` on ``device``
+    (``kernels.backend.kernel_table``; empty for a module without any)."""
+    layers = [sub for sub in module.modules() if isinstance(sub, RecBLRLayer)]
+    if not layers:
+        return {}
+    recurrent, norms = layers[0].recurrent.kernels, layers[0].norm_backend()
+    backends = {kernel: recurrent for kernel in (Kernel.LINEAR_SCAN, Kernel.BDLRU, Kernel.CAUSAL_CONV)}
+    return kernel_table({**backends, Kernel.RESIDUAL_NORM: norms}, device)

@@ -14,19 +14,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fields import require, typed_fields
 from ..kernels.linear_scan.pytorch import packed_positions, pad_packed
 
 
 @dataclass
 class SASRecConfig:
+    """The SASRec-style baseline's hyper-parameters; in a run config, the section ``model.sasrec``.
+
+    ``max_positions``: rows of the learned position table, the longest history it encodes
+    (>= ``data.max_len``). ``attention_dropout``: None takes ``dropout``.
+    """
+
     embedding_dim: int = 64
     num_layers: int = 2
     num_heads: int = 2
     ffn_multiplier: int = 4
     dropout: float = 0.2
-    attention_dropout: float = 0.2
-    max_len: int = 200
+    attention_dropout: Optional[float] = None
+    max_positions: int = 512
     layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        typed_fields(self, "model.sasrec")
+        for name in ("embedding_dim", "num_layers", "num_heads", "ffn_multiplier", "max_positions"):
+            require(getattr(self, name) >= 1, f"model.sasrec.{name}={getattr(self, name)} must be >= 1")
+        require(
+            self.embedding_dim % self.num_heads == 0,
+            f"model.sasrec.embedding_dim={self.embedding_dim} must be divisible by "
+            f"model.sasrec.num_heads={self.num_heads}",
+        )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            require(value is None or 0.0 <= value < 1.0, f"model.sasrec.{name}={value} must be in [0, 1)")
 
 
 class SASRecBlock(nn.Module):
@@ -36,7 +56,7 @@ class SASRecBlock(nn.Module):
         if d % config.num_heads:
             raise ValueError(f"embedding_dim={d} must be divisible by num_heads={config.num_heads}")
         self.num_heads = config.num_heads
-        self.attention_dropout = config.attention_dropout
+        self.attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
         self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -95,7 +115,7 @@ class SASRecEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.static_length = 0  # see static_padding
-        self.positions = nn.Embedding(config.max_len, config.embedding_dim)
+        self.positions = nn.Embedding(config.max_positions, config.embedding_dim)
         self.input_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_layers)])
@@ -105,10 +125,10 @@ class SASRecEncoder(nn.Module):
         history in the batch, which the host would have to read: with no read left the step can be
         captured in a CUDA graph (``train.cuda_graphs``). 0 restores the default. Causal attention
         never looks past a sequence's end, so the outputs are the same."""
-        if not 0 <= length <= self.config.max_len:
+        if not 0 <= length <= self.config.max_positions:
             raise ValueError(
-                f"static padding length={length} must be in [0, max_len={self.config.max_len}] "
-                "(raise model.max_positions)"
+                f"static padding length={length} must be in [0, max_positions={self.config.max_positions}] "
+                "(raise model.sasrec.max_positions)"
             )
         self.static_length = length
 
@@ -127,8 +147,11 @@ class SASRecEncoder(nn.Module):
             seq_index, pos_index = packed_positions(offsets, embeddings.shape[0])
             padded = pad_packed(embeddings, offsets, seq_index, pos_index, self.static_length)
         steps = padded.shape[1]
-        if steps > self.config.max_len:
-            raise ValueError(f"sequence length {steps} exceeds max_len={self.config.max_len}; truncate the history")
+        if steps > self.config.max_positions:
+            raise ValueError(
+                f"sequence length {steps} exceeds model.sasrec.max_positions={self.config.max_positions}; "
+                "truncate the history or raise it"
+            )
         hidden = padded + self.positions.weight[:steps].to(padded.dtype)
         hidden = self.input_norm(self.dropout(hidden))
         few_rows = rows is not None and 0 < rows.numel() <= padded.shape[0]

@@ -5,14 +5,13 @@ DIR/step.pt and DIR/manifest.json; docs/serving.md describes the contract and th
 """
 
 from .artifacts import CatalogModule, RecBLRScorer, RecBLRStep
-from .export import ExportSource, export, read_checkpoint, serving_modules
+from .export import export, model_from_source, serving_modules
 
 __all__ = [
     "CatalogModule",
-    "ExportSource",
     "RecBLRScorer",
     "RecBLRStep",
     "export",
-    "read_checkpoint",
+    "model_from_source",
     "serving_modules",
 ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules.encoder import RecBLREncoder
+from ..modules.recblr import RecBLREncoder
 
 
 class CatalogModule(nn.Module):

@@ -22,10 +22,11 @@ of graphs; eager steps of other shapes allocate from the ordinary pool beside it
 
 Example::
 
+    >>> task = NextItemTask(model, check_targets=False)                       # doctest: +SKIP
     >>> optimizer = torch.optim.Adam(model.parameters(), capturable=True)    # doctest: +SKIP
     >>> def step(batch):
     ...     optimizer.zero_grad(set_to_none=True)
-    ...     loss = next_item_loss(model, batch, check_targets=False)
+    ...     loss, _ = task(batch)
     ...     loss.backward()
     ...     optimizer.step()
     ...     return loss.detach()
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..data.batches import Batch
+from ..data.batch import Batch
 
 StepFn = Callable[[Batch], Tensor]
 

@@ -1,5 +1,16 @@
-"""The training objective as a module, ``forward(batch) -> (loss, targets)``: what
-DistributedModelParallel wraps and TrainPipelineSparseDist drives."""
+"""The next-item objective, the one place every training path computes its loss.
+
+:class:`NextItemTask` wraps a :class:`SequenceRecommender` as ``forward(batch) -> (loss, stats)``:
+what a one-process trainer calls, what DistributedModelParallel wraps and what
+TrainPipelineSparseDist drives. The candidate set decides the loss:
+
+- the batch carries none (one process, full softmax): the whole catalog read from the table,
+  chunked, with label smoothing (``losses.full_softmax_loss``);
+- the batch carries every item (sharded, full softmax): the same loss on the catalog looked up
+  with the histories, through the (sharded) table;
+- the batch carries a sampled set with its log-Q (one process or sharded): sampled softmax with
+  accidental hits masked (``losses.sampled_softmax_loss``).
+"""
 
 from typing import Dict, Optional, Tuple
 
@@ -7,26 +18,9 @@ import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from ..data.batches import Batch
-from ..modules import RecBLR
+from ..data.batch import Batch
+from ..modules import SequenceRecommender
 from .losses import full_softmax_loss, sampled_softmax_loss
-
-
-def candidate_loss(
-    model: RecBLR, batch: Batch, check_targets: bool = True, label_smoothing: float = 0.0
-) -> Tuple[Tensor, int]:
-    """(mean loss over this batch's targets, their count), histories and candidates in one lookup.
-
-    The batch's candidates are either every item 1..V-1 (full softmax, the same math as the
-    local path) or a sampled set with its log-Q (``batch.candidate_log_q``). A batch without
-    targets (a filler row) gives a zero loss that still touches every parameter, so all ranks
-    run the same collectives. ``check_targets``: as in :func:`full_softmax_loss` (the sampled
-    loss's check that every target is among the candidates); ``label_smoothing``: as there (full
-    softmax only).
-    """
-    rows = target_rows(batch)
-    hidden, candidates = model.embed(batch.item_history, batch.context, encoder_rows(batch, rows))
-    return loss_on_lookups(model, batch, hidden, candidates, rows, check_targets, label_smoothing)
 
 
 def target_rows(batch: Batch) -> Tensor:
@@ -44,19 +38,34 @@ def encoder_rows(batch: Batch, rows: Tensor) -> Optional[Tensor]:
     return None if rows.numel() == batch.targets.numel() else rows
 
 
-def loss_on_lookups(
-    model: RecBLR,
+def next_item_loss(
+    model: SequenceRecommender,
     batch: Batch,
     hidden: Tensor,
-    candidates: Tensor,
+    candidates: Optional[Tensor],
     rows: Tensor,
     check_targets: bool = True,
     label_smoothing: float = 0.0,
-) -> Tuple[Tensor, int]:
-    """``candidate_loss`` after the lookups and the encoder; ``hidden`` [M, d] holds the rows
-    ``target_rows(batch)`` only (every position, in order, when those are all of them)."""
-    if rows.numel() == 0:
-        return hidden.sum() * 0.0 + candidates.sum() * 0.0, 0
+) -> Tensor:
+    """The mean loss over ``batch``'s targets from the encoder's output ``hidden`` [M, d] (the rows
+    ``rows`` only; every position, in order, when those are all of them) and the looked-up
+    candidates [C, d] (None: the whole catalog, read from the table here).
+
+    ``check_targets``: check the targets (a host sync on GPU): their bounds, or, sampled, their
+    presence among the candidates; a trainer whose table was sized from its data and whose
+    sampler adds every target may skip it. ``label_smoothing``: full softmax only.
+    """
+    if candidates is None:  # one process: the catalog straight from the table
+        every = encoder_rows(batch, rows) is None  # all positions: the fillers of a graphed batch carry target 0
+        targets = batch.targets if every else batch.targets[rows]
+        return full_softmax_loss(
+            hidden,
+            targets,
+            model.item_table(),
+            check_targets=check_targets,
+            ignore_padding=every,
+            label_smoothing=label_smoothing,
+        )
     targets = batch.targets[rows]
     if batch.candidate_log_q is None:
         if candidates.shape[0] != model.num_embeddings - 1:
@@ -64,16 +73,14 @@ def loss_on_lookups(
                 f"full-softmax batches carry items 1..{model.num_embeddings - 1}, got {candidates.shape[0]} candidates"
             )
         catalog = torch.cat([candidates.new_zeros(1, candidates.shape[1]), candidates])  # row 0: padding, masked
-        loss = full_softmax_loss(hidden, targets, catalog, check_targets=check_targets, label_smoothing=label_smoothing)
-        return loss, rows.numel()
+        return full_softmax_loss(hidden, targets, catalog, check_targets=check_targets, label_smoothing=label_smoothing)
     if label_smoothing:
         raise ValueError(
             f"label_smoothing={label_smoothing} needs the full softmax, but this batch carries sampled candidates: "
             "set train.loss=full or train.label_smoothing=0"
         )
     ids, log_q = batch.candidates(), batch.candidate_log_q
-    loss = sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets=check_targets)
-    return loss, rows.numel()
+    return sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets=check_targets)
 
 
 class _AfterLookup(nn.Module):
@@ -81,45 +88,55 @@ class _AfterLookup(nn.Module):
 
     TrainPipelineSparseDist fx-traces the model to find the sharded modules' inputs; modules
     without sharded children are leaves, so this keeps the data-dependent loss code out of the
-    trace. It refers to the RecBLR without registering it (its parameters stay where they are).
+    trace. It refers to the recommender without registering it (its parameters stay where they are).
     """
 
-    def __init__(self, model: RecBLR, world_size: int, check_targets: bool = True, label_smoothing: float = 0.0):
+    def __init__(self, task: "NextItemTask"):
         super().__init__()
-        self.__dict__["recblr"] = model
-        self.world_size = world_size
-        self.check_targets = check_targets
-        self.label_smoothing = label_smoothing
+        self.__dict__["task"] = task
 
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
-        model: RecBLR = self.__dict__["recblr"]
+        task: NextItemTask = self.__dict__["task"]
+        model = task.model
         rows = target_rows(batch)
         hidden, candidates = model.after_lookup(embedded, pooled, encoder_rows(batch, rows))
-        loss, count = loss_on_lookups(model, batch, hidden, candidates, rows, self.check_targets, self.label_smoothing)
-        scaled = loss * (count * self.world_size / batch.num_targets)
+        count = rows.numel() - batch.filler_rows  # real targets (a graphed batch's fillers listed too)
+        if count == 0:  # a filler row: zero loss that still touches every parameter (same collectives)
+            loss = hidden.sum() * 0.0 + (0.0 if candidates is None else candidates.sum() * 0.0)
+        else:
+            loss = next_item_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
+        scaled = loss * (count * task.world_size / batch.num_targets)
         count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
         return scaled, torch.stack([scaled.detach().float(), count_t])
 
 
 class NextItemTask(nn.Module):
-    """RecBLR plus its loss, as ``forward(batch) -> (loss, [loss (detached), number of targets])``
+    """A recommender and its loss: ``forward(batch) -> (loss, [loss (detached), number of targets])``
     (TrainPipelineSparseDist's ``progress`` returns the second element).
 
     This batch's share of the global batch's mean loss is (sum over its targets) / (targets in
-    the global batch); the returned loss is ``world_size`` times that, because data-parallel
-    gradients are averaged over ranks (DDP for the dense part, TorchRec's all-to-all backward
-    for the tables): the average of the ranks' gradients is then the global batch's gradient.
-    Divide by ``world_size`` to report it (``loss / world_size`` summed over ranks is the mean).
+    the global batch, ``batch.num_targets``); the returned loss is ``world_size`` times that,
+    because data-parallel gradients are averaged over ranks (DDP for the dense part, TorchRec's
+    all-to-all backward for the tables): the average of the ranks' gradients is then the global
+    batch's gradient. Divide by ``world_size`` to report it (summed over ranks it is the mean).
+    The micro-batches of one process (``Batch.split``) are shares in the same way, with world size 1.
     The forward is only the lookups and a call, so TrainPipelineSparseDist can trace it.
-    ``check_targets``, ``label_smoothing``: as in :func:`candidate_loss` (False skips the loss's
-    host sync).
+
+    Args:
+        model: the recommender (its collections sharded or not).
+        world_size: ranks the global batch is split over.
+        check_targets, label_smoothing: as in :func:`next_item_loss`.
     """
 
-    def __init__(self, model: RecBLR, world_size: int = 1, check_targets: bool = True, label_smoothing: float = 0.0):
+    def __init__(
+        self, model: SequenceRecommender, world_size: int = 1, check_targets: bool = True, label_smoothing: float = 0.0
+    ):
         super().__init__()
         self.model = model
         self.world_size = world_size
-        self.dense = _AfterLookup(model, world_size, check_targets, label_smoothing)
+        self.check_targets = check_targets
+        self.label_smoothing = label_smoothing
+        self.dense = _AfterLookup(self)
 
     def forward(self, batch: Batch) -> Tuple[Tensor, Tensor]:
         embedded = self.model.item_embeddings(batch.item_history)

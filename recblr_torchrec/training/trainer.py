@@ -1,44 +1,41 @@
-"""Local training (one process, CPU or one GPU): Adam, full-catalog softmax, early stopping.
+"""The one training loop, for a one-process run and for a DistributedModelParallel run alike.
 
-Every epoch writes a checkpoint; starting again with the same output directory resumes from it.
+A :class:`Trainer` owns a run: data, model, the next-item task, optimizers, checkpoints, early
+stopping, the history and the output folder. What differs between placements (where the model
+lives, how batches are sliced, how metrics are reduced, which optimizers and checkpoint layout
+exist) is its ``placement`` (``training.placement``). Checkpoints are written at every epoch end
+and every ``train.checkpoint_every`` steps; starting again with the same output folder resumes
+from the newest readable one, mid-epoch included, to the same result as an uninterrupted run.
 """
 
 import json
 import os
-import random
+import resource
 import time
-from dataclasses import asdict
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import RunConfig
+from ..config import Loss, Precision, RunConfig, config_from_dict
 from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
-from ..data.batches import Batch, CandidateFn, Samples
-from ..data.negatives import FullCatalog, SampledCandidates, item_frequencies
+from ..data.batch import Batch
+from ..data.loader import CandidateFn
+from ..data.negatives import FullCatalog, SampledCandidates, item_frequencies, no_candidates
+from ..data.samples import Samples
 from ..data.synthetic import synthetic_sequences
 from ..evaluation import evaluate
-from ..modules import RecBLR
-from .checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_atomic
+from ..modules import SequenceRecommender
 from .graphs import GraphedStep
 from .history import plot_history, write_history
-from .losses import full_softmax_loss
-from .optimizers import optimizer_factory
-from .task import candidate_loss, encoder_rows, target_rows
+from .placement import LocalPlacement, placement_for, resolve_device
+from .seeding import restore_rng, rng_state, seed_everything
+from .task import NextItemTask
 
 METRICS_JSON = "metrics.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return device
+RESOLVED_CONFIG_JSON = "resolved_config.json"
+FAIL_AT_STEP_ENV = "RECBLR_FAIL_AT_STEP"  # tests: crash rank 1 once at this global step
 
 
 def resolve_data_path(path: str, data_dir: Optional[str]) -> str:
@@ -58,19 +55,13 @@ def load_data(config: RunConfig, data_dir: Optional[str]) -> SequenceData:
         return synthetic_sequences(d.synthetic)
     data = load_sequences(
         resolve_data_path(d.path, data_dir),
-        d.format,
+        d.format.value,
         d.min_user_interactions,
         d.min_item_interactions,
         d.cache_dir or None,
-        d.tie_order,
+        d.tie_order.value,
     )
     return data.head(d.max_users)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def evaluation_users(data: SequenceData, max_len: int, split: str, max_users: int) -> Samples:
@@ -81,49 +72,24 @@ def evaluation_users(data: SequenceData, max_len: int, split: str, max_users: in
     return Samples(samples.starts[:max_users], samples.lengths[:max_users], samples.users[:max_users], False)
 
 
-def apply_matmul_precision(precision: str) -> None:
+def apply_matmul_precision(precision: Precision) -> None:
     """The float32 matmul precision of ``train.precision``: TF32 for ``tf32``, full float32 otherwise
     (under ``bf16`` the autocast matmuls are bfloat16 either way)."""
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
 
 
-def training_candidates(config: RunConfig, data: SequenceData, distributed: bool = False) -> Optional[CandidateFn]:
-    """The candidate set each training batch carries: sampled, or (distributed) the whole catalog.
+def training_candidates(config: RunConfig, data: SequenceData, sharded: bool) -> Optional[CandidateFn]:
+    """The candidate set each training batch carries: sampled, or (sharded) the whole catalog.
 
-    Local full-softmax runs carry none: the loss reads the unsharded table directly.
+    One-process full-softmax runs carry none: the loss reads the unsharded table directly.
     """
     t = config.train
-    if t.loss == "sampled":
-        return SampledCandidates(item_frequencies(data), t.num_negatives, t.negative_sampler, t.seed)
-    return FullCatalog(data.num_items + 1) if distributed else None
+    if t.loss is Loss.SAMPLED:
+        return SampledCandidates(item_frequencies(data), t.num_negatives, t.negative_sampler.value, t.seed)
+    return FullCatalog(data.num_items + 1) if sharded else None
 
 
-def next_item_loss(model: RecBLR, batch: Batch, check_targets: bool = True, label_smoothing: float = 0.0) -> Tensor:
-    """Softmax cross-entropy over the catalog at every position that carries a target.
-
-    A batch carrying its candidate set (sampled softmax) is scored against those candidates.
-    ``check_targets=False`` skips the loss's check of the targets (a host sync on GPU): their
-    bounds, or, sampled, their presence among the candidates. The trainer passes it: its table has
-    a row for every item id of its data, and its sampler adds every target to the candidates.
-    ``label_smoothing``: ``train.label_smoothing`` (:func:`full_softmax_loss`; full softmax only).
-    """
-    if batch.candidates() is not None:
-        return candidate_loss(model, batch, check_targets, label_smoothing)[0]
-    rows = encoder_rows(batch, target_rows(batch))
-    hidden = model(batch.item_history, batch.context, rows)
-    every = rows is None  # all positions: the fillers of a graphed batch carry target 0
-    targets = batch.targets if every else batch.targets[rows]
-    return full_softmax_loss(
-        hidden,
-        targets,
-        model.item_table(),
-        check_targets=check_targets,
-        ignore_padding=every,
-        label_smoothing=label_smoothing,
-    )
-
-
-def _format_table(results: Dict[str, Dict[str, float]]) -> str:
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
     names = list(next(iter(results.values())))
     lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for split, metrics in results.items():
@@ -131,59 +97,99 @@ def _format_table(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class Trainer:
-    """Owns one run: data, model, optimizer, checkpoints and the output directory."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux ru_maxrss is in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def __init__(self, config: RunConfig, output_dir: str, data_dir: Optional[str] = None):
+
+class Interrupted(RuntimeError):
+    """Raised at ``Trainer.stop_at_step``: the run stops as if killed (tests of resuming)."""
+
+
+def _first_attempt() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+
+
+class Trainer:
+    """Owns one run (module docstring). ``config.train.batch_size`` is the global batch."""
+
+    def __init__(self, config: RunConfig, output_dir: str, data_dir: Optional[str] = None, placement=None):
         self.config = config
         self.output_dir = output_dir
-        self.device = resolve_device(config.train.device)
-        seed_everything(config.train.seed)
+        self.placement = p = placement or LocalPlacement(resolve_device(config.train.device))
+        self.device = p.device
+        p.check(config)
+        t, e, max_len = config.train, config.eval, config.data.max_len
+        seed_everything(t.seed)  # identical dense initialisation on every rank
         self.data = load_data(config, data_dir)
-        t, e = config.train, config.eval
-        max_len = config.data.max_len
-        samples = training_samples(self.data, max_len, t.protocol)
-        candidates = training_candidates(config, self.data)
-        buckets = config.context.user_buckets
-        if t.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(
-                f"train.cuda_graphs=true needs a CUDA device, not {self.device}; set train.cuda_graphs=false"
-            )
+        candidate_feature = t.loss is Loss.SAMPLED or p.sharded  # the table also serves the candidates
         self.train_batches = SampleBatches(
             self.data,
-            samples,
+            training_samples(self.data, max_len, t.protocol),
             t.batch_size,
-            True,
-            t.seed,
-            candidates=candidates,
-            user_buckets=buckets,
+            shuffle=True,
+            seed=t.seed,
+            rank=p.rank,
+            world_size=p.world_size,
+            candidates=training_candidates(config, self.data, p.sharded),
+            user_buckets=config.context.user_buckets,
             pad_quantum=t.graph_quantum if t.cuda_graphs else 0,
         )
         self.eval_batches = {
             split: SampleBatches(
                 self.data,
                 evaluation_users(self.data, max_len, split, e.max_users),
-                e.batch_size,
-                False,
-                user_buckets=buckets,
+                e.batch_size * p.world_size,
+                shuffle=False,
+                rank=p.rank,
+                world_size=p.world_size,
+                candidates=no_candidates if candidate_feature else None,
+                user_buckets=config.context.user_buckets,
             )
             for split in ("valid", "test")
         }
-        sampled = t.loss == "sampled"
-        self.model = RecBLR(
-            self.data.num_items + 1, config.model, candidate_feature=sampled, context=config.context
-        ).to(self.device)
+        model = SequenceRecommender(
+            self.data.num_items + 1, config.model, p.table_device, candidate_feature, config.context
+        )
+        # The table has a row for every item id of this data and the samplers add every target to
+        # the candidates, so the loss's per-step target check (a host sync) is skipped.
+        self.task = NextItemTask(model, p.world_size, check_targets=False, label_smoothing=t.label_smoothing)
+        self.module = p.wrap(self.task, config)
+        self.model: SequenceRecommender = p.recommender(self.module)
+        self.model.set_kernels(config.model.recblr.kernels.resolve(self.device))
         if t.cuda_graphs:  # the SASRec-style encoder pads to a bound, not to a length the host reads
             self.model.static_padding(max(max_len, self.train_batches.pad[1]))  # fillers have >= 2 positions
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
-        self.optimizer = optimizer_factory(t)(self.model.parameters())
+        self.optimizer = p.optimizer(self.module, self.model, t)
         self.graphed = GraphedStep(self.update) if t.cuda_graphs else None
+        self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
-        self.state["stopped_early"] = False
+        self.state.update(stopped_early=False, step=0, batch=0, in_epoch=None, examples=0, seconds=0.0)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # this epoch's, this rank's
         self.history: list = []
-        os.makedirs(output_dir, exist_ok=True)
+        self.fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
+        self.stop_at_step = 0  # tests: every rank stops (as if killed) after this global step
+        if p.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+            self._write_json(RESOLVED_CONFIG_JSON, self.resolved_config())
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the run's files and prints (rank 0 when distributed)."""
+        return self.placement.is_main
+
+    def resolved_config(self) -> Dict[str, Any]:
+        """The config with what the run resolved from it: device, placement, each kernel's implementation."""
+        p = self.placement
+        resolved = {"device": str(self.device), "world_size": p.world_size, "backend": p.backend}
+        resolved["kernels"] = self.model.kernels_in_use()
+        return {"config": self.config.to_dict(), "resolved": resolved}
+
+    def _write_json(self, name: str, content: Dict[str, Any]) -> None:
+        with open(os.path.join(self.output_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
 
     def loader(self, batches: SampleBatches):
         """A DataLoader over ``batches`` with this run's workers (pinned memory on CUDA)."""
@@ -191,51 +197,64 @@ class Trainer:
 
     def evaluate(self, split: str) -> Dict[str, float]:
         e = self.config.eval
-        return evaluate(self.model, self.loader(self.eval_batches[split]), self.device, e.ks, e.item_chunk_size)
+        loader = self.loader(self.eval_batches[split])
+        return evaluate(self.model, loader, self.device, e.ks, e.item_chunk_size, self.placement.process_group)
+
+    # Checkpoints -------------------------------------------------------------------------
+
+    def _rank_key(self) -> str:
+        return f"rank{self.placement.rank}"
+
+    def save_checkpoint(self, improved: bool = False) -> None:
+        p = self.placement
+        tensors = {"model": p.model_state(self.module, self.model), "optimizer": self.optimizer.state_dict()}
+        progress = {"state": self.state, "history": self.history, "config": self.config.to_dict()}
+        progress.update(world_size=p.world_size, num_embeddings=self.model.num_embeddings)
+        mine = {"rng": rng_state(self.device), "loss_sum": float(self.loss_sum)}
+        self.checkpoints.save(tensors, {"progress": progress, self._rank_key(): mine}, improved, self.state["step"])
 
     def resume(self) -> bool:
-        ckpt = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), LAST))
-        if ckpt is None:
+        """Loads the newest readable checkpoint of the output folder; False when it has none."""
+        p = self.placement
+        tensors = {"model": p.model_state(self.module, self.model), "optimizer": p.optimizer_template(self.optimizer)}
+        loaded = self.checkpoints.load(tensors, ["progress", self._rank_key()])
+        if loaded is None:
             return False
-        saved = ckpt["config"]
+        progress = loaded["progress"]
+        self._check_same_run(progress["config"])
+        p.load_model_state(self.module, self.model, loaded["model"])
+        p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
+        self.state = {**self.state, **progress["state"]}
+        self.history = progress["history"]
+        mine = loaded.get(self._rank_key())
+        if mine is None or progress.get("world_size", p.world_size) != p.world_size:
+            # Restarted on a different number of ranks (e.g. fewer nodes): tables and optimizer
+            # states are resharded by DCP and the global batches are the same, but per-rank RNG
+            # streams and loss sums cannot carry over; reseed from (seed, step, rank).
+            self.loss_sum.zero_()
+            seed_everything(hash((self.config.train.seed, self.state["step"], p.rank)) % 2**31)
+            return True
+        self.loss_sum.fill_(mine["loss_sum"])
+        restore_rng(mine["rng"], self.device)
+        return True
+
+    def _check_same_run(self, saved_config: Dict[str, Any]) -> None:
+        """Refuses to resume a run whose data or model differ, or whose optimizer state is another optimizer's."""
+        saved, current = config_from_dict(saved_config).to_dict(), self.config.to_dict()
         for section in ("data", "model"):
-            if saved[section] != asdict(getattr(self.config, section)):
+            if saved[section] != current[section]:
                 raise ValueError(
                     f"{self.output_dir} holds a run with a different {section} config ({saved[section]}); "
                     "use another --output-dir or the same config"
                 )
-        t = self.config.train
-        if saved["train"]["optimizer"] != t.optimizer:  # its state (moments, sums) is another optimizer's
+        was, now = saved["train"]["optimizer"], current["train"]["optimizer"]
+        if was != now:  # its state (moments, sums) is another optimizer's
             raise ValueError(
-                f"{self.output_dir} was trained with train.optimizer={saved['train']['optimizer']}, not "
-                f"{t.optimizer}; resume with the same optimizer or use another --output-dir"
+                f"{self.output_dir} was trained with train.optimizer={was}, not {now}; "
+                "resume with the same optimizer or use another --output-dir"
             )
-        self.model.load_state_dict(ckpt["model"])
-        optimizer = ckpt["optimizer"]
-        for group in optimizer["param_groups"]:  # load_state_dict would keep the saved settings:
-            group.update(lr=t.lr, weight_decay=t.weight_decay)  # a resumed run takes its config's
-            if "capturable" in group:  # and may switch train.cuda_graphs
-                group["capturable"] = t.cuda_graphs
-        self.optimizer.load_state_dict(optimizer)
-        self.state, self.history = ckpt["state"], ckpt["history"]
-        restore_rng(ckpt["rng"], self.device)
-        return True
 
-    def _save(self, improved: bool) -> None:
-        folder = checkpoint_dir(self.output_dir)
-        ckpt = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "state": self.state,
-            "history": self.history,
-            "rng": rng_state(self.device),
-            "config": self.config.to_dict(),
-            "num_embeddings": self.model.num_embeddings,
-        }
-        if improved:
-            best = {k: ckpt[k] for k in ("model", "config", "num_embeddings")}
-            save_atomic({**best, "epoch": self.state["epoch"]}, os.path.join(folder, BEST))
-        save_atomic(ckpt, os.path.join(folder, LAST))
+    # Training ----------------------------------------------------------------------------
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for ``train.precision=bf16``; a disabled context for fp32. Without its
@@ -245,9 +264,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not t.cuda_graphs)
 
     def train_step(self, batch: Batch) -> Tensor:
-        """One optimizer update on ``batch``, moved to the run's device first (replayed from a CUDA
-        graph with ``train.cuda_graphs``); returns the mean loss as a 0-dim tensor on the device
-        (reading it is the caller's host sync, not every step's)."""
+        """One optimizer update on ``batch`` (this rank's slice), moved to the run's device first
+        (replayed from a CUDA graph with ``train.cuda_graphs``); returns its loss as a 0-dim tensor
+        on the device, ``world_size`` times this rank's share of the global batch's mean (reading
+        it is the caller's host sync, not every step's)."""
         batch = batch.to(self.device, non_blocking=True)
         return self.update(batch) if self.graphed is None else self.graphed(batch)
 
@@ -255,41 +275,56 @@ class Trainer:
         """One eager optimizer update on ``batch``, accumulated over micro-batches: no host sync on
         the GPU, so a CUDA graph can capture it."""
         self.optimizer.zero_grad(set_to_none=True)
-        parts = batch.split(self.config.train.micro_batch_size)
-        num_targets = batch.num_targets if len(parts) > 1 else 0
         loss_sum = torch.zeros((), device=self.device)
-        smoothing = self.config.train.label_smoothing
-        for part in parts:
-            weight = part.num_targets / num_targets if len(parts) > 1 else 1.0
-            with self.autocast():  # the table was sized from this data: every target id has a row
-                loss = next_item_loss(self.model, part, check_targets=False, label_smoothing=smoothing) * weight
+        for part in batch.split(self.config.train.micro_batch_size):
+            with self.autocast():
+                loss, stats = self.module(part)
             loss.backward()
-            loss_sum += loss.detach()
+            loss_sum += stats[0]
         self.optimizer.step()
         return loss_sum
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
-        self.model.train()
-        self.train_batches.set_epoch(epoch)
+        self.module.train()
+        s, t = self.state, self.config.train
+        if s.get("in_epoch") != epoch:  # a fresh epoch, not one resumed mid-way
+            s.update(in_epoch=epoch, batch=0, examples=0, seconds=0.0)
+            self.loss_sum.zero_()
+        self.train_batches.set_epoch(epoch, s["batch"])
         loader = self.loader(self.train_batches)
-        total_loss, steps, examples = torch.zeros((), device=self.device), 0, 0
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True)
-        for batch in bar:
-            total_loss += self.train_step(batch)  # summed on the device; read at log steps only
-            steps += 1
-            examples += len(batch) - self.train_batches.fillers_per_batch
-            if steps % self.config.train.log_every == 0 or steps == 1:
-                rate = examples / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}", ex_per_s=f"{rate:.0f}")
-        mean_loss = total_loss.item() / max(steps, 1)
+        world = self.placement.world_size
+        start = time.perf_counter() - s["seconds"]
+        bar = tqdm(
+            loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True, disable=not self.is_main
+        )
+        for loss in self.placement.steps(bar, self):
+            self.loss_sum += loss.double() / world  # summed on the device; read at log steps only
+            s["examples"] += self.train_batches.global_batch_size(s["batch"])
+            s["batch"] += 1
+            s["step"] += 1
+            s["seconds"] = time.perf_counter() - start
+            if self.fail_at_step and s["step"] == self.fail_at_step and self.placement.rank == 1 and _first_attempt():
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: simulated crash of rank 1")
+            if t.checkpoint_every and s["batch"] % t.checkpoint_every == 0:
+                if s["batch"] < self.train_batches.batches_per_epoch:  # the epoch's end saves anyway
+                    self.save_checkpoint()
+            if s["step"] == self.stop_at_step:
+                raise Interrupted(f"stopped after step {s['step']}")
+            if self.is_main and (s["batch"] % t.log_every == 0 or s["batch"] == 1):
+                rate = s["examples"] / s["seconds"]
+                bar.set_postfix(loss=f"{float(self.loss_sum) * world / s['batch']:.4f}", ex_per_s=f"{rate:.0f}")
+            if s["batch"] == t.max_steps_per_epoch:
+                break
+        total = self.placement.all_reduce(self.loss_sum.clone())
         seconds = time.perf_counter() - start
-        return {"train_loss": mean_loss, "seconds": seconds, "examples_per_second": examples / seconds}
-
-    is_main = True  # the process that writes the run's files and prints (rank 0 when distributed)
+        s["in_epoch"] = None
+        mean_loss = float(total) / max(s["batch"], 1)
+        return {"train_loss": mean_loss, "seconds": seconds, "examples_per_second": s["examples"] / seconds}
 
     def _announce_resume(self) -> None:
-        print(f"resuming {self.output_dir} after epoch {self.state['epoch']}", flush=True)
+        s = self.state
+        where = f"epoch {s['epoch']}" + (f", batch {s['batch']} of epoch {s['in_epoch']}" if s.get("in_epoch") else "")
+        print(f"resuming {self.output_dir} after {where} (step {s['step']})", flush=True)
 
     def _out_of_time(self) -> bool:
         budget = self.config.train.time_budget_s
@@ -310,7 +345,7 @@ class Trainer:
             self.history.append({"epoch": epoch, **stats})
             validate = epoch % e.every == 0 or self._finished()
             improved = validate and self._validate(epoch)
-            self._save(improved)
+            self.save_checkpoint(improved)
             if not self.is_main:
                 continue
             write_history(self.history, self.output_dir)
@@ -351,21 +386,34 @@ class Trainer:
         }
 
     def finish(self) -> Dict[str, Any]:
-        """Evaluates the best checkpoint on valid and test; writes metrics.json."""
-        best = load_checkpoint(os.path.join(checkpoint_dir(self.output_dir), BEST))
-        if best is None:
-            raise RuntimeError(f"no best checkpoint in {self.output_dir}; train at least one epoch")
-        self.model.load_state_dict(best["model"])
+        """Evaluates the best checkpoint on valid and test (every rank); writes metrics.json."""
+        p = self.placement
+        best = self.checkpoints.load_best({"model": p.model_state(self.module, self.model)})
+        p.load_model_state(self.module, self.model, best["model"])
         results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
-        summary = self.summary(results)
-        with open(os.path.join(self.output_dir, METRICS_JSON), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(_format_table(results), flush=True)
+        rss = p.gather(round(peak_rss_mb(), 1))
+        gpu = p.gather(
+            round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else 0.0
+        )
+        summary = self.summary(
+            results, world_size=p.world_size, backend=p.backend, peak_rss_mb_per_rank=rss, peak_gpu_mb_per_rank=gpu
+        )
+        if self.is_main:
+            self._write_json(METRICS_JSON, summary)
+            print(format_table(results), flush=True)
+            if p.sharded:
+                print(f"peak memory per rank: host {rss} MB, GPU {gpu} MB", flush=True)
         return summary
 
 
 def train(config: RunConfig, output_dir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Trains (or resumes) a run and evaluates its best checkpoint; returns metrics.json's content."""
-    trainer = Trainer(config, output_dir, data_dir)
-    trainer.fit()
-    return trainer.finish()
+    """Trains (or resumes) a run and evaluates its best checkpoint; returns metrics.json's content.
+
+    Under torchrun / TorchX the run is sharded over their processes (``placement_for``)."""
+    placement = placement_for(config)
+    try:
+        trainer = Trainer(config, output_dir, data_dir, placement)
+        trainer.fit()
+        return trainer.finish()
+    finally:
+        placement.close()

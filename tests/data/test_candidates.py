@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recblr_torchrec.data import SampleBatches, build_sequences, training_samples
-from recblr_torchrec.data.batches import ITEM_CANDIDATES, ITEM_HISTORY
+from recblr_torchrec.data.features import ITEM_CANDIDATES, ITEM_HISTORY
 from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_frequencies
 from recblr_torchrec.data.readers import Interactions
 

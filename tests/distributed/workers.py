@@ -3,29 +3,23 @@
 import os
 from typing import Any, Dict
 
-import numpy as np
 import torch
 
 from recblr_torchrec.config import DistributedConfig, load_config
 from recblr_torchrec.data import SampleBatches, evaluation_samples, training_samples
-from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_frequencies
+from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_frequencies, no_candidates
 from recblr_torchrec.distributed.env import DistEnv
 from recblr_torchrec.evaluation import evaluate
-from recblr_torchrec.modules import RecBLR
-from recblr_torchrec.modules.recblr import ContextConfig
+from recblr_torchrec.modules import ContextConfig, SequenceRecommender
 from recblr_torchrec.training.optimizers import optimizer_factory
 from recblr_torchrec.training.task import NextItemTask
-from recblr_torchrec.training.trainer import load_data, next_item_loss
+from recblr_torchrec.training.trainer import load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 # 61 users: the last evaluation batch of 30 holds one user, so rank 1 gets a filler row.
-SMALL = ["data.max_users=61", "data.max_len=20", "model.embedding_dim=16", "model.num_layers=1"]
+SMALL = ["data.max_users=61", "data.max_len=20", "model.recblr.embedding_dim=16", "model.recblr.num_layers=1"]
 SMALL += ["train.batch_size=16", "eval.batch_size=15", "train.num_workers=0", "eval.item_chunk_size=500"]
-
-
-def _no_candidates(targets, key):
-    return np.empty(0, dtype=np.int64), None
 
 
 ITEM_WEIGHT = "model.item_embeddings.embeddings.item.weight"
@@ -54,7 +48,7 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     context table (EmbeddingBagCollection, joined at the encoder's input), sharded alike."""
     from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
 
-    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.dropout=0.0", "train.lr=0.05"])
+    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.recblr.dropout=0.0", "train.lr=0.05"])
     data = load_data(config, data_dir)
     num_embeddings = data.num_items + 1
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
@@ -66,13 +60,13 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     mine.set_epoch(1)
     global_batch, my_batch = whole[0], mine[0]
     torch.manual_seed(0)
-    reference = RecBLR(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
+    reference = SequenceRecommender(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
     full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
     checked, evaluations = [], []
     e = config.eval
     split = evaluation_samples(data, config.data.max_len, "valid")
-    ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=_no_candidates, user_buckets=13)
-    single = SampleBatches(data, split, 30, False, candidates=_no_candidates, user_buckets=13)
+    ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=no_candidates, user_buckets=13)
+    single = SampleBatches(data, split, 30, False, candidates=no_candidates, user_buckets=13)
     # (item table, context table, optimizer); TorchRec has no row-wise EmbeddingBagCollection on CPU.
     cases = [
         ("table_wise", "table_wise", "sgd"),
@@ -84,7 +78,9 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
         config.train.optimizer = optimizer
         types = {"item": sharding, "context_user": context_sharding}
         dc = DistributedConfig(sharding_types=types, sparse_optimizer=optimizer, timeout_s=60)
-        meta = RecBLR(num_embeddings, config.model, torch.device("meta"), candidate_feature=True, context=CONTEXT)
+        meta = SequenceRecommender(
+            num_embeddings, config.model, torch.device("meta"), candidate_feature=True, context=CONTEXT
+        )
         dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
         copy_into_sharded(dmp, full_state)
         plan = str(dmp.plan)
@@ -96,10 +92,10 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
         torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(candidates, ref_candidates, rtol=1e-5, atol=1e-6)
         # One step on 2 ranks == one local step on the global batch, same optimizer.
-        local = RecBLR(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
+        local = SequenceRecommender(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
         local.load_state_dict(reference.state_dict())
         local_opt = optimizer_factory(config.train)(local.parameters())
-        local_loss = next_item_loss(local, global_batch)
+        local_loss = NextItemTask(local)(global_batch)[0]
         local_loss.backward()
         local_opt.step()
         opt = build_optimizer(dmp, config.train)
@@ -139,7 +135,7 @@ def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Di
     """Sampled softmax through the row-wise sharded lookup: finite loss, rows updated, equal to local."""
     from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
 
-    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.dropout=0.0", "train.optimizer=sgd"])
+    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.recblr.dropout=0.0", "train.optimizer=sgd"])
     data = load_data(config, data_dir)
     num_embeddings = data.num_items + 1
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
@@ -149,9 +145,9 @@ def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Di
     mine.set_epoch(1)
     batch = mine[0]
     torch.manual_seed(0)
-    reference = RecBLR(num_embeddings, config.model, candidate_feature=True)
+    reference = SequenceRecommender(num_embeddings, config.model, candidate_feature=True)
     dc = DistributedConfig(sharding_types={"item": "row_wise"}, sparse_optimizer="sgd")
-    meta = RecBLR(num_embeddings, config.model, device=torch.device("meta"), candidate_feature=True)
+    meta = SequenceRecommender(num_embeddings, config.model, device=torch.device("meta"), candidate_feature=True)
     dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
     copy_into_sharded(dmp, {f"model.{k}": v for k, v in reference.state_dict().items()})
     before = _table(dmp)
@@ -170,17 +166,18 @@ def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Di
 
 def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
     """A run stopped mid-epoch and resumed from its DCP checkpoint ends where a straight run ends."""
-    from recblr_torchrec.distributed.trainer import DistributedTrainer, Interrupted
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+    from recblr_torchrec.training.trainer import Interrupted, Trainer
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
     overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=2", "train.checkpoint_every=2"]
     overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
     config = load_config(TINY, overrides)
-    straight = DistributedTrainer(config, os.path.join(out, "straight"), data_dir, env)
+    straight = Trainer(config, os.path.join(out, "straight"), data_dir, ShardedPlacement(env, config))
     straight.fit()
     steps_per_epoch = straight.train_batches.batches_per_epoch
     straight_metrics = straight.finish()
-    interrupted = DistributedTrainer(config, os.path.join(out, "resumed"), data_dir, env)
+    interrupted = Trainer(config, os.path.join(out, "resumed"), data_dir, ShardedPlacement(env, config))
     interrupted.stop_at_step = steps_per_epoch + 3  # mid-epoch 2, one step after the checkpoint at batch 2
     try:
         interrupted.fit()
@@ -188,12 +185,12 @@ def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) 
     except Interrupted:
         pass
     del interrupted
-    resumed = DistributedTrainer(config, os.path.join(out, "resumed"), data_dir, env)
+    resumed = Trainer(config, os.path.join(out, "resumed"), data_dir, ShardedPlacement(env, config))
     assert resumed.resume()
     resumed_at = (resumed.state["step"], resumed.state["batch"])
     resumed.fit()
     resumed_metrics = resumed.finish()
-    a, b = _table(straight.dmp), _table(resumed.dmp)
+    a, b = _table(straight.module), _table(resumed.module)
     same_table = all(torch.equal(a[k], b[k]) for k in a)
     dense_a, dense_b = straight.model.encoder.state_dict(), resumed.model.encoder.state_dict()
     same_dense = all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
@@ -210,12 +207,14 @@ def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) 
 def resume_on_fewer_ranks(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
     """The 2-rank run's checkpoint resumed by 1 rank (a job restarted on fewer nodes): DCP
     reshards the tables and optimizer states, the global batches continue where they stopped."""
-    from recblr_torchrec.distributed.trainer import DistributedTrainer
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+    from recblr_torchrec.training.trainer import Trainer
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
     overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=3", "train.checkpoint_every=2"]
     overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
-    trainer = DistributedTrainer(load_config(TINY, overrides), os.path.join(out, "straight"), data_dir, env)
+    config = load_config(TINY, overrides)
+    trainer = Trainer(config, os.path.join(out, "straight"), data_dir, ShardedPlacement(env, config))
     assert trainer.resume()
     before = trainer.state["epoch"]
     trainer.fit()

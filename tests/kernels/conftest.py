@@ -23,9 +23,9 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every buffer a kernel must fill starts as NaN, so an unwritten element cannot pass."""
-    from recblr_torchrec.kernels.linear_scan import triton as triton_scan
+    from recblr_torchrec.kernels.linear_scan import launch as scan_launch
 
     def allocate_nan(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_scan, "_allocate", allocate_nan)
+    monkeypatch.setattr(scan_launch, "_allocate", allocate_nan)

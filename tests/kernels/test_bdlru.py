@@ -3,15 +3,18 @@
 import pytest
 import torch
 
-from recblr_torchrec import ScanBackend
+from recblr_torchrec import KernelBackend
 from recblr_torchrec.kernels.bdlru import bdlru
-from recblr_torchrec.kernels.bdlru import triton as fused
+from recblr_torchrec.kernels.bdlru import launch as bdlru_launch
+from recblr_torchrec.kernels.bdlru import tuning as bdlru_tuning
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(
-        fused, "_allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        bdlru_launch,
+        "_allocate",
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
     )
 
 
@@ -28,11 +31,11 @@ def inputs(shape, device, dtype=torch.float32, seed=0):
 
 
 def compare(args, offsets, atol, rtol=1e-4):
-    out = bdlru(*args, offsets=offsets, backend=ScanBackend.TRITON)
+    out = bdlru(*args, offsets=offsets, backend=KernelBackend.TRITON)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, grad_out)
     ref_args = [a.detach().double().requires_grad_() for a in args]
-    ref = bdlru(*ref_args, offsets=offsets, backend=ScanBackend.PYTORCH)
+    ref = bdlru(*ref_args, offsets=offsets, backend=KernelBackend.PYTORCH)
     ref_grads = torch.autograd.grad(ref, ref_args, grad_out.double())
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
     for name, got, want in zip(("c", "gate_logits", "z", "decay"), grads, ref_grads):
@@ -49,7 +52,7 @@ def test_every_tile_boundary_with_different_tiles_forward_and_backward(
     device, monkeypatch, forward_tile, backward_tile
 ):
     # the defaults first; then the other way round: each direction's chunk must not assume the other's
-    monkeypatch.setattr(fused, "_tile", lambda channels, backward: backward_tile if backward else forward_tile)
+    monkeypatch.setattr(bdlru_tuning, "_tile", lambda channels, backward: backward_tile if backward else forward_tile)
     chunks = {forward_tile[0], backward_tile[0]}
     lengths = sorted({n for chunk in chunks for n in (chunk - 1, chunk, chunk + 1, 2 * chunk)})  # 7..32
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
@@ -69,9 +72,9 @@ def test_packed_ragged_with_empty_sequences_matches_reference(device):
 
 def test_packed_equals_dense(device):
     args = inputs((3, 19, 4), device, seed=2)
-    dense = bdlru(*args, backend=ScanBackend.TRITON)
+    dense = bdlru(*args, backend=KernelBackend.TRITON)
     offsets = torch.arange(0, 58, 19, device=device)
-    packed = bdlru(*[a.reshape(57, -1) for a in args[:3]], args[3], offsets=offsets, backend=ScanBackend.TRITON)
+    packed = bdlru(*[a.reshape(57, -1) for a in args[:3]], args[3], offsets=offsets, backend=KernelBackend.TRITON)
     torch.testing.assert_close(dense.reshape(57, 4), packed, atol=1e-6, rtol=0)
 
 
@@ -128,7 +131,7 @@ def test_a_layer_using_the_fused_kernel_compiles_without_graph_breaks(device):
     def layer(x, offsets):
         projected = x @ weight  # c, the gate logits and z from one projection
         c, gates, z = projected[:, :8], projected[:, 8:24], projected[:, 24:]
-        return bdlru(c, gates, z, decay, offsets=offsets, backend=ScanBackend.TRITON).square().mean()
+        return bdlru(c, gates, z, decay, offsets=offsets, backend=KernelBackend.TRITON).square().mean()
 
     on_gpu = device.type == "cuda"
     compiled = torch.compile(layer, fullgraph=True, backend="inductor" if on_gpu else "aot_eager")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recblr_torchrec import ScanBackend
+from recblr_torchrec import KernelBackend
 from recblr_torchrec.kernels.causal_conv import causal_conv_dense, causal_conv_packed, causal_conv_silu
 from recblr_torchrec.kernels.causal_conv import triton as fused
 from recblr_torchrec.kernels.causal_conv.pytorch import CausalConvSiLUPacked
@@ -39,7 +39,7 @@ def reference(x, weight, bias, positions):
 
 
 def compare(x, weight, bias, positions, atol, rtol=1e-4):
-    out = causal_conv_silu(x, weight, bias, positions, backend=ScanBackend.TRITON)
+    out = causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.TRITON)
     assert out.dtype == x.dtype and out.shape == x.shape
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
     grads = torch.autograd.grad(out, [x, weight, bias], grad)
@@ -95,7 +95,7 @@ def test_bf16_input_keeps_its_dtype_and_tracks_the_reference(device):
 
 def test_packed_rows_equal_the_dense_conv_per_sequence(device):
     x, weight, bias, positions = packed([4, 9], 6, device, seed=4)
-    out = causal_conv_silu(x, weight, bias, positions, backend=ScanBackend.TRITON)
+    out = causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.TRITON)
     for start, end in ((0, 4), (4, 13)):
         dense = F.silu(causal_conv_dense(x[start:end][None], weight, bias))[0]
         torch.testing.assert_close(out[start:end], dense, atol=1e-5, rtol=1e-5)
@@ -103,7 +103,7 @@ def test_packed_rows_equal_the_dense_conv_per_sequence(device):
 
 def test_no_rows_and_bad_shapes(device):
     x, weight, bias, positions = packed([0], 4, device)
-    assert causal_conv_silu(x, weight, bias, positions, backend=ScanBackend.TRITON).shape == (0, 4)
+    assert causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.TRITON).shape == (0, 4)
     x, weight, bias, positions = packed([3], 4, device)
     with pytest.raises(ValueError, match=r"x must be \[N, D\] and weight \[D, 1, k\]"):
         causal_conv_silu(x[None], weight, bias, positions)

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from recblr_torchrec import ScanBackend, linear_scan
+from recblr_torchrec import KernelBackend, linear_scan
+from recblr_torchrec.kernels.linear_scan import launch as scan_launch
 from recblr_torchrec.kernels.linear_scan import pytorch as scan_reference
-from recblr_torchrec.kernels.linear_scan import triton as triton_scan
+from recblr_torchrec.kernels.linear_scan import tuning as scan_tuning
 
 from .conftest import DEVICE
 
@@ -41,7 +42,7 @@ def random_inputs(shape, num_seq: int, dtype: torch.dtype, device: torch.device,
 
 
 def scan_with_grads(
-    backend: ScanBackend,
+    backend: KernelBackend,
     log_a: Tensor,
     b: Tensor,
     offsets: Optional[Tensor],
@@ -83,8 +84,8 @@ def check_against_reference(
     grad_h = torch.randn(b.shape, generator=gen).to(b.device)
     num_seq = b.shape[0] if offsets is None else offsets.numel() - 1
     grad_final = torch.randn(num_seq, b.shape[-1], generator=gen).to(b.device) if with_final_grad else None
-    got = scan_with_grads(ScanBackend.TRITON, log_a, b, offsets, h0, grad_h, grad_final)
-    want = scan_with_grads(ScanBackend.PYTORCH, log_a, b, offsets, h0, grad_h, grad_final, torch.float64)
+    got = scan_with_grads(KernelBackend.TRITON, log_a, b, offsets, h0, grad_h, grad_final)
+    want = scan_with_grads(KernelBackend.PYTORCH, log_a, b, offsets, h0, grad_h, grad_final, torch.float64)
     assert got["h"].dtype == b.dtype and got["final"].dtype == torch.float32
     for name, expected in want.items():
         assert_relative_close(got[name], expected, tol, name)
@@ -121,10 +122,10 @@ def test_dense_and_packed_layouts_give_the_same_result(device: torch.device) -> 
     log_a, b, h0 = random_inputs((4, 37, 5), 4, torch.float32, device, seed=3)
     grad_h = torch.randn(4, 37, 5).to(device)
     grad_final = torch.randn(4, 5).to(device)
-    dense = scan_with_grads(ScanBackend.TRITON, log_a, b, None, h0, grad_h, grad_final)
+    dense = scan_with_grads(KernelBackend.TRITON, log_a, b, None, h0, grad_h, grad_final)
     offsets = offsets_of([37] * 4, device)
     packed = scan_with_grads(
-        ScanBackend.TRITON,
+        KernelBackend.TRITON,
         log_a.reshape(-1, 5),
         b.reshape(-1, 5),
         offsets,
@@ -155,23 +156,23 @@ def test_scan_without_initial_state_or_final_state_gradient(packed: bool, device
 
 
 TILE_CONFIGS = [
-    triton_scan.ScanConfig(chunk=1, block_d=1, num_warps=1),
-    triton_scan.ScanConfig(chunk=2, block_d=4, num_warps=1, lookback=4),
-    triton_scan.ScanConfig(chunk=4, block_d=2, num_warps=2, lookback=2, dynamic_order=True),
-    triton_scan.ScanConfig(chunk=32, block_d=8, num_warps=4),
-    triton_scan.ScanConfig(chunk=4, block_d=8, num_warps=1, lookback=16),
+    scan_tuning.ScanConfig(chunk=1, block_d=1, num_warps=1),
+    scan_tuning.ScanConfig(chunk=2, block_d=4, num_warps=1, lookback=4),
+    scan_tuning.ScanConfig(chunk=4, block_d=2, num_warps=2, lookback=2, dynamic_order=True),
+    scan_tuning.ScanConfig(chunk=32, block_d=8, num_warps=4),
+    scan_tuning.ScanConfig(chunk=4, block_d=8, num_warps=1, lookback=16),
 ]
 
 
 def scan_with_config(log_a, b, offsets, h0, grad_h, grad_final, config):
-    h, final = triton_scan.scan_forward(log_a, b, offsets, h0, config)
-    grads = triton_scan.scan_backward(grad_h, grad_final, log_a, h, offsets, h0, config)
+    h, final = scan_launch.scan_forward(log_a, b, offsets, h0, config)
+    grads = scan_launch.scan_backward(grad_h, grad_final, log_a, h, offsets, h0, config)
     return dict(zip(["h", "final", "grad_log_a", "grad_b", "grad_h0"], (h, final) + grads))
 
 
 @pytest.mark.parametrize("config", TILE_CONFIGS, ids=lambda c: f"c{c.chunk}d{c.block_d}l{c.lookback}")
 def test_every_tile_shape_and_schedule_computes_the_same_scan(
-    config: triton_scan.ScanConfig, device: torch.device
+    config: scan_tuning.ScanConfig, device: torch.device
 ) -> None:
     lengths = [9, 0, 1, 30]
     offsets = offsets_of(lengths, device)
@@ -179,7 +180,7 @@ def test_every_tile_shape_and_schedule_computes_the_same_scan(
     grad_h = torch.randn(sum(lengths), 6).to(device)
     grad_final = torch.randn(len(lengths), 6).to(device)
     got = scan_with_config(log_a, b, offsets, h0, grad_h, grad_final, config)
-    want = scan_with_grads(ScanBackend.PYTORCH, log_a, b, offsets, h0, grad_h, grad_final, torch.float64)
+    want = scan_with_grads(KernelBackend.PYTORCH, log_a, b, offsets, h0, grad_h, grad_final, torch.float64)
     for name in want:
         assert_relative_close(got[name], want[name], FP32_TOL, name)
 
@@ -189,28 +190,28 @@ def test_results_are_bitwise_deterministic(device: torch.device) -> None:
     offsets = offsets_of(lengths, device)
     log_a, b, h0 = random_inputs((sum(lengths), 5), len(lengths), torch.float32, device, seed=2)
     grad_h = torch.randn(sum(lengths), 5).to(device)
-    runs = [scan_with_grads(ScanBackend.TRITON, log_a, b, offsets, h0, grad_h, None) for _ in range(2)]
+    runs = [scan_with_grads(KernelBackend.TRITON, log_a, b, offsets, h0, grad_h, None) for _ in range(2)]
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), f"{name} differs between two identical calls"
 
 
 LONG_CONFIGS = [
     None,
-    triton_scan.ScanConfig(chunk=64, block_d=32, num_warps=4, lookback=1),
-    triton_scan.ScanConfig(chunk=16, block_d=128, num_warps=1, lookback=8),
+    scan_tuning.ScanConfig(chunk=64, block_d=32, num_warps=4, lookback=1),
+    scan_tuning.ScanConfig(chunk=16, block_d=128, num_warps=1, lookback=8),
 ]
 
 
 @pytest.mark.parametrize("config", LONG_CONFIGS, ids=["default", "plain_chain", "lookback8"])
 def test_long_sequences_chain_many_tiles_without_races(
-    config: Optional[triton_scan.ScanConfig], device: torch.device
+    config: Optional[scan_tuning.ScanConfig], device: torch.device
 ) -> None:
     # GPU: the benchmark's long shape (hundreds of tiles per chain); CPU interpreter: 13 tiles.
     batch, steps, channels = (2, 8192, 128) if ON_GPU else (1, 200, 3)
     log_a, b, h0 = random_inputs((batch, steps, channels), batch, torch.float32, device, seed=17)
     grad_h = torch.randn(batch, steps, channels).to(device)
     grad_final = torch.randn(batch, channels).to(device)
-    want = scan_with_grads(ScanBackend.PYTORCH, log_a, b, None, h0, grad_h, grad_final, torch.float64)
+    want = scan_with_grads(KernelBackend.PYTORCH, log_a, b, None, h0, grad_h, grad_final, torch.float64)
     runs = [scan_with_config(log_a, b, None, h0, grad_h, grad_final, config) for _ in range(3)]
     for name in want:
         assert_relative_close(runs[0][name], want[name], FP32_TOL, name)
@@ -245,7 +246,7 @@ def test_rejects_integer_inputs(device: torch.device) -> None:
 
 def test_triton_backend_rejects_float64_with_the_alternative(device: torch.device) -> None:
     x = torch.zeros(2, 3, 4, device=device, dtype=torch.float64)
-    with pytest.raises(TypeError, match="ScanBackend.PYTORCH"):
+    with pytest.raises(TypeError, match="KernelBackend.PYTORCH"):
         linear_scan(x, x)
 
 
@@ -260,8 +261,8 @@ def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch: 
         linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
     # a graph traced off the GPU can only hold the reference: it gets it instead of a Triton crash
     log_a, b = -torch.rand(2, 3, 4), torch.randn(2, 3, 4)
-    want = linear_scan(log_a, b, backend=ScanBackend.PYTORCH)[0]
-    fn = lambda x, y: linear_scan(x, y, backend=ScanBackend.TRITON)[0]  # noqa: E731
+    want = linear_scan(log_a, b, backend=KernelBackend.PYTORCH)[0]
+    fn = lambda x, y: linear_scan(x, y, backend=KernelBackend.TRITON)[0]  # noqa: E731
     traced = torch.jit.trace(fn, (log_a, b), check_trace=False)  # its check reruns fn eagerly
     torch.testing.assert_close(traced(log_a, b), want)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recblr_torchrec import ScanBackend
+from recblr_torchrec import KernelBackend
 from recblr_torchrec.kernels.residual_norm import dropout_add_layer_norm
 from recblr_torchrec.kernels.residual_norm import triton as fused
 
@@ -31,7 +31,7 @@ def inputs(shape, device, dtype=torch.float32, residual=True, seed=0):
 def compare(shape, device, p=0.0, dtype=torch.float32, residual=True, atol=1e-4, rtol=1e-4, eps=1e-12):
     branch, res, weight, bias = inputs(shape, device, dtype, residual)
     torch.manual_seed(11)
-    out = dropout_add_layer_norm(branch, res, weight, bias, p, p > 0, eps, backend=ScanBackend.TRITON)
+    out = dropout_add_layer_norm(branch, res, weight, bias, p, p > 0, eps, backend=KernelBackend.TRITON)
     assert out.shape == branch.shape and out.dtype == dtype  # as F.layer_norm outside autocast
     leaves = [t for t in (branch, res, weight, bias) if t is not None]
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
@@ -83,9 +83,9 @@ def test_mask_keeps_one_minus_p_and_replays_from_torch_seed(device):
     outs = []
     for _ in range(2):
         torch.manual_seed(3)
-        outs.append(dropout_add_layer_norm(branch, res, weight, bias, 0.5, True, backend=ScanBackend.TRITON))
+        outs.append(dropout_add_layer_norm(branch, res, weight, bias, 0.5, True, backend=KernelBackend.TRITON))
     assert torch.equal(outs[0], outs[1])
-    evaluated = dropout_add_layer_norm(branch, res, weight, bias, 0.5, False, backend=ScanBackend.TRITON)
+    evaluated = dropout_add_layer_norm(branch, res, weight, bias, 0.5, False, backend=KernelBackend.TRITON)
     torch.testing.assert_close(evaluated, F.layer_norm(branch + res, (64,), weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_traced_and_compiled_graphs_get_the_reference(monkeypatch, device):
     branch, res, weight, bias = (t.detach() for t in inputs((6, 8), device))
 
     def norm(branch, res):
-        return dropout_add_layer_norm(branch, res, weight, bias, 0.1, False, 1e-5, backend=ScanBackend.TRITON)
+        return dropout_add_layer_norm(branch, res, weight, bias, 0.1, False, 1e-5, backend=KernelBackend.TRITON)
 
     want = F.layer_norm(branch + res, (8,), weight, bias, 1e-5)
     torch.testing.assert_close(torch.jit.trace(norm, (branch, res), check_trace=False)(branch, res), want)
@@ -119,22 +119,22 @@ def test_traced_and_compiled_graphs_get_the_reference(monkeypatch, device):
 def test_dropout_hits_the_branch_only_and_the_dtype_follows_layer_norm(device):
     branch, res, weight, bias = inputs((40, 64), device)
     zeros = torch.zeros_like(branch)
-    out = dropout_add_layer_norm(zeros, res, weight, bias, 0.5, True, 1e-5, backend=ScanBackend.TRITON)
+    out = dropout_add_layer_norm(zeros, res, weight, bias, 0.5, True, 1e-5, backend=KernelBackend.TRITON)
     torch.testing.assert_close(out, F.layer_norm(res, (64,), weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         want = F.layer_norm(branch.bfloat16() + res, (64,), weight, bias, 1e-5).dtype
-        got = dropout_add_layer_norm(branch.bfloat16(), res, weight, bias, backend=ScanBackend.TRITON).dtype
+        got = dropout_add_layer_norm(branch.bfloat16(), res, weight, bias, backend=KernelBackend.TRITON).dtype
     assert got == want
 
 
 def test_empty_input_and_double_backward(device):
     branch, res, weight, bias = inputs((0, 64), device)
-    out = dropout_add_layer_norm(branch, res, weight, bias, 0.3, True, backend=ScanBackend.TRITON)
+    out = dropout_add_layer_norm(branch, res, weight, bias, 0.3, True, backend=KernelBackend.TRITON)
     grads = torch.autograd.grad(out.sum(), [branch, res, weight, bias])
     assert [tuple(g.shape) for g in grads] == [(0, 64), (0, 64), (64,), (64,)]
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[2:])
     branch, res, weight, bias = inputs((5, 64), device)
-    out = dropout_add_layer_norm(branch, res, weight, bias, backend=ScanBackend.TRITON)
+    out = dropout_add_layer_norm(branch, res, weight, bias, backend=KernelBackend.TRITON)
     (grad,) = torch.autograd.grad(out.square().sum(), [branch], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
         grad.sum().backward()  # an error, not silently graph-less second derivatives
@@ -145,7 +145,7 @@ def test_a_captured_graph_draws_a_new_mask_at_every_replay(device):
     branch, res, weight, bias = (t.detach() for t in inputs((64, 64), device))
 
     def norm():
-        return dropout_add_layer_norm(branch, res, weight, bias, 0.5, True, backend=ScanBackend.TRITON)
+        return dropout_add_layer_norm(branch, res, weight, bias, 0.5, True, backend=KernelBackend.TRITON)
 
     side = torch.cuda.Stream()  # warm-up (compilation) outside the capture, as CUDA graphs require
     side.wait_stream(torch.cuda.current_stream())

@@ -4,9 +4,16 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recblr_torchrec import ScanBackend
-from recblr_torchrec.modules import GatedRecurrent, RecBLR, RecBLRConfig, RecBLREncoder, set_scan_backend
-from recblr_torchrec.modules.encoder import RecBLRLayer
+from recblr_torchrec import KernelBackend
+from recblr_torchrec.modules import (
+    GatedRecurrent,
+    ModelConfig,
+    RecBLRConfig,
+    RecBLREncoder,
+    RecBLRLayer,
+    SequenceRecommender,
+    set_kernels,
+)
 
 LENGTHS = [1, 2, 3, 7, 5]  # odd lengths, unsorted
 GPU = torch.cuda.is_available()
@@ -91,7 +98,7 @@ def test_zero_length_sequences_in_a_jagged_batch():
 
 def test_initialisation_follows_the_spec():
     torch.manual_seed(0)
-    model = RecBLR(2001, RecBLRConfig(embedding_dim=64))
+    model = SequenceRecommender(2001, ModelConfig(recblr=RecBLRConfig(embedding_dim=64)))
     block = model.encoder.layers[0].recurrent
     decay = torch.exp(-torch.nn.functional.softplus(block.decay_param))
     assert math.isclose(decay[0].item(), 0.9, rel_tol=1e-6) and math.isclose(decay[-1].item(), 0.999, rel_tol=1e-6)
@@ -104,19 +111,19 @@ def test_initialisation_follows_the_spec():
     assert abs(per_layer - 91_700) < 1_000, per_layer  # SPEC.md: about 91.7k per layer
 
 
-def test_scan_backend_is_explicit_and_set_recursively():
-    model = RecBLR(11, RecBLRConfig(embedding_dim=8, scan_backend="pytorch"))
+def test_kernels_are_explicit_and_set_recursively():
+    model = SequenceRecommender(11, ModelConfig(recblr=RecBLRConfig(embedding_dim=8, kernels="pytorch")))
     blocks = [m for m in model.modules() if isinstance(m, GatedRecurrent)]
-    assert all(b.scan_backend is ScanBackend.PYTORCH for b in blocks)
-    set_scan_backend(model, "triton")
-    assert all(b.scan_backend is ScanBackend.TRITON for b in blocks)
-    with pytest.raises(ValueError, match="unknown scan backend 'cuda'"):
-        set_scan_backend(model, "cuda")
+    assert all(b.kernels is KernelBackend.PYTORCH for b in blocks)
+    model.set_kernels("triton")
+    assert all(b.kernels is KernelBackend.TRITON for b in blocks)
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        set_kernels(model, "cuda")
 
 
 def test_model_on_a_keyed_jagged_tensor_matches_the_padded_path():
     torch.manual_seed(0)
-    model = RecBLR(21, RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0)).eval()
+    model = SequenceRecommender(21, ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0))).eval()
     lengths = torch.tensor([3, 1, 4])
     values = torch.randint(1, 21, (8,))
     kjt = KeyedJaggedTensor(keys=["item_history"], values=values, lengths=lengths)
@@ -139,7 +146,7 @@ def test_triton_backend_runs_the_fused_layer_and_matches_the_reference():
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     outputs, grads = [], []
     for backend in ("pytorch", "triton"):
-        set_scan_backend(encoder, backend)
+        set_kernels(encoder, backend)
         out = encoder(values, offsets=offsets)
         outputs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), [values, *encoder.parameters()]))
@@ -149,16 +156,16 @@ def test_triton_backend_runs_the_fused_layer_and_matches_the_reference():
 
 
 def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
-    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=1, scan_backend="triton"))
+    encoder = RecBLREncoder(RecBLRConfig(embedding_dim=8, num_layers=1, kernels="triton"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine, given CPU tensors
-    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu.*scan_backend: auto or pytorch"):
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu.*model.recblr.kernels: auto or pytorch"):
         encoder(torch.randn(4, 8), offsets=torch.tensor([0, 4]))
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_requested_rows_equal_the_full_output_at_those_rows(backend):
     device = device_of(backend)
-    encoder = set_scan_backend(make_encoder(3).float().to(device), backend)
+    encoder = set_kernels(make_encoder(3).float().to(device), backend)
     lengths = [3, 1, 6, 2]
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     values = torch.randn(sum(lengths), 8, device=device, requires_grad=True)
@@ -185,7 +192,7 @@ def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
     results, saved = [], []
     for recompute in (False, True):
         torch.manual_seed(7)
-        config = RecBLRConfig(embedding_dim=8, dropout=0.3, scan_backend=backend, recompute_recurrence=recompute)
+        config = RecBLRConfig(embedding_dim=8, dropout=0.3, kernels=backend, recompute_recurrence=recompute)
         encoder = RecBLREncoder(config).to(device).train()
         torch.manual_seed(8)
         storages = {}
@@ -212,7 +219,7 @@ def test_recomputing_the_mix_gives_the_same_training_gradients(backend):
     results = []
     for recompute in (False, True):
         torch.manual_seed(7)
-        config = RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute, scan_backend=backend)
+        config = RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute, kernels=backend)
         encoder = RecBLREncoder(config).to(device).train()
         torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
         out = encoder(values, offsets=offsets)
@@ -240,7 +247,7 @@ def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
         calls.append(args[0].shape)
         return original(*args)
 
-    set_scan_backend(encoder, "triton")
+    set_kernels(encoder, "triton")
     try:
         fused_norm.dropout_add_layer_norm_triton = counting
         outs = []
@@ -258,7 +265,7 @@ def test_fused_residual_norms_run_every_norm_and_replay_their_masks():
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
 def test_residual_norm_drops_out_the_branch_not_the_residual(backend):
     device = device_of(backend)
-    layer = RecBLRLayer(RecBLRConfig(embedding_dim=8, dropout=0.5, scan_backend=backend)).to(device).train()
+    layer = RecBLRLayer(RecBLRConfig(embedding_dim=8, dropout=0.5, kernels=backend)).to(device).train()
     residual = torch.randn(12, 8, device=device)
     norm = layer.recurrent_norm
     out = layer.residual_norm(torch.zeros(12, 8, device=device), residual, norm.weight, norm.bias)
@@ -269,7 +276,9 @@ def test_residual_norm_drops_out_the_branch_not_the_residual(backend):
 @pytest.mark.parametrize("candidate_feature", [False, True])
 def test_table_lookups_tell_torchrec_their_value_counts(candidate_feature):
     """lookup / item_table pass length_per_key, so TorchRec never sums lengths on the host (a CUDA sync)."""
-    model = RecBLR(9, RecBLRConfig(embedding_dim=8, num_layers=1), candidate_feature=candidate_feature)
+    model = SequenceRecommender(
+        9, ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=1)), candidate_feature=candidate_feature
+    )
     seen = []
     model.item_embeddings.register_forward_pre_hook(lambda module, args: seen.append(args[0].length_per_key_or_none()))
     table = model.item_table()

@@ -5,7 +5,9 @@ from recblr_torchrec.modules.sasrec import SASRecConfig, SASRecEncoder
 
 def make(seed=0):
     torch.manual_seed(seed)
-    return SASRecEncoder(SASRecConfig(embedding_dim=8, num_heads=2, dropout=0.0, attention_dropout=0.0, max_len=9))
+    return SASRecEncoder(
+        SASRecConfig(embedding_dim=8, num_heads=2, dropout=0.0, attention_dropout=0.0, max_positions=9)
+    )
 
 
 def test_sasrec_jagged_equals_padded_and_is_causal():
@@ -27,10 +29,12 @@ def test_sasrec_jagged_equals_padded_and_is_causal():
 def test_the_model_trains_the_sasrec_baseline_on_the_same_table_and_loss():
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from recblr_torchrec.modules import RecBLR, RecBLRConfig
+    from recblr_torchrec.modules import ModelConfig, SequenceRecommender
 
     torch.manual_seed(0)
-    model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1, architecture="sasrec", max_positions=6))
+    model = SequenceRecommender(
+        13, ModelConfig(encoder="sasrec", sasrec=SASRecConfig(embedding_dim=8, num_layers=1, max_positions=6))
+    )
     assert isinstance(model.encoder, SASRecEncoder)
     history = KeyedJaggedTensor(
         keys=["item_history"], values=torch.tensor([3, 1, 4, 1, 5, 9]), lengths=torch.tensor([2, 4])
@@ -46,10 +50,12 @@ def test_sasrec_config_errors_name_the_fix():
 
     from recblr_torchrec.config import load_config
 
-    with pytest.raises(ValueError, match="model.max_positions=100 must be >= data.max_len=200"):
-        load_config(None, ["model.architecture=sasrec", "model.max_positions=100"])
-    with pytest.raises(ValueError, match="choose one of recblr, sasrec"):
-        load_config(None, ["model.architecture=mamba"])
+    with pytest.raises(ValueError, match="model.sasrec.max_positions=100 must be >= data.max_len=200"):
+        load_config(None, ["model.encoder=sasrec", "model.sasrec.max_positions=100"])
+    with pytest.raises(ValueError, match="model.encoder='mamba'; choose recblr or sasrec"):
+        load_config(None, ["model.encoder=mamba"])
+    with pytest.raises(ValueError, match="model.sasrec.embedding_dim=10 must be divisible by model.sasrec.num_heads=4"):
+        load_config(None, ["model.encoder=sasrec", "model.sasrec.embedding_dim=10", "model.sasrec.num_heads=4"])
 
 
 def test_sasrec_rows_compute_the_last_block_at_those_rows_only():
@@ -99,7 +105,7 @@ def test_static_padding_gives_the_same_outputs_and_gradients_and_a_fixed_shape(m
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert widths == [4, 9] * 3  # the longest sequence, then the fixed length
-    with pytest.raises(ValueError, match=r"length=10 must be in \[0, max_len=9\].*model.max_positions"):
+    with pytest.raises(ValueError, match=r"length=10 must be in \[0, max_positions=9\].*model.sasrec.max_positions"):
         encoder.static_padding(10)
 
 
@@ -123,11 +129,13 @@ def test_pad_packed_takes_a_fixed_length_without_reading_the_offsets(monkeypatch
 
 
 def test_the_model_fixes_only_the_sasrec_encoders_padding():
-    from recblr_torchrec.modules import RecBLR, RecBLRConfig
+    from recblr_torchrec.modules import ModelConfig, RecBLRConfig, SequenceRecommender
 
-    sasrec_model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1, architecture="sasrec", max_positions=6))
+    sasrec_model = SequenceRecommender(
+        13, ModelConfig(encoder="sasrec", sasrec=SASRecConfig(embedding_dim=8, num_layers=1, max_positions=6))
+    )
     sasrec_model.static_padding(5)
     assert sasrec_model.encoder.static_length == 5
-    recblr_model = RecBLR(13, RecBLRConfig(embedding_dim=8, num_layers=1))
+    recblr_model = SequenceRecommender(13, ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=1)))
     recblr_model.static_padding(5)  # its scan runs on the jagged rows: nothing to fix
     assert not hasattr(recblr_model.encoder, "static_length")

@@ -3,27 +3,28 @@ import os
 import pytest
 import torch
 
-from recblr_torchrec.modules import RecBLR, RecBLRConfig
+from recblr_torchrec.fields import plain
+from recblr_torchrec.modules import ModelConfig, RecBLRConfig, SequenceRecommender
 from recblr_torchrec.serving import export
 
 NUM_EMBEDDINGS = 41  # 40 items + the padding row
 
 
-def random_model(seed: int = 0, **overrides) -> RecBLR:
-    """A small RecBLR with random (not initial) weights, so every parameter matters."""
+def random_model(seed: int = 0, **overrides) -> SequenceRecommender:
+    """A small RecBLR recommender with random (not initial) weights, so every parameter matters."""
     torch.manual_seed(seed)
     config = RecBLRConfig(**{"embedding_dim": 8, "num_layers": 2, "dropout": 0.0, **overrides})
-    model = RecBLR(NUM_EMBEDDINGS, config)
+    model = SequenceRecommender(NUM_EMBEDDINGS, ModelConfig(recblr=config))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
 
-def write_checkpoint(model: RecBLR, path: str, max_len: int = 20) -> None:
+def write_checkpoint(model: SequenceRecommender, path: str, max_len: int = 20) -> None:
     """The trainer's best.pt layout: model state, run config, table rows, epoch."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    config = {"name": "serving-test", "data": {"max_len": max_len}, "model": vars(model.config).copy()}
+    config = {"name": "serving-test", "data": {"max_len": max_len}, "model": plain(model.config)}
     torch.save(
         {"model": model.state_dict(), "config": config, "num_embeddings": model.num_embeddings, "epoch": 3}, path
     )
@@ -38,7 +39,7 @@ def random_histories(batch: int, steps: int, lengths, seed: int = 1):
 
 
 @pytest.fixture(scope="session")
-def model() -> RecBLR:
+def model() -> SequenceRecommender:
     return random_model()
 
 

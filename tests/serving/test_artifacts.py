@@ -98,7 +98,7 @@ def test_manifest_describes_the_artifacts(exported, model):
     assert manifest["model"]["embedding_dim"] == 8 and manifest["checkpoint"]["epoch"] == 3
     assert len(manifest["checkpoint"]["sha256"]) == 64 and "torch" in manifest["versions"]
     layout = manifest["state"]
-    channels, k = 16, model.config.conv_width
+    channels, k = 16, model.config.recblr.conv_width
     assert layout["columns"] == 2 * k * channels
     spans = [span for layer in layout["layers"] for span in (layer["conv_tail"], layer["recurrent"])]
     assert spans[0]["columns"][0] == 0 and spans[-1]["columns"][1] == layout["columns"]

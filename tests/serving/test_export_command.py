@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from recblr_torchrec.serving import export, read_checkpoint
-from recblr_torchrec.serving.export import resolve_checkpoint
+from recblr_torchrec.checkpoint import CheckpointError, find_model, read_model
+from recblr_torchrec.serving import export
 
 from .conftest import random_histories, random_model, write_checkpoint
 
@@ -45,7 +45,7 @@ def test_export_of_a_trained_run_agrees_in_a_fresh_process(tmp_path, data_dir):
     run_dir, out = tmp_path / "run", tmp_path / "serving"
     train = [os.path.join(ROOT, "launchers", "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.yaml")]
     train += ["--data-dir", data_dir, "--output-dir", str(run_dir)]
-    train += [f"--set={s}" for s in ("train.max_epochs=1", "data.max_users=40", "model.embedding_dim=8")]
+    train += [f"--set={s}" for s in ("train.max_epochs=1", "data.max_users=40", "model.recblr.embedding_dim=8")]
     run(train, tmp_path)
     run(
         [os.path.join(ROOT, "launchers", "export.py"), "--checkpoint", str(run_dir), "--output-dir", str(out)], tmp_path
@@ -67,20 +67,20 @@ def test_export_of_a_trained_run_agrees_in_a_fresh_process(tmp_path, data_dir):
 def test_checkpoint_resolution(tmp_path):
     model = random_model(1)
     write_checkpoint(model, str(tmp_path / "run" / "checkpoints" / "best.pt"))
-    assert resolve_checkpoint(str(tmp_path / "run")) == ("local", str(tmp_path / "run" / "checkpoints" / "best.pt"))
-    source = read_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    assert find_model(str(tmp_path / "run")) == ("local", str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    source = read_model(str(tmp_path / "run" / "checkpoints" / "best.pt"))
     assert source.num_embeddings == model.num_embeddings and source.epoch == 3
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(b"")
-    assert resolve_checkpoint(str(tmp_path / "dcp")) == ("distributed", str(tmp_path / "dcp"))
-    with pytest.raises(RuntimeError, match="cannot read the distributed checkpoint"):
-        read_checkpoint(str(tmp_path / "dcp"))
+    assert find_model(str(tmp_path / "dcp")) == ("distributed", str(tmp_path / "dcp"))
+    with pytest.raises(CheckpointError, match="cannot read the distributed checkpoint"):
+        read_model(str(tmp_path / "dcp"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
     ckpt["config"]["context"] = {"user_buckets": 7, "embedding_dim": 0, "join": "input"}
     torch.save(ckpt, tmp_path / "context.pt")
     with pytest.raises(NotImplementedError, match="context features"):
         export(str(tmp_path / "context.pt"), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        read_checkpoint(str(tmp_path))
+        read_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_checkpoint(str(tmp_path / "missing"))
+        read_model(str(tmp_path / "missing"))

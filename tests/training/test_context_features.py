@@ -8,12 +8,11 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recblr_torchrec.config import load_config
-from recblr_torchrec.data.batches import user_bucket_features
-from recblr_torchrec.modules import RecBLR, RecBLRConfig
-from recblr_torchrec.modules.recblr import ContextConfig
+from recblr_torchrec.data.features import user_bucket_features
+from recblr_torchrec.modules import ContextConfig, ModelConfig, RecBLRConfig, SequenceRecommender
 from recblr_torchrec.training import Trainer
 
-CONFIG = RecBLRConfig(embedding_dim=8, num_layers=1, dropout=0.0)
+CONFIG = ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=1, dropout=0.0))
 
 
 def histories():
@@ -30,14 +29,14 @@ def histories():
 @pytest.mark.parametrize("join", ["input", "output"])
 def test_context_joins_the_jagged_and_the_padded_paths_alike(join):
     torch.manual_seed(0)
-    model = RecBLR(11, CONFIG, context=ContextConfig(user_buckets=5, join=join)).eval()
+    model = SequenceRecommender(11, CONFIG, context=ContextConfig(user_buckets=5, join=join)).eval()
     kjt, padded, lengths = histories()
     context = user_bucket_features(np.array([0, 7, 2]), 5)
     jagged = model(kjt, context)
     dense = model.encode(padded, lengths, context)
     mask = torch.arange(4)[None, :] < lengths[:, None]
     torch.testing.assert_close(dense[mask], jagged, rtol=1e-5, atol=1e-6)
-    plain = RecBLR(11, CONFIG).eval()
+    plain = SequenceRecommender(11, CONFIG).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
     assert not torch.allclose(plain(kjt), jagged)  # the context changes the user vectors
     with pytest.raises(ValueError, match="pass the batch's context"):
@@ -46,7 +45,12 @@ def test_context_joins_the_jagged_and_the_padded_paths_alike(join):
 
 def test_context_table_learns_in_local_training(tmp_path, data_dir):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    overrides = ["data.max_users=60", "model.embedding_dim=16", "train.batch_size=32", "model.num_layers=1"]
+    overrides = [
+        "data.max_users=60",
+        "model.recblr.embedding_dim=16",
+        "train.batch_size=32",
+        "model.recblr.num_layers=1",
+    ]
     overrides += [f"data.cache_dir={tmp_path / 'cache'}", "context.user_buckets=17", "context.join=output"]
     trainer = Trainer(load_config(os.path.join(root, "configs", "tiny.yaml"), overrides), str(tmp_path), data_dir)
     table = trainer.model.context_embeddings.embedding_bags["context_user"].weight

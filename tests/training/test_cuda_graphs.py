@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from recblr_torchrec.config import load_config
-from recblr_torchrec.data.batches import filler_lengths
-from recblr_torchrec.training import Trainer, next_item_loss
+from recblr_torchrec.data.padding import filler_lengths
+from recblr_torchrec.training import NextItemTask, Trainer
 from recblr_torchrec.training.graphs import GraphedStep, batch_signature, batch_tensors, copy_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-PREFIXES = ["data.max_users=150", "model.embedding_dim=16", "train.batch_size=64", "train.protocol=prefixes"]
+PREFIXES = ["data.max_users=150", "model.recblr.embedding_dim=16", "train.batch_size=64", "train.protocol=prefixes"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
 
 
@@ -38,7 +38,7 @@ def test_fillers_round_up_to_the_quantum_with_a_fixed_count_of_short_sequences()
 
 @pytest.mark.parametrize("protocol", ["prefixes", "all_positions"])
 def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol):
-    plain = trainer(tmp_path, "a", data_dir, "model.dropout=0.0", f"train.protocol={protocol}")
+    plain = trainer(tmp_path, "a", data_dir, "model.recblr.dropout=0.0", f"train.protocol={protocol}")
     plain.train_batches.set_epoch(1)
     batch = plain.train_batches[0]
     padded_batches = copy.copy(plain.train_batches)
@@ -58,7 +58,7 @@ def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir,
     losses, grads = [], []
     for b in (batch.to(plain.device), padded.to(plain.device)):
         plain.model.zero_grad(set_to_none=True)
-        loss = next_item_loss(plain.model, b, check_targets=False)
+        loss = NextItemTask(plain.model, check_targets=False)(b)[0]
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in plain.model.parameters()])
@@ -95,16 +95,15 @@ def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
     base = ["train.cuda_graphs=true", "train.protocol=prefixes"]
     with pytest.raises(ValueError, match=message):
         load_config(TINY, base + [override])
-    for allowed in ("model.architecture=sasrec", "train.optimizer=adamw"):  # padded to a bound; capturable
+    for allowed in ("model.encoder=sasrec", "train.optimizer=adamw"):  # padded to a bound; capturable
         load_config(TINY, base + [allowed])
 
 
-def test_distributed_runs_refuse_cuda_graphs(tmp_path):
-    from recblr_torchrec.distributed.trainer import DistributedTrainer
+def test_distributed_runs_refuse_cuda_graphs():
+    from recblr_torchrec.distributed.placement import ShardedPlacement
 
-    with pytest.raises(ValueError, match="single-process runs"):
-        config = load_config(TINY, ["train.cuda_graphs=true", "train.protocol=prefixes"])
-        DistributedTrainer(config, str(tmp_path), None, env=None)
+    with pytest.raises(ValueError, match="one-process runs"):
+        ShardedPlacement.check(load_config(TINY, ["train.cuda_graphs=true", "train.protocol=prefixes"]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -116,7 +115,7 @@ def test_cuda_graphs_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
 def paired_trainers(tmp_path, data_dir, *extra):
     """An eager and a graphed trainer with the same weights (no dropout), and epoch 1's batches on
     the GPU grouped by shape, the commonest shape first."""
-    overrides = ("model.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024", *extra)
+    overrides = ("model.recblr.dropout=0.0", "train.cuda_graphs=true", "train.graph_quantum=1024", *extra)
     eager = trainer(tmp_path, "a", data_dir, *overrides)
     graphed = trainer(tmp_path, "b", data_dir, *overrides)
     graphed.model.load_state_dict(eager.model.state_dict())
@@ -145,7 +144,8 @@ def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir, pr
     # all_positions: 16 windows (~600 positions) a batch, so the 1,024-position shape repeats
     extra = ["train.protocol=all_positions", "train.batch_size=16"] if protocol == "all_positions" else []
     if architecture == "sasrec":  # padded to data.max_len (50), not the batch's longest: no host read
-        extra += ["model.architecture=sasrec", "model.max_positions=64"]
+        extra += ["model.encoder=sasrec", "model.sasrec.max_positions=64", "model.sasrec.embedding_dim=16"]
+        extra += ["model.sasrec.dropout=0.0"]
     eager, graphed, shapes = paired_trainers(tmp_path, data_dir, *extra)
     assert type(graphed.model.encoder).__name__ == ("SASRecEncoder" if architecture == "sasrec" else "RecBLREncoder")
     if architecture == "sasrec":
@@ -159,11 +159,11 @@ def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir, pr
 @GPU
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_replays_draw_new_dropout_masks(tmp_path, data_dir, dropout):
-    run = trainer(tmp_path, "a", data_dir, f"model.dropout={dropout}")
+    run = trainer(tmp_path, "a", data_dir, f"model.recblr.dropout={dropout}")
     run.model.train()
     run.train_batches.set_epoch(1)
     batch = run.train_batches[0].to(run.device)
-    forward = GraphedStep(lambda b: next_item_loss(run.model, b, check_targets=False).detach(), warmup=1)
+    forward = GraphedStep(lambda b: NextItemTask(run.model, check_targets=False)(b)[0].detach(), warmup=1)
     losses = [float(forward(batch)) for _ in range(4)]  # eager, capture + replay, replay, replay
     assert forward.stats()["replays"] == 3 and forward.failure is None
     if dropout:

@@ -135,12 +135,17 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
     from recblr_torchrec.config import load_config
     from recblr_torchrec.data import SampleBatches, training_samples
     from recblr_torchrec.data.negatives import FullCatalog
-    from recblr_torchrec.modules import RecBLR
+    from recblr_torchrec.modules import SequenceRecommender
     from recblr_torchrec.training.task import NextItemTask
-    from recblr_torchrec.training.trainer import load_data, next_item_loss
+    from recblr_torchrec.training.trainer import load_data
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    overrides = ["data.max_users=40", "model.embedding_dim=16", "model.dropout=0.0", f"data.cache_dir={tmp_path}"]
+    overrides = [
+        "data.max_users=40",
+        "model.recblr.embedding_dim=16",
+        "model.recblr.dropout=0.0",
+        f"data.cache_dir={tmp_path}",
+    ]
     config = load_config(os.path.join(root, "configs", "tiny.yaml"), overrides)
     data = load_data(config, data_dir)
     samples = training_samples(data, 20, "all_positions")
@@ -149,18 +154,18 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
     plain.set_epoch(1)
     carried.set_epoch(1)
     torch.manual_seed(0)
-    model = RecBLR(data.num_items + 1, config.model, candidate_feature=True)
-    local_model = RecBLR(data.num_items + 1, config.model)
+    model = SequenceRecommender(data.num_items + 1, config.model, candidate_feature=True)
+    local_model = SequenceRecommender(data.num_items + 1, config.model)
     local_model.load_state_dict(model.state_dict())
-    local = next_item_loss(local_model, plain[0], label_smoothing=smoothing)
+    local = NextItemTask(local_model, label_smoothing=smoothing)(plain[0])[0]
     local_grads = torch.autograd.grad(local, list(local_model.parameters()))
-    distributed = next_item_loss(model, carried[0], label_smoothing=smoothing)
+    distributed = NextItemTask(model, label_smoothing=smoothing)(carried[0])[0]
     grads = torch.autograd.grad(distributed, list(model.parameters()))
     torch.testing.assert_close(distributed, local, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, local_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     if smoothing:  # it reached the loss (the logits of a fresh model are small: so is the change)
-        assert abs(local.item() - next_item_loss(local_model, plain[0]).item()) > 1e-5
-    # the distributed trainer's module (its loss, world size 1) passes the smoothing on too
+        assert abs(local.item() - NextItemTask(local_model)(plain[0])[0].item()) > 1e-5
+    # the task that DistributedModelParallel wraps (world size 1) passes the smoothing on too
     task_loss = NextItemTask(model, 1, label_smoothing=smoothing)(carried[0])[0]
     torch.testing.assert_close(task_loss, distributed, rtol=1e-6, atol=1e-7)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from recblr_torchrec.config import load_config
-from recblr_torchrec.training import Trainer, next_item_loss
+from recblr_torchrec.training import NextItemTask, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 METRICS = {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (10, 20)}
-SMALL = ["data.max_users=150", "model.embedding_dim=16", "train.batch_size=64"]
+SMALL = ["data.max_users=150", "model.recblr.embedding_dim=16", "train.batch_size=64"]
 
 
 def test_launcher_trains_evaluates_and_writes_its_outputs(tmp_path, data_dir):
@@ -51,7 +51,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, data_dir):
 def test_resume_refuses_a_different_model(tmp_path, data_dir):
     cache = [f"data.cache_dir={tmp_path / 'cache'}"]
     Trainer(load_config(TINY, SMALL + cache + ["train.max_epochs=1"]), str(tmp_path), data_dir).fit()
-    other = Trainer(load_config(TINY, SMALL + cache + ["model.num_layers=1"]), str(tmp_path), data_dir)
+    other = Trainer(load_config(TINY, SMALL + cache + ["model.recblr.num_layers=1"]), str(tmp_path), data_dir)
     with pytest.raises(ValueError, match="different model config"):
         other.fit()
 
@@ -70,7 +70,7 @@ def test_resume_refuses_another_optimizer_and_takes_the_configs_learning_rate_an
 
 
 def test_micro_batches_give_the_whole_batch_update(tmp_path, data_dir):
-    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0"]
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.recblr.dropout=0.0"]
     whole = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
     parts = Trainer(load_config(TINY, overrides + ["train.micro_batch_size=7"]), str(tmp_path / "b"), data_dir)
     parts.model.load_state_dict(whole.model.state_dict())
@@ -95,25 +95,29 @@ def test_prefix_protocol_trains_one_target_per_sample(tmp_path, data_dir):
     batch = trainer.train_batches[0].to(trainer.device)
     assert int(torch.count_nonzero(batch.targets)) == len(batch)  # one target per prefix
     trainer.model.eval()  # the batch's own target rows and rows found from the targets: one loss
-    carried = next_item_loss(trainer.model, batch, check_targets=False)
-    torch.testing.assert_close(carried, next_item_loss(trainer.model, dataclasses.replace(batch, target_rows=None)))
+    carried = NextItemTask(trainer.model, check_targets=False)(batch)[0]
+    torch.testing.assert_close(carried, NextItemTask(trainer.model)(dataclasses.replace(batch, target_rows=None))[0])
     trainer.fit()
     assert trainer.history[0]["train_loss"] > 0 and trainer.state["epoch"] == 1
 
 
 def test_the_trainer_step_takes_the_label_smoothing_of_its_config(tmp_path, data_dir):
-    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0", "train.label_smoothing=0.2"]
+    overrides = SMALL + [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.recblr.dropout=0.0",
+        "train.label_smoothing=0.2",
+    ]
     trainer = Trainer(load_config(TINY, overrides), str(tmp_path), data_dir)
     trainer.train_batches.set_epoch(1)
     batch = trainer.train_batches[0].to(trainer.device)
-    smoothed = next_item_loss(trainer.model, batch, label_smoothing=0.2).detach()
-    plain = next_item_loss(trainer.model, batch).detach()
+    smoothed = NextItemTask(trainer.model, label_smoothing=0.2)(batch)[0].detach()
+    plain = NextItemTask(trainer.model)(batch)[0].detach()
     assert abs(smoothed.item() - plain.item()) > 1e-5
     torch.testing.assert_close(trainer.update(batch), smoothed)  # the loss before its update
 
 
 def test_bf16_autocast_step_tracks_the_fp32_step(tmp_path, data_dir):
-    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0"]
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.recblr.dropout=0.0"]
     fp32 = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
     bf16 = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), str(tmp_path / "b"), data_dir)
     bf16.model.load_state_dict(fp32.model.state_dict())
@@ -140,8 +144,12 @@ def test_compiled_encoder_step_equals_the_eager_step_without_graph_breaks(tmp_pa
     from torch._dynamo.utils import counters
 
     # The fused Triton path (the interpreter on CPU), the one train.compile=inductor takes on the GPU.
-    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.0", "model.scan_backend=triton"]
-    overrides += ["data.max_len=12", "train.batch_size=16", "model.num_layers=1"]
+    overrides = SMALL + [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.recblr.dropout=0.0",
+        "model.recblr.kernels=triton",
+    ]
+    overrides += ["data.max_len=12", "train.batch_size=16", "model.recblr.num_layers=1"]
     eager = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
     compiled = Trainer(load_config(TINY, overrides + ["train.compile=aot_eager"]), str(tmp_path / "b"), data_dir)
     compiled.model.load_state_dict(eager.model.state_dict())

@@ -1,0 +1,209 @@
+"""From samples to batches: gathering a batch, and the dataset and loader that serve an epoch's batches."""
+
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from .batch import Batch
+from .features import ITEM_CANDIDATES, ITEM_HISTORY, user_bucket_features
+from .padding import filler_count, filler_lengths
+from .samples import Samples
+from .sequences import SequenceData
+
+CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+def make_batch(
+    items: np.ndarray,
+    samples: Samples,
+    index: np.ndarray,
+    candidates: Optional[CandidateFn] = None,
+    batch_number: int = 0,
+    fillers: int = 0,
+    user_buckets: int = 0,
+    pad: Tuple[int, int] = (0, 0),
+) -> Batch:
+    """Gathers the samples at ``index`` into one jagged batch (vectorised, no Python loop).
+
+    ``candidates(targets, batch_number) -> (ids, log_q)`` adds the loss's candidate set under
+    key ``item_candidates``. The last ``fillers`` samples of ``index`` are filler rows: user -1, no targets.
+    ``user_buckets`` > 0 adds the pooled context feature ``user_bucket`` (``batch.context``).
+    ``pad = (quantum, longest)`` with quantum > 0 appends filler sequences (padding item 0, user -1,
+    no targets; ``filler_lengths``, at most ``longest`` long) that round the position count up to
+    a multiple of ``quantum``. The model's sequences are independent, so the loss and its gradients
+    are the unpadded batch's. Padded all-positions batches list every position in ``target_rows``
+    (the fillers' targets are 0, which the loss ignores), so their row count is fixed by the shape.
+    """
+    starts, lengths = samples.starts[index], samples.lengths[index]
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    positions = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
+    values = items[positions]
+    nexts = items[positions + 1]
+    if samples.all_targets:
+        targets = nexts
+    else:
+        targets = np.zeros_like(nexts)
+        last = offsets[1:] - 1
+        targets[last] = nexts[last]
+    users = samples.users[index].astype(np.int64)
+    if fillers:
+        targets[offsets[len(index) - fillers] :] = 0
+        users[len(index) - fillers :] = -1
+    if pad[0]:
+        extra = filler_lengths(len(values), *pad)
+        padding = int(extra.sum())
+        lengths = np.concatenate([lengths, extra])
+        offsets = np.concatenate([offsets, offsets[-1] + np.cumsum(extra)])
+        values = np.concatenate([values, np.zeros(padding, dtype=values.dtype)])
+        targets = np.concatenate([targets, np.zeros(padding, dtype=targets.dtype)])
+        users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
+    context = user_bucket_features(users, user_buckets) if user_buckets else None
+    filler_rows = 0
+    if samples.all_targets and pad[0] and candidates is None:  # every position: a fixed count per shape
+        rows = torch.arange(len(targets), dtype=torch.int64)
+        filler_rows = padding
+    else:  # (the candidate losses take no padding targets)
+        rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
+    if candidates is None:
+        history = KeyedJaggedTensor(
+            keys=[ITEM_HISTORY],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths.astype(np.int64)),
+            offsets=torch.from_numpy(offsets),
+            length_per_key=[len(values)],  # known here; TorchRec would sum the lengths on the device
+        )
+        return Batch(
+            history,
+            torch.from_numpy(targets),
+            torch.from_numpy(users),
+            context=context,
+            target_rows=rows,
+            filler_rows=filler_rows,
+        )
+    ids, log_q = candidates(targets[targets > 0], batch_number)
+    bags = np.zeros(len(index), dtype=np.int64)
+    bags[0] = len(ids)
+    history = KeyedJaggedTensor(
+        keys=[ITEM_HISTORY, ITEM_CANDIDATES],
+        values=torch.from_numpy(np.concatenate([values, ids.astype(np.int64)])),
+        lengths=torch.from_numpy(np.concatenate([lengths.astype(np.int64), bags])),
+        length_per_key=[len(values), len(ids)],
+    )
+    log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
+    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context, target_rows=rows)
+
+
+class SampleBatches(Dataset):
+    """Map-style dataset whose i-th element is the i-th whole ``Batch`` of an epoch.
+
+    Each DataLoader worker builds whole batches; ``set_epoch`` fixes the epoch's order from
+    (seed, epoch), so a resumed run sees the same batches, and ``start_batch`` skips those a
+    checkpoint already covered.
+
+    Distributed runs: ``batch_size`` is the global batch; rank ``rank`` of ``world_size`` gets
+    its contiguous share of each global batch (np.array_split), so the ranks together see
+    exactly the single-process batches. A rank whose share is empty gets one filler row, so that
+    every rank runs the same number of steps (each step is a collective). ``candidates`` adds
+    the loss's candidate set to every batch and ``user_buckets`` the pooled context feature
+    (see ``make_batch``). ``pad_quantum`` pads single-process batches with filler sequences
+    (``make_batch``), for CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        data: SequenceData,
+        samples: Samples,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        candidates: Optional[CandidateFn] = None,
+        user_buckets: int = 0,
+        pad_quantum: int = 0,
+    ):
+        if len(samples) == 0:
+            raise ValueError("no samples: every user is too short for this split and protocol")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.items = data.items
+        self.samples = samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.candidates = candidates
+        self.user_buckets = user_buckets
+        # fillers as long as the longest sample (at least 2 positions: see filler_lengths)
+        self.pad = (pad_quantum, max(2, int(samples.lengths.max()))) if pad_quantum else (0, 0)
+        self.epoch = 0
+        self.start_batch = 0
+        self.order = np.arange(len(samples))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self.shuffle:
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def global_batch_size(self, number: int) -> int:
+        """Sequences in global batch ``number`` of the epoch (all ranks together)."""
+        return max(0, min(self.batch_size, len(self.samples) - number * self.batch_size))
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
+
+    @property
+    def fillers_per_batch(self) -> int:
+        """Filler sequences ``pad_quantum`` adds to every batch (0 without padding)."""
+        return filler_count(*self.pad) if self.pad[0] else 0
+
+    def __getitem__(self, i: int) -> Batch:
+        number = i + self.start_batch
+        first = number * self.batch_size
+        index = self.order[first : first + self.batch_size]
+        if self.world_size == 1:
+            key, buckets = self._key(number), self.user_buckets
+            return make_batch(self.items, self.samples, index, self.candidates, key, 0, buckets, self.pad)
+        share = np.array_split(index, self.world_size)[self.rank]
+        fillers = 0 if len(share) else 1
+        share = share if len(share) else index[:1]
+        key = self._key(number)
+        batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets)
+        lengths = self.samples.lengths[index]
+        batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
+        return batch
+
+    def _key(self, number: int) -> int:
+        # Seeds a batch's negatives: a function of (epoch, batch, rank), so a resumed run redraws them.
+        return (self.epoch * 1_000_003 + number) * self.world_size + self.rank
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.samples.lengths.sum())
+
+
+def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches; workers build them in parallel with training.
+
+    The loader gets its own generator: by default each new iterator draws a seed from the global
+    torch RNG, which would shift the dropout stream of a run resumed mid-epoch.
+    """
+    return DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(batches.seed),
+    )

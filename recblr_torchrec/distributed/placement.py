@@ -1,0 +1,126 @@
+"""The sharded placement: what the one Trainer uses when torchrun / TorchX launch it.
+
+The item table (and the context table) are built on ``meta`` and sharded by
+DistributedModelParallel as the planner and ``distributed.sharding_types`` decide; the dense part
+is replicated (DDP). The tables' fused optimizer runs in backward beside the dense optimizer.
+Each rank takes its slice of every global batch, metrics are summed over the process group,
+checkpoints are DCP folders, and on GPU TrainPipelineSparseDist overlaps the next batches' copy
+and input all-to-all with the current step.
+"""
+
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..checkpoint import ShardedCheckpoints
+from ..config import Pipeline, RunConfig, TrainConfig
+from ..data.batch import Batch
+from ..modules import SequenceRecommender
+from .env import DistEnv, init_distributed
+from .sharding import build_optimizer, shard_model
+
+if TYPE_CHECKING:
+    from ..training.trainer import Trainer
+
+
+class ShardedPlacement:
+    """One rank of a DistributedModelParallel run (module docstring)."""
+
+    sharded = True
+    table_device = torch.device("meta")  # DMP materialises each rank's shards only
+
+    def __init__(self, env: DistEnv, config: RunConfig):
+        self.env = env
+        self.device = env.device
+        self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.is_main
+        self.backend = env.backend
+        self.process_group = dist.group.WORLD
+        self.config = config
+        pipeline = config.distributed.pipeline
+        self.use_pipeline = pipeline is Pipeline.SPARSE_DIST or (
+            pipeline is Pipeline.AUTO and env.device.type == "cuda"
+        )
+
+    @classmethod
+    def join(cls, config: RunConfig) -> "ShardedPlacement":
+        """Joins the process group torchrun described (gloo on CPU, NCCL on GPU)."""
+        dc = config.distributed
+        return cls(init_distributed(dc.backend.value, dc.timeout_s, config.train.device), config)
+
+    @staticmethod
+    def check(config: RunConfig) -> None:
+        """Refuses what a sharded run cannot do, naming the fix."""
+        if config.train.micro_batch_size:
+            raise ValueError(
+                "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
+                "every backward, so micro-batches would not give the whole batch's update; set it to 0"
+            )
+        if config.train.cuda_graphs:
+            raise ValueError(
+                "train.cuda_graphs is for one-process runs (a sharded step's collectives and input "
+                "distribution are not captured here); set train.cuda_graphs=false"
+            )
+
+    def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
+        return shard_model(task, config.distributed, config.train, self.env)
+
+    def recommender(self, module: nn.Module) -> SequenceRecommender:
+        return module.module.model
+
+    def optimizer(self, module: nn.Module, model: SequenceRecommender, train: TrainConfig):
+        return build_optimizer(module, train)
+
+    def model_state(self, module: nn.Module, model: SequenceRecommender) -> Dict[str, Any]:
+        return module.state_dict()
+
+    def load_model_state(self, module: nn.Module, model: SequenceRecommender, state: Dict[str, Any]) -> None:
+        module.load_state_dict(state)
+
+    def optimizer_template(self, optimizer) -> Dict[str, Any]:
+        """The optimizers' state to load a checkpoint into (DCP loads in place)."""
+        dense = optimizer._optims[1][1]  # the dense optimizer's state exists only after a step
+        if not dense.state:
+            dense.init_state()  # a zero-gradient step: creates the state, leaves the weights as they are
+        return optimizer.state_dict()
+
+    def load_optimizer(self, optimizer, state: Dict[str, Any], train: TrainConfig) -> None:
+        optimizer.load_state_dict(state)
+
+    def checkpoints(self, output_dir: str) -> ShardedCheckpoints:
+        return ShardedCheckpoints(output_dir, self.rank)
+
+    def steps(self, loader: Iterable[Batch], trainer: "Trainer") -> Iterator[Tensor]:
+        """Each step's loss on this rank (``world_size`` times its share of the global mean):
+        plain steps, or TrainPipelineSparseDist's."""
+        if not self.use_pipeline:
+            for batch in loader:
+                yield trainer.train_step(batch)
+            return
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(trainer.module, trainer.optimizer, self.device)
+        iterator = iter(loader)
+        try:
+            while True:
+                try:
+                    with trainer.autocast():  # forward and backward both run inside progress()
+                        stats = pipeline.progress(iterator)
+                except StopIteration:
+                    return
+                yield stats[0]
+        finally:
+            pipeline.detach()  # the sharded modules' own forwards back, for evaluation
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor)  # NCCL reduces GPU tensors: the trainer's sums live on the device
+        return tensor
+
+    def gather(self, value: Any) -> List[Any]:
+        values: List[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""Where a run's model lives and how its steps are spread over processes.
+
+This is all that differs between a one-process run and a DistributedModelParallel run; the
+:class:`~recblr_torchrec.training.trainer.Trainer` is the same for both. A placement answers:
+where the item table is built, how the model is wrapped, which optimizers exist, how a step's
+batches are sliced (``rank`` of ``world_size``), how metrics are reduced (``process_group``,
+:meth:`all_reduce`, :meth:`gather`), how the steps of an epoch run (:meth:`steps`) and which
+checkpoint layout holds the run (:meth:`checkpoints`).
+
+:class:`LocalPlacement` is one process on one device; ``recblr_torchrec.distributed.placement``
+has the sharded one. :func:`placement_for` picks between them from the environment.
+"""
+
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..checkpoint import LocalCheckpoints
+from ..config import RunConfig, TrainConfig
+from ..data.batch import Batch
+from ..distributed.env import launched_by_torchrun
+from ..modules import SequenceRecommender
+from .optimizers import optimizer_factory
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return device
+
+
+class LocalPlacement:
+    """One process, CPU or one GPU: the unsharded model on the run's device, any torch optimizer."""
+
+    sharded = False
+    rank, world_size, is_main = 0, 1, True
+    backend = "none"
+    process_group: Optional[dist.ProcessGroup] = None
+    table_device: Optional[torch.device] = None  # the recommender is built on the CPU, then moved
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def check(self, config: RunConfig) -> None:
+        """Refuses what this placement cannot run, naming the fix."""
+        if config.train.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"train.cuda_graphs=true needs a CUDA device, not {self.device}; set train.cuda_graphs=false"
+            )
+
+    def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
+        return task.to(self.device)
+
+    def recommender(self, module: nn.Module) -> SequenceRecommender:
+        return module.model
+
+    def optimizer(self, module: nn.Module, model: SequenceRecommender, train: TrainConfig) -> torch.optim.Optimizer:
+        return optimizer_factory(train)(model.parameters())
+
+    def model_state(self, module: nn.Module, model: SequenceRecommender) -> Dict[str, Tensor]:
+        return model.state_dict()
+
+    def load_model_state(self, module: nn.Module, model: SequenceRecommender, state: Dict[str, Tensor]) -> None:
+        model.load_state_dict(state)
+
+    def optimizer_template(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        return {}  # a checkpoint file holds the whole state: nothing to load into
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: Dict[str, Any], train: TrainConfig) -> None:
+        """The saved moments, with this run's learning rate and decay (load_state_dict alone would
+        keep the saved ones) and Adam's ``capturable`` as ``train.cuda_graphs`` needs it."""
+        for group in state["param_groups"]:
+            group.update(lr=train.lr, weight_decay=train.weight_decay)
+            if "capturable" in group:
+                group["capturable"] = train.cuda_graphs
+        optimizer.load_state_dict(state)
+
+    def checkpoints(self, output_dir: str) -> LocalCheckpoints:
+        return LocalCheckpoints(output_dir)
+
+    def steps(self, loader: Iterable[Batch], trainer: "Trainer") -> Iterator[Tensor]:
+        """Each step's loss (a 0-dim tensor on the device: reading it is the caller's sync)."""
+        for batch in loader:
+            yield trainer.train_step(batch)
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def gather(self, value: Any) -> List[Any]:
+        return [value]
+
+    def close(self) -> None:
+        pass
+
+
+def placement_for(config: RunConfig):
+    """The sharded placement under torchrun / TorchX (it joins their process group), else one process."""
+    if launched_by_torchrun():
+        from ..distributed.placement import ShardedPlacement
+
+        return ShardedPlacement.join(config)
+    return LocalPlacement(resolve_device(config.train.device))
