@@ -116,10 +116,13 @@ class LocalCheckpoints:
         os.replace(tmp, last)
         return last
 
-    def load(self, tensors: Dict[str, Any], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
+    def load(self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
         """The newest readable training checkpoint as ``{"path", tensor keys, object keys}``, or
-        None when the run has none (``tensors`` names what to read; the values are not used)."""
+        None when the run has none (``template()``'s keys name the tensors to read)."""
         paths = [os.path.join(self.folder, name) for name in (LAST, PREVIOUS)]
+        if not any(os.path.isfile(p) for p in paths):
+            return None
+        tensors = template()
 
         def read(path: str) -> Dict[str, Any]:
             try:
@@ -240,12 +243,15 @@ class ShardedCheckpoints:
             tensors[key] = full[key]
         return {**tensors, **{key: pickle.loads(full[key]) for key in present}}
 
-    def load(self, tensors: Dict[str, Any], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
-        """The newest readable training checkpoint loaded into ``tensors`` (in place), with the
-        objects named by ``object_keys`` it holds; None when the run has none."""
-        return _newest_readable(
-            dcp_folders(self.root), lambda path: self._read(tensors, object_keys, path), announce=self.rank == 0
-        )
+    def load(self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
+        """The newest readable training checkpoint loaded into ``template()`` (in place, built only
+        when there is a checkpoint), with the objects named by ``object_keys`` it holds; None when
+        the run has none."""
+        folders = dcp_folders(self.root)
+        if not folders:
+            return None
+        tensors = template()
+        return _newest_readable(folders, lambda path: self._read(tensors, object_keys, path), announce=self.rank == 0)
 
     def load_best(self, tensors: Dict[str, Any]) -> Dict[str, Any]:
         best = _newest_readable(dcp_folders(self.best_root), lambda path: self._read(tensors, (), path), False)

@@ -216,8 +216,11 @@ class Trainer:
     def resume(self) -> bool:
         """Loads the newest readable checkpoint of the output folder; False when it has none."""
         p = self.placement
-        tensors = {"model": p.model_state(self.module, self.model), "optimizer": p.optimizer_template(self.optimizer)}
-        loaded = self.checkpoints.load(tensors, ["progress", self._rank_key()])
+
+        def template() -> Dict[str, Any]:  # built only when there is a checkpoint (it may create optimizer state)
+            return {"model": p.model_state(self.module, self.model), "optimizer": p.optimizer_template(self.optimizer)}
+
+        loaded = self.checkpoints.load(template, ["progress", self._rank_key()])
         if loaded is None:
             return False
         progress = loaded["progress"]
