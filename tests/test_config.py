@@ -98,3 +98,43 @@ def test_adamw_decays_the_weights_apart_from_the_gradient():
     # decay to the gradient and normalises it: a full lr step, 1.9
     assert steps["adamw"][0] is torch.optim.AdamW and abs(steps["adamw"][1] - 2.0 * (1 - 0.1 * 0.01)) < 1e-6
     assert steps["adam"][0] is torch.optim.Adam and abs(steps["adam"][1] - 1.9) < 1e-6
+
+
+def test_keys_of_the_flat_model_section_are_refused_naming_their_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  embedding_dim: 32\n  scan_backend: triton\n")
+    with pytest.raises(ValueError) as error:
+        load_config(str(path))
+    message = str(error.value)
+    assert "model.embedding_dim is now model.recblr.embedding_dim" in message
+    assert "model.scan_backend is now model.recblr.kernels" in message and str(path) in message
+    with pytest.raises(ValueError, match="model.architecture is now model.encoder"):
+        load_config(None, ["model.architecture=sasrec"])
+
+
+def test_saved_configs_of_the_flat_layout_are_upgraded():
+    from recblr_torchrec.config import RunConfig, config_from_dict
+
+    flat = {"embedding_dim": 16, "num_layers": 1, "expand": 2, "conv_width": 4, "dropout": 0.1}
+    flat.update(layer_norm_eps=1e-12, scan_backend="pytorch", recompute_mix=False, recompute_recurrence=False)
+    flat.update(fused_norms=True, architecture="recblr", num_heads=2, max_positions=512)
+    recblr = config_from_dict({"name": "old", "model": flat, "train": {"protocol": "prefixes"}})
+    assert recblr.model.encoder == "recblr" and recblr.model.recblr.kernels == "pytorch"
+    assert (recblr.model.recblr.embedding_dim, recblr.model.recblr.dropout) == (16, 0.1)
+    assert recblr.model.sasrec == RunConfig().model.sasrec  # the unused section keeps its defaults
+    sasrec = config_from_dict({"model": {**flat, "architecture": "sasrec", "max_positions": 200}})
+    assert sasrec.model.encoder == "sasrec" and sasrec.model.embedding_dim == 16
+    assert sasrec.model.sasrec.max_positions == 200 and sasrec.model.recblr.embedding_dim == 64  # default
+    assert config_from_dict(recblr.to_dict()) == recblr  # the current layout round-trips
+
+
+def test_configs_are_typed_whether_built_from_yaml_or_from_python():
+    from recblr_torchrec.config import Optimizer, TrainConfig
+
+    config = load_config(None, ["train.optimizer=AdamW"])
+    assert config.train.optimizer is Optimizer.ADAMW and config.to_dict()["train"]["optimizer"] == "adamw"
+    assert TrainConfig(optimizer="sgd", lr="3e-4").optimizer is Optimizer.SGD  # checked in __post_init__ too
+    with pytest.raises(ValueError, match="train.lr=nan must be a finite number > 0"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="distributed.sharding_types.item='diagonal'; choose one of data_parallel"):
+        load_config(None, ["distributed.sharding_types={item: diagonal}"])

@@ -171,6 +171,7 @@ class Trainer:
         self.history: list = []
         self.fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
         self.stop_at_step = 0  # tests: every rank stops (as if killed) after this global step
+        self.resumed_from: Optional[str] = None  # the checkpoint resume() loaded
         if p.is_main:
             os.makedirs(output_dir, exist_ok=True)
             self._write_json(RESOLVED_CONFIG_JSON, self.resolved_config())
@@ -225,6 +226,7 @@ class Trainer:
             return False
         progress = loaded["progress"]
         self._check_same_run(progress["config"])
+        self.resumed_from = loaded["path"]
         p.load_model_state(self.module, self.model, loaded["model"])
         p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
         self.state = {**self.state, **progress["state"]}
@@ -327,7 +329,7 @@ class Trainer:
     def _announce_resume(self) -> None:
         s = self.state
         where = f"epoch {s['epoch']}" + (f", batch {s['batch']} of epoch {s['in_epoch']}" if s.get("in_epoch") else "")
-        print(f"resuming {self.output_dir} after {where} (step {s['step']})", flush=True)
+        print(f"resuming {self.output_dir} after {where} (step {s['step']}) from {self.resumed_from}", flush=True)
 
     def _out_of_time(self) -> bool:
         budget = self.config.train.time_budget_s

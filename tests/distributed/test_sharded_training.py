@@ -1,10 +1,19 @@
 """Sharded (TW/RW/CW) == unsharded, one step == local mode, sampled softmax, evaluation over ranks,
 DCP kill-and-resume: each test is one spawned 2-process gloo run with short timeouts."""
 
+import json
+import os
+
 import pytest
 
 from .spawn import run_on_ranks
-from .workers import kill_and_resume, resume_on_fewer_ranks, sampled_softmax_step, sharded_equals_local
+from .workers import (
+    kill_and_resume,
+    resume_on_fewer_ranks,
+    sampled_softmax_step,
+    sharded_equals_local,
+    tiny_run_and_fallback,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +80,17 @@ def test_weight_decay_reaches_the_fused_table_optimizer_or_is_refused():
         params("sgd")
     with pytest.raises(ValueError, match="fused rowwise_adagrad on CPU has no weight decay.*train.weight_decay=0"):
         params("rowwise_adagrad", device=cpu)
+
+
+def test_two_process_tiny_run_reaches_its_recorded_values_and_resumes_past_a_lost_checkpoint(tmp_path, data_dir, cache):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "tests", "fixtures", "tiny_runs.json")) as f:
+        recorded = json.load(f)["two_processes"]
+    results = run_on_ranks(tiny_run_and_fallback, tmp_path, data_dir, cache, str(tmp_path))
+    for result in results:
+        for split in ("valid", "test"):
+            for name, value in recorded[split].items():
+                assert result["summary"][split][name] == pytest.approx(value, rel=1e-6, abs=0), (split, name)
+        assert result["losses"] == pytest.approx(recorded["train_loss"], rel=1e-6, abs=0)
+        assert result["resumed_from"] == result["older"]  # the newest lost a shard file: the one before
+        assert result["again"] == result["losses"]  # epoch 3 trained again, to the same loss

@@ -219,3 +219,35 @@ def resume_on_fewer_ranks(rank: int, world: int, data_dir: str, cache: str, out:
     before = trainer.state["epoch"]
     trainer.fit()
     return {"resumed_after_epoch": before, "epochs": [row["epoch"] for row in trainer.history]}
+
+
+def tiny_run_and_fallback(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
+    """configs/tiny.yaml as shipped on 2 ranks (the launcher's sharded path), then its newest DCP
+    checkpoint made unreadable and the run started again: it resumes from the one before."""
+    import glob
+
+    import torch.distributed as dist
+
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+    from recblr_torchrec.training.trainer import Trainer
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    config = load_config(TINY, [f"data.cache_dir={cache}", "distributed.timeout_s=60"])
+    folder = os.path.join(out, "tiny")
+    straight = Trainer(config, folder, data_dir, ShardedPlacement(env, config))
+    straight.fit()
+    summary = straight.finish()
+    newest, older = sorted(glob.glob(os.path.join(folder, "checkpoints", "dcp", "step-*")), reverse=True)
+    dist.barrier()
+    if rank == 0:
+        os.remove(sorted(glob.glob(os.path.join(newest, "*.distcp")))[-1])  # a shard file lost
+    dist.barrier()
+    again = Trainer(config, folder, data_dir, ShardedPlacement(env, config))
+    again.fit()  # resumes after epoch 2 and trains epoch 3 again
+    return {
+        "summary": {split: summary[split] for split in ("valid", "test")},
+        "losses": [row["train_loss"] for row in straight.history],
+        "again": [row["train_loss"] for row in again.history],
+        "resumed_from": again.resumed_from,
+        "older": older,
+    }
