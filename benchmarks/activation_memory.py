@@ -11,12 +11,12 @@ Usage: python benchmarks/activation_memory.py [--batch 2048 --length 200] [--out
 """
 
 import argparse
-import json
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
-from profile_step import EncoderStep  # the benchmark beside this one (run as a script)
+from bench_step import write_json  # the benchmarks beside this one (run as a script)
+from profile_step import EncoderStep
 from torch import nn
 
 
@@ -83,8 +83,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for name, value in sorted(totals.items(), key=lambda kv: -kv[1]):
             print(f"  {value / 2**30:7.3f} GiB {value / positions:7.0f} B/position  {name}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,12 @@ def make_batch(batch: int, steps: int, device: torch.device, seed: int = 0):
     return Batch(kjt, targets, torch.arange(batch), target_rows=rows).to(device)
 
 
+def write_json(path: str, content: Dict) -> None:
+    """A benchmark's results, as the JSON file its ``--out`` names."""
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+
+
 def median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()

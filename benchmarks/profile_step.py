@@ -10,7 +10,6 @@ Usage (GPU): python benchmarks/profile_step.py --out profile.json [--batch 2048 
 """
 
 import argparse
-import json
 from typing import List, Optional
 
 import torch
@@ -66,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--recompute-mix", action="store_true", help="RecBLR with model.recblr.recompute_mix")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    from bench_step import median_ms
+    from bench_step import median_ms, write_json
 
     device = torch.device("cuda")
     torch.set_float32_matmul_precision("high" if args.precision == "tf32" else "highest")
@@ -109,8 +108,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for o in ops[:25]:
             print(f"  {o['self_cuda_ms_per_step']:7.3f} ms  {o['op'][:100]}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

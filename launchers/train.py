@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from recblr_torchrec.config import load_config, resolve_data_dir
+from recblr_torchrec.config import add_overrides_argument, load_config, resolve_data_dir
 from recblr_torchrec.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,15 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $RECBLR_DATA_DIR)")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="e.g. --set train.lr=3e-4 model.recblr.dropout=0.1 (TorchX refuses a repeated --set: list them after one)",
-    )
+    add_overrides_argument(parser, "e.g. --set train.lr=3e-4 model.recblr.dropout=0.1 (several after one --set)")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     output_dir = args.output_dir or os.path.join("runs", config.name)

@@ -5,6 +5,7 @@ string enum and every dataclass checks its own values in ``__post_init__`` (``fi
 config that exists is valid; :class:`RunConfig` adds the checks that span sections.
 """
 
+import argparse
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,18 +20,12 @@ from .modules.recommender import ContextConfig, EncoderKind, ModelConfig
 DATA_DIR_ENV = "RECBLR_DATA_DIR"
 
 
-class DataFormat(Choice):
-    AUTO = "auto"
-    SEQ = "seq"
-    INTER = "inter"
-    RATINGS = "ratings"
-    SYNTHETIC = "synthetic"
+DataFormat = Choice(
+    "DataFormat", {"AUTO": "auto", "SEQ": "seq", "INTER": "inter", "RATINGS": "ratings", "SYNTHETIC": "synthetic"}
+)
 
 
-class TieOrder(Choice):
-    FILE = "file"
-    ITEM = "item"
-    SHUFFLED_RUNS = "shuffled_runs"
+TieOrder = Choice("TieOrder", {"FILE": "file", "ITEM": "item", "SHUFFLED_RUNS": "shuffled_runs"})
 
 
 @dataclass
@@ -78,32 +73,19 @@ class DataConfig:
         )
 
 
-class Protocol(Choice):
-    ALL_POSITIONS = "all_positions"
-    PREFIXES = "prefixes"
+Protocol = Choice("Protocol", {"ALL_POSITIONS": "all_positions", "PREFIXES": "prefixes"})
 
 
-class Optimizer(Choice):
-    ADAM = "adam"
-    ADAMW = "adamw"
-    ADAGRAD = "adagrad"
-    SGD = "sgd"
+Optimizer = Choice("Optimizer", {"ADAM": "adam", "ADAMW": "adamw", "ADAGRAD": "adagrad", "SGD": "sgd"})
 
 
-class Loss(Choice):
-    FULL = "full"
-    SAMPLED = "sampled"
+Loss = Choice("Loss", {"FULL": "full", "SAMPLED": "sampled"})
 
 
-class NegativeSampler(Choice):
-    UNIFORM = "uniform"
-    POPULARITY = "popularity"
+NegativeSampler = Choice("NegativeSampler", {"UNIFORM": "uniform", "POPULARITY": "popularity"})
 
 
-class Precision(Choice):
-    FP32 = "fp32"
-    TF32 = "tf32"
-    BF16 = "bf16"
+Precision = Choice("Precision", {"FP32": "fp32", "TF32": "tf32", "BF16": "bf16"})
 
 
 @dataclass
@@ -266,23 +248,15 @@ class EvalConfig:
         )
 
 
-class SparseOptimizer(Choice):
-    SGD = "sgd"
-    ADAGRAD = "adagrad"
-    ROWWISE_ADAGRAD = "rowwise_adagrad"
-    ADAM = "adam"
+SparseOptimizer = Choice(
+    "SparseOptimizer", {"SGD": "sgd", "ADAGRAD": "adagrad", "ROWWISE_ADAGRAD": "rowwise_adagrad", "ADAM": "adam"}
+)
 
 
-class CollectiveBackend(Choice):
-    AUTO = "auto"
-    GLOO = "gloo"
-    NCCL = "nccl"
+CollectiveBackend = Choice("CollectiveBackend", {"AUTO": "auto", "GLOO": "gloo", "NCCL": "nccl"})
 
 
-class Pipeline(Choice):
-    AUTO = "auto"
-    SPARSE_DIST = "sparse_dist"
-    NONE = "none"
+Pipeline = Choice("Pipeline", {"AUTO": "auto", "SPARSE_DIST": "sparse_dist", "NONE": "none"})
 
 
 TABLES = ("item", "context_user")
@@ -349,6 +323,14 @@ class RunConfig:
     def to_dict(self) -> Dict[str, Any]:
         """The config as plain Python (choices as strings): what checkpoints and metrics.json hold."""
         return plain(self)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE [KEY=VALUE ...]`` into ``args.overrides``: several after one ``--set``
+    (TorchX refuses a repeated argument), or repeated."""
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_override(item: str) -> tuple:

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from recblr_torchrec.config import add_overrides_argument
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
 # (row name, config, extra overrides); every row runs once per seed.
@@ -128,7 +130,7 @@ def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Tuple[str, in
                 continue
             command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
             command += ["--data-dir", args.data_dir, "--output-dir", out, "--set", f"train.seed={seed}"]
-            for item in overrides + args.set:
+            for item in overrides + args.overrides:
                 command += ["--set", item]
             runs.append((f"{row} seed {seed}", out, command))
     return runs
@@ -232,13 +234,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=[], help="rows whose name contains one of these")
-    parser.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides applied to every run (several after one --set, as the launcher takes them)",
+    add_overrides_argument(
+        parser, "overrides applied to every run (several after one --set, as the launcher takes them)"
     )
     args = parser.parse_args(argv)
     if not args.data_dir:

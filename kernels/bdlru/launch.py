@@ -71,13 +71,7 @@ def bdlru_forward(
 
 
 def bdlru_backward(
-    dout: Tensor,
-    c: Tensor,
-    gate_logits: Tensor,
-    z: Tensor,
-    decay_param: Tensor,
-    h: Tensor,
-    offsets: Optional[Tensor],
+    dout: Tensor, c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, h: Tensor, offsets: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dc, d[r; i], dz, dLambda) from the forward's inputs and its saved h."""
     c, gate_logits, dout = c.contiguous(), gate_logits.contiguous(), dout.contiguous()

@@ -29,13 +29,7 @@ def _(c, gate_logits, z, decay_param, offsets):
 
 @torch.library.custom_op("recblr_torchrec::bdlru_backward", mutates_args=())
 def _bdlru_backward_op(
-    dout: Tensor,
-    c: Tensor,
-    gate_logits: Tensor,
-    z: Tensor,
-    decay_param: Tensor,
-    h: Tensor,
-    offsets: Optional[Tensor],
+    dout: Tensor, c: Tensor, gate_logits: Tensor, z: Tensor, decay_param: Tensor, h: Tensor, offsets: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return bdlru_backward(dout, c, gate_logits, z, decay_param, h, offsets)
 

@@ -89,20 +89,11 @@ def _bounds(seq, offsets_ptr, T, IS_PACKED: tl.constexpr):
 
 @triton.jit
 def _bdlru_forward_kernel(
-    c_ptr,
-    g_ptr,
-    z_ptr,
-    rate_ptr,
-    out_ptr,
-    h_ptr,
-    offsets_ptr,
-    T,
-    D,
-    z_stride,
-    IS_PACKED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    c_ptr, g_ptr, z_ptr, rate_ptr,  # inputs
+    out_ptr, h_ptr,  # outputs
+    offsets_ptr, T, D, z_stride,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     seq, cols, col_ok, start, end, rate = _program_setup(offsets_ptr, rate_ptr, T, D, IS_PACKED, BLOCK_D)
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -123,24 +114,11 @@ def _bdlru_forward_kernel(
 
 @triton.jit
 def _bdlru_backward_kernel(
-    c_ptr,
-    g_ptr,
-    z_ptr,
-    rate_ptr,
-    h_ptr,
-    dout_ptr,
-    dc_ptr,
-    dg_ptr,
-    dz_ptr,
-    drate_ptr,
-    offsets_ptr,
-    T,
-    D,
-    z_stride,
-    IS_PACKED: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    c_ptr, g_ptr, z_ptr, rate_ptr, h_ptr, dout_ptr,  # inputs
+    dc_ptr, dg_ptr, dz_ptr, drate_ptr,  # outputs
+    offsets_ptr, T, D, z_stride,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     seq, cols, col_ok, start, end, rate = _program_setup(offsets_ptr, rate_ptr, T, D, IS_PACKED, BLOCK_D)
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # delta of the first row of the later tile

@@ -35,6 +35,11 @@ class _Tiling:
     aggregates: Tensor  # [2, num_tiles, block_d] int32: (A, H) of each tile's local scan
     inclusive: Tensor  # [num_tiles, block_d] int32: the state after each tile
 
+    def arguments(self, channels: int) -> Tuple:
+        """The kernels' arguments that locate tiles and carry states, in their order."""
+        tables = (self.offsets, self.chunk_offsets, self.chunk_seq, self.counter, self.aggregates, self.inclusive)
+        return (*tables, self.steps, channels, self.num_seq, self.num_d_blocks, self.max_chunks, self.num_tiles)
+
 
 def _tiling(rows: Tensor, offsets: Optional[Tensor], config: ScanConfig) -> _Tiling:
     """Grid, chunk tables and scratch for [B, T, D] or packed [N, D] ``rows``; no host sync."""
@@ -106,40 +111,18 @@ def scan_forward(
         h,
         h if h0 is None else h0,
         final,
-        t.offsets,
-        t.chunk_offsets,
-        t.chunk_seq,
-        t.counter,
-        t.aggregates,
-        t.inclusive,
-        t.steps,
-        channels,
-        t.num_seq,
-        t.num_d_blocks,
-        t.max_chunks,
-        t.num_tiles,
+        *t.arguments(channels),
         IS_PACKED=offsets is not None,
         HAS_H0=h0 is not None,
-        DYNAMIC_ORDER=config.dynamic_order,
-        CHUNK=config.chunk,
-        BLOCK_D=config.block_d,
-        LOOKBACK=config.lookback,
-        REPLICAS=config.replicas,
-        WINDOW_ROWS=config.window_rows,
-        num_warps=config.num_warps,
+        **config.launch_options(),
     )
     return h, final
 
 
 def scan_backward(
-    grad_h: Tensor,
-    grad_final: Optional[Tensor],
-    log_a: Tensor,
-    h: Tensor,
-    offsets: Optional[Tensor],
-    initial_state: Optional[Tensor],
-    config: Optional[ScanConfig] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    grad_h: Tensor, grad_final: Optional[Tensor], log_a: Tensor, h: Tensor,  # dL/dh, dL/d(final), the forward's
+    offsets: Optional[Tensor], initial_state: Optional[Tensor], config: Optional[ScanConfig] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
     """Gradients (d log_a, d b, d initial_state or None) from dL/dh and dL/d(final state).
 
     ``h`` is the forward output; shapes as in :func:`scan_forward`.
@@ -165,28 +148,11 @@ def scan_backward(
             grad_log_a,
             grad_b,
             grad_h0,
-            t.offsets,
-            t.chunk_offsets,
-            t.chunk_seq,
-            t.counter,
-            t.aggregates,
-            t.inclusive,
-            t.steps,
-            channels,
-            t.num_seq,
-            t.num_d_blocks,
-            t.max_chunks,
-            t.num_tiles,
+            *t.arguments(channels),
             IS_PACKED=offsets is not None,
             HAS_H0=h0 is not None,
             HAS_GRAD_FINAL=gf is not None,
-            DYNAMIC_ORDER=config.dynamic_order,
-            CHUNK=config.chunk,
-            BLOCK_D=config.block_d,
-            LOOKBACK=config.lookback,
-            REPLICAS=config.replicas,
-            WINDOW_ROWS=config.window_rows,
-            num_warps=config.num_warps,
+            **config.launch_options(),
         )
     if initial_state is None:
         return grad_log_a, grad_b, None

@@ -125,6 +125,24 @@ def _carry_in(
 
 
 @triton.jit
+def _enter_chain(
+    agg_ptr, incl_ptr, num_slots, slot0, order, has_next, a_total, local_total, init,
+    BLOCK_D: tl.constexpr, LOOKBACK: tl.constexpr, REPLICAS: tl.constexpr, WINDOW_ROWS: tl.constexpr,
+):  # fmt: skip
+    """The state entering tile ``order`` of its chain (``init`` for the first tile). Before waiting
+    for it, a tile with successors publishes its local aggregate (``a_total``, ``local_total``) for
+    their look-back, so the chain never waits on a tile that is itself waiting."""
+    if has_next and LOOKBACK > 1:
+        _publish(agg_ptr, slot0 + order, a_total, BLOCK_D)
+        _publish(agg_ptr + num_slots.to(tl.int64) * BLOCK_D, slot0 + order, local_total, BLOCK_D)
+    if order == 0:
+        carry = init
+    else:
+        carry = _carry_in(agg_ptr, incl_ptr, num_slots, slot0, order, init, BLOCK_D, LOOKBACK, REPLICAS, WINDOW_ROWS)
+    return carry
+
+
+@triton.jit
 def _locate_tile(
     tile,
     offsets_ptr,
@@ -194,47 +212,19 @@ def _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED: tl.conste
 
 @triton.jit
 def _scan_forward_kernel(
-    log_a_ptr,
-    b_ptr,
-    h_ptr,
-    h0_ptr,
-    final_ptr,
-    offsets_ptr,
-    chunk_offsets_ptr,
-    chunk_seq_ptr,
-    counter_ptr,
-    agg_ptr,
-    incl_ptr,
-    T,
-    D,
-    num_seq,
-    num_d_blocks,
-    max_chunks,
-    num_slots,
-    IS_PACKED: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    DYNAMIC_ORDER: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LOOKBACK: tl.constexpr,
-    REPLICAS: tl.constexpr,
+    log_a_ptr, b_ptr, h_ptr, h0_ptr, final_ptr,
+    offsets_ptr, chunk_offsets_ptr, chunk_seq_ptr, counter_ptr, agg_ptr, incl_ptr,  # tiles and carried states
+    T, D, num_seq, num_d_blocks, max_chunks, num_slots,
+    IS_PACKED: tl.constexpr, HAS_H0: tl.constexpr, DYNAMIC_ORDER: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, LOOKBACK: tl.constexpr, REPLICAS: tl.constexpr,
     WINDOW_ROWS: tl.constexpr,
-):
+):  # fmt: skip
     tile = _tile_number(counter_ptr, DYNAMIC_ORDER)
     if tile < _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED, CHUNK):
         seq, d_block, row0, end, chunk, order, slot0 = _locate_tile(
-            tile,
-            offsets_ptr,
-            chunk_offsets_ptr,
-            chunk_seq_ptr,
-            T,
-            num_seq,
-            num_d_blocks,
-            max_chunks,
-            IS_PACKED,
-            False,
-            CHUNK,
-        )
+            tile, offsets_ptr, chunk_offsets_ptr, chunk_seq_ptr, T, num_seq, num_d_blocks, max_chunks,
+            IS_PACKED, False, CHUNK,
+        )  # fmt: skip
         steps = tl.arange(0, CHUNK)
         rows = row0 + steps
         cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -248,19 +238,14 @@ def _scan_forward_kernel(
         a_total = _last_row(a_cum, steps, CHUNK)
         h_total = _last_row(h_local, steps, CHUNK)
         has_next = row0 + CHUNK < end
-        if has_next and LOOKBACK > 1:
-            _publish(agg_ptr, slot0 + order, a_total, BLOCK_D)
-            _publish(agg_ptr + num_slots.to(tl.int64) * BLOCK_D, slot0 + order, h_total, BLOCK_D)
         if HAS_H0:
             init = tl.load(h0_ptr + seq * D + cols, mask=col_ok, other=0.0)
         else:
             init = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if order == 0:
-            carry = init
-        else:
-            carry = _carry_in(
-                agg_ptr, incl_ptr, num_slots, slot0, order, init, BLOCK_D, LOOKBACK, REPLICAS, WINDOW_ROWS
-            )
+        carry = _enter_chain(
+            agg_ptr, incl_ptr, num_slots, slot0, order, has_next, a_total, h_total, init,
+            BLOCK_D, LOOKBACK, REPLICAS, WINDOW_ROWS,
+        )  # fmt: skip
         state = a_total * carry + h_total
         if has_next:
             _publish(incl_ptr, slot0 + order, state, BLOCK_D)
@@ -272,51 +257,19 @@ def _scan_forward_kernel(
 
 @triton.jit
 def _scan_backward_kernel(
-    grad_h_ptr,
-    grad_final_ptr,
-    log_a_ptr,
-    h_ptr,
-    h0_ptr,
-    grad_log_a_ptr,
-    grad_b_ptr,
-    grad_h0_ptr,
-    offsets_ptr,
-    chunk_offsets_ptr,
-    chunk_seq_ptr,
-    counter_ptr,
-    agg_ptr,
-    incl_ptr,
-    T,
-    D,
-    num_seq,
-    num_d_blocks,
-    max_chunks,
-    num_slots,
-    IS_PACKED: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    HAS_GRAD_FINAL: tl.constexpr,
-    DYNAMIC_ORDER: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LOOKBACK: tl.constexpr,
-    REPLICAS: tl.constexpr,
+    grad_h_ptr, grad_final_ptr, log_a_ptr, h_ptr, h0_ptr, grad_log_a_ptr, grad_b_ptr, grad_h0_ptr,
+    offsets_ptr, chunk_offsets_ptr, chunk_seq_ptr, counter_ptr, agg_ptr, incl_ptr,  # tiles and carried states
+    T, D, num_seq, num_d_blocks, max_chunks, num_slots,
+    IS_PACKED: tl.constexpr, HAS_H0: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, DYNAMIC_ORDER: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, LOOKBACK: tl.constexpr, REPLICAS: tl.constexpr,
     WINDOW_ROWS: tl.constexpr,
-):
+):  # fmt: skip
     tile = _tile_number(counter_ptr, DYNAMIC_ORDER)
     if tile < _num_tiles(chunk_offsets_ptr, T, num_seq, num_d_blocks, IS_PACKED, CHUNK):
         seq, d_block, row0, end, chunk, order, slot0 = _locate_tile(
-            tile,
-            offsets_ptr,
-            chunk_offsets_ptr,
-            chunk_seq_ptr,
-            T,
-            num_seq,
-            num_d_blocks,
-            max_chunks,
-            IS_PACKED,
-            True,
-            CHUNK,
-        )
+            tile, offsets_ptr, chunk_offsets_ptr, chunk_seq_ptr, T, num_seq, num_d_blocks, max_chunks,
+            IS_PACKED, True, CHUNK,
+        )  # fmt: skip
         start = row0 - chunk.to(tl.int64) * CHUNK
         steps = tl.arange(0, CHUNK)
         rows = row0 + (CHUNK - 1 - steps)  # tile row 0 is the latest step: a forward scan runs back in time
@@ -332,19 +285,14 @@ def _scan_backward_kernel(
         a_total = _last_row(a_cum, steps, CHUNK)
         delta_total = _last_row(delta_local, steps, CHUNK)
         has_next = chunk > 0
-        if has_next and LOOKBACK > 1:
-            _publish(agg_ptr, slot0 + order, a_total, BLOCK_D)
-            _publish(agg_ptr + num_slots.to(tl.int64) * BLOCK_D, slot0 + order, delta_total, BLOCK_D)
         if HAS_GRAD_FINAL:
             init = tl.load(grad_final_ptr + seq * D + cols, mask=col_ok, other=0.0)
         else:
             init = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if order == 0:
-            carry = init
-        else:
-            carry = _carry_in(
-                agg_ptr, incl_ptr, num_slots, slot0, order, init, BLOCK_D, LOOKBACK, REPLICAS, WINDOW_ROWS
-            )
+        carry = _enter_chain(
+            agg_ptr, incl_ptr, num_slots, slot0, order, has_next, a_total, delta_total, init,
+            BLOCK_D, LOOKBACK, REPLICAS, WINDOW_ROWS,
+        )  # fmt: skip
         delta_first = a_total * carry + delta_total  # delta at the chunk's first step
         if has_next:
             _publish(incl_ptr, slot0 + order, delta_first, BLOCK_D)

@@ -2,7 +2,7 @@
 picks per shape, dtype and direction (tuned on the H200; tiny tiles under the Triton interpreter)."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import triton
 
@@ -39,6 +39,18 @@ class ScanConfig:
     def window_rows(self) -> int:
         """Rows of the block through which the look-back window is read (at least ``replicas``)."""
         return max(self.lookback, self.replicas)
+
+    def launch_options(self) -> Dict[str, Any]:
+        """The kernels' schedule constants and launch options for this configuration."""
+        return {
+            "DYNAMIC_ORDER": self.dynamic_order,
+            "CHUNK": self.chunk,
+            "BLOCK_D": self.block_d,
+            "LOOKBACK": self.lookback,
+            "REPLICAS": self.replicas,
+            "WINDOW_ROWS": self.window_rows,
+            "num_warps": self.num_warps,
+        }
 
 
 def _interpreting() -> bool:

@@ -21,9 +21,7 @@ ITEM_TABLE = "item"
 CONTEXT_USER_TABLE = "context_user"
 
 
-class ContextJoin(Choice):
-    INPUT = "input"
-    OUTPUT = "output"
+ContextJoin = Choice("ContextJoin", {"INPUT": "input", "OUTPUT": "output"})
 
 
 @dataclass
@@ -50,9 +48,7 @@ class ContextConfig:
         )
 
 
-class EncoderKind(Choice):
-    RECBLR = "recblr"
-    SASREC = "sasrec"
+EncoderKind = Choice("EncoderKind", {"RECBLR": "recblr", "SASREC": "sasrec"})
 
 
 @dataclass

@@ -45,6 +45,12 @@ class CatalogModule(nn.Module):
         top_scores, index = torch.topk(scores, k, dim=1)
         return top_scores, index + 1
 
+    def check_same_batch(self, first_name: str, first: Tensor, second_name: str, second: Tensor) -> None:
+        if first.shape[0] != second.shape[0]:
+            raise ValueError(
+                f"batch sizes disagree: {first_name} has {first.shape[0]} rows but {second_name} has {second.shape[0]}"
+            )
+
     def check_item_ids(self, ids: Tensor, real: Tensor, name: str) -> None:
         """Ids where ``real`` is true must be catalog items 1..V-1; elsewhere they must be 0 (padding)."""
         if ids.dtype != torch.int64 and ids.dtype != torch.int32:
@@ -110,10 +116,7 @@ class RecBLRScorer(CatalogModule):
             raise ValueError(f"item_ids must be [B, T >= 1] right-padded with 0, got shape {list(item_ids.shape)}")
         if lengths.dim() != 1:
             raise ValueError(f"lengths must be [B], got shape {list(lengths.shape)}")
-        if lengths.shape[0] != item_ids.shape[0]:
-            raise ValueError(
-                f"batch sizes disagree: item_ids has {item_ids.shape[0]} rows but lengths has {lengths.shape[0]}"
-            )
+        self.check_same_batch("item_ids", item_ids, "lengths", lengths)
         if lengths.dtype != torch.int64 and lengths.dtype != torch.int32:
             raise ValueError(f"lengths must be integers (int64), got dtype {lengths.dtype}")
         steps = item_ids.shape[1]
@@ -158,10 +161,7 @@ class RecBLRStep(CatalogModule):
             raise ValueError(f"state must be float32, got dtype {state.dtype}")
         if new_items.dim() != 1:
             raise ValueError(f"new_items must be [B] (one event per user), got shape {list(new_items.shape)}")
-        if new_items.shape[0] != state.shape[0]:
-            raise ValueError(
-                f"batch sizes disagree: state has {state.shape[0]} rows but new_items has {new_items.shape[0]}"
-            )
+        self.check_same_batch("state", state, "new_items", new_items)
         if not bool(torch.isfinite(state).all()):
             raise ValueError("state holds NaN or infinite values; start the user again from initial_state")
         self.check_item_ids(new_items, torch.ones_like(new_items, dtype=torch.bool), "new_items")

@@ -183,18 +183,19 @@ def test_requested_rows_equal_the_full_output_at_those_rows(backend):
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "triton"])
-def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
+@pytest.mark.parametrize("option", ["recompute_recurrence", "recompute_mix"])
+def test_recomputing_in_backward_gives_the_same_training_gradients_from_fewer_saved_tensors(backend, option):
     device = device_of(backend)
     lengths = [3, 1, 6]
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     values = torch.randn(sum(lengths), 8, device=device)
-    rows = offsets[1:] - 1
+    rows = offsets[1:] - 1 if option == "recompute_recurrence" else None  # the mix is recomputed at all positions
     results, saved = [], []
     for recompute in (False, True):
         torch.manual_seed(7)
-        config = RecBLRConfig(embedding_dim=8, dropout=0.3, kernels=backend, recompute_recurrence=recompute)
+        config = RecBLRConfig(embedding_dim=8, dropout=0.3, kernels=backend, **{option: recompute})
         encoder = RecBLREncoder(config).to(device).train()
-        torch.manual_seed(8)
+        torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
         storages = {}
 
         def keep(tensor, storages=storages):
@@ -205,25 +206,7 @@ def test_recomputing_the_recurrence_gives_the_same_training_gradients(backend):
             out = encoder(values, offsets=offsets, rows=rows)
         saved.append(sum(storages.values()))
         results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
-    assert saved[1] < saved[0]  # the recurrence's own activations are no longer kept
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
-    close_grads(results[1][1], results[0][1], device)
-
-
-@pytest.mark.parametrize("backend", ["pytorch", "triton"])
-def test_recomputing_the_mix_gives_the_same_training_gradients(backend):
-    device = device_of(backend)
-    lengths = [3, 1, 6]
-    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
-    values = torch.randn(sum(lengths), 8, device=device)
-    results = []
-    for recompute in (False, True):
-        torch.manual_seed(7)
-        config = RecBLRConfig(embedding_dim=8, dropout=0.3, recompute_mix=recompute, kernels=backend)
-        encoder = RecBLREncoder(config).to(device).train()
-        torch.manual_seed(8)  # the same dropout masks in both runs; recompute must replay them
-        out = encoder(values, offsets=offsets)
-        results.append((out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))))
+    assert saved[1] < saved[0]  # the recomputed activations are no longer kept
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     close_grads(results[1][1], results[0][1], device)
 

@@ -45,12 +45,8 @@ def test_context_joins_the_jagged_and_the_padded_paths_alike(join):
 
 def test_context_table_learns_in_local_training(tmp_path, data_dir):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    overrides = [
-        "data.max_users=60",
-        "model.recblr.embedding_dim=16",
-        "train.batch_size=32",
-        "model.recblr.num_layers=1",
-    ]
+    overrides = ["data.max_users=60", "model.recblr.embedding_dim=16", "train.batch_size=32"]
+    overrides += ["model.recblr.num_layers=1"]
     overrides += [f"data.cache_dir={tmp_path / 'cache'}", "context.user_buckets=17", "context.join=output"]
     trainer = Trainer(load_config(os.path.join(root, "configs", "tiny.yaml"), overrides), str(tmp_path), data_dir)
     table = trainer.model.context_embeddings.embedding_bags["context_user"].weight

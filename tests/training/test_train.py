@@ -69,13 +69,18 @@ def test_resume_refuses_another_optimizer_and_takes_the_configs_learning_rate_an
     assert resumed.optimizer.state  # the moments came back
 
 
-def test_micro_batches_give_the_whole_batch_update(tmp_path, data_dir):
+def paired_trainers(tmp_path, data_dir, *changed):
+    """Two trainers of one model (dropout off) that differ by ``changed``, and a batch of their data."""
     overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.recblr.dropout=0.0"]
-    whole = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
-    parts = Trainer(load_config(TINY, overrides + ["train.micro_batch_size=7"]), str(tmp_path / "b"), data_dir)
-    parts.model.load_state_dict(whole.model.state_dict())
-    whole.train_batches.set_epoch(1)
-    batch = whole.train_batches[0]
+    base = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
+    other = Trainer(load_config(TINY, overrides + list(changed)), str(tmp_path / "b"), data_dir)
+    other.model.load_state_dict(base.model.state_dict())
+    base.train_batches.set_epoch(1)
+    return base, other, base.train_batches[0]
+
+
+def test_micro_batches_give_the_whole_batch_update(tmp_path, data_dir):
+    whole, parts, batch = paired_trainers(tmp_path, data_dir, "train.micro_batch_size=7")
     loss_whole, loss_parts = whole.train_step(batch), parts.train_step(batch)
     assert abs(loss_whole - loss_parts) < 1e-5
     for (name, a), b in zip(whole.model.named_parameters(), parts.model.parameters()):
@@ -117,12 +122,7 @@ def test_the_trainer_step_takes_the_label_smoothing_of_its_config(tmp_path, data
 
 
 def test_bf16_autocast_step_tracks_the_fp32_step(tmp_path, data_dir):
-    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.recblr.dropout=0.0"]
-    fp32 = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
-    bf16 = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), str(tmp_path / "b"), data_dir)
-    bf16.model.load_state_dict(fp32.model.state_dict())
-    fp32.train_batches.set_epoch(1)
-    batch = fp32.train_batches[0]
+    fp32, bf16, batch = paired_trainers(tmp_path, data_dir, "train.precision=bf16")
     loss32, loss16 = float(fp32.train_step(batch)), float(bf16.train_step(batch))
     assert loss16 != loss32  # autocast did run in bfloat16
     assert abs(loss32 - loss16) < 0.02 * loss32, (loss32, loss16)
