@@ -21,6 +21,9 @@ Under torch.compile the scan and the BD-LRU stay Triton kernels (registered cust
 node each) and the conv and the norm take their references, which Inductor fuses with the ops
 around them. torch.export and TorchScript (the serving artifacts) record the references: the
 scan as torch's scan operator or a scripted loop.
+
+Beyond this table, the residual norm's kernel hands rows it cannot hold (wider than 4,096, or
+float64) to its reference, and the Triton scan and BD-LRU refuse float64 with an error naming the fix.
 """
 
 import os

@@ -16,7 +16,9 @@ A training checkpoint holds tensors (``model``, ``optimizer``) and picklable obj
 (``progress``: epoch, step, early-stopping state, history, config; ``rank<r>``: that rank's RNG
 states and loss sum). Both layouts keep the two newest: when the newest cannot be read, resuming
 says so in one line and takes the one before; when none can, it stops with one line naming them
-all (a run is never silently retrained from scratch).
+all (a run is never silently retrained from scratch). A checkpoint set aside as unreadable keeps its
+data under another name (``last.pt.unreadable``, ``dcp/unreadable-step-<n>``). Each checkpoint
+records its layout (``format``); one of a layout this version does not know is refused.
 """
 
 import dataclasses
@@ -37,6 +39,7 @@ DCP, DCP_BEST, LATEST = "dcp", "dcp-best", "LATEST"
 DCP_METADATA = ".metadata"  # the file that marks a complete DCP folder
 ITEM_TABLE_KEY = "item_embeddings.embeddings.item.weight"  # locates the model inside a wrapped state dict
 KEEP = 2
+Checker = Callable[[Dict[str, Any]], None]  # sees a checkpoint's objects; raises to refuse it
 
 
 class CheckpointError(RuntimeError):
@@ -76,7 +79,17 @@ def read_file(path: str, required: Sequence[str] = ("model",)) -> Dict[str, Any]
         raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(error)})") from error
     if not isinstance(payload, dict) or any(key not in payload for key in required):
         raise CheckpointError(f"{path} is not a recblr-torchrec checkpoint: it lacks {', '.join(required)}")
+    check_format(payload.get("format"), path)
     return payload
+
+
+def check_format(found: Optional[str], path: str) -> None:
+    """Refuses a checkpoint of a layout this version does not read (None: written before layouts were recorded)."""
+    if found is not None and found != FORMAT:
+        raise ValueError(
+            f"checkpoint {path} has the layout {found}; this version of recblr-torchrec reads {FORMAT}: "
+            "install the version that wrote it, or train again in another --output-dir"
+        )
 
 
 def _current_layout(payload: Dict[str, Any]) -> Dict[str, Any]:
@@ -116,11 +129,14 @@ class LocalCheckpoints:
         os.replace(tmp, last)
         return last
 
-    def load(self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
+    def load(
+        self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str], check: Optional[Checker] = None
+    ) -> Optional[Dict[str, Any]]:
         """The newest readable training checkpoint as ``{"path", tensor keys, object keys}``, or
-        None when the run has none (``template()``'s keys name the tensors to read)."""
-        paths = [os.path.join(self.folder, name) for name in (LAST, PREVIOUS)]
-        if not any(os.path.isfile(p) for p in paths):
+        None when the run has none (``template()``'s keys name the tensors to read). ``check``
+        sees the objects before any tensor is used and raises to refuse the run."""
+        paths = [p for p in (os.path.join(self.folder, name) for name in (LAST, PREVIOUS)) if os.path.isfile(p)]
+        if not paths:
             return None
         tensors = template()
 
@@ -132,9 +148,12 @@ class LocalCheckpoints:
             missing = [key for key in list(tensors) + ["progress"] if key not in payload]
             if missing:
                 raise CheckpointError(f"{path} lacks {', '.join(missing)}")
-            return {key: payload[key] for key in list(tensors) + list(object_keys) if key in payload}
+            objects = {key: payload[key] for key in object_keys if key in payload}
+            if check is not None:
+                check(objects)
+            return {**{key: payload[key] for key in tensors}, **objects}
 
-        return _newest_readable([p for p in paths if os.path.isfile(p)], read, announce=True)
+        return _newest_readable(paths, read, announce=True, set_aside=_set_aside_file)
 
     def load_best(self, tensors: Dict[str, Any]) -> Dict[str, Any]:
         """The best model's file as a dict (``model``, ``config``, ``epoch``, ...)."""
@@ -144,11 +163,21 @@ class LocalCheckpoints:
         return {**read_file(path), "path": path}
 
 
+def _set_aside_file(unreadable: List[str], kept: str) -> None:
+    for path in unreadable:
+        os.replace(path, f"{path}.unreadable")
+
+
 def _newest_readable(
-    candidates: List[str], read: Callable[[str], Dict[str, Any]], announce: bool
+    candidates: List[str],
+    read: Callable[[str], Dict[str, Any]],
+    announce: bool,
+    set_aside: Optional[Callable[[List[str], str], None]] = None,
 ) -> Optional[Dict[str, Any]]:
     """``read`` of the first candidate that can be read (newest first), saying in one line which
-    were skipped and why; None without candidates; a :class:`CheckpointError` when none can be read."""
+    were skipped and why, and setting those aside (``set_aside(skipped, kept)``) so that the next
+    checkpoint does not take the kept one's place; None without candidates; a
+    :class:`CheckpointError` when none can be read."""
     failures: List[str] = []
     for path in candidates:
         try:
@@ -156,8 +185,11 @@ def _newest_readable(
         except CheckpointError as error:
             failures.append(str(error))
             continue
-        if failures and announce:
-            _say(f"resuming from {path}: {'; '.join(failures)}")
+        if failures:
+            if announce:
+                _say(f"resuming from {path}: {'; '.join(failures)}")
+            if set_aside is not None:
+                set_aside(candidates[: candidates.index(path)], path)
         return {**loaded, "path": path}
     if failures:
         raise CheckpointError(
@@ -175,18 +207,19 @@ def _dcp_exception() -> type:
     return CheckpointException
 
 
-def dcp_folders(root: str) -> List[str]:
+def dcp_folders(root: str, announce: bool = False) -> List[str]:
     """The complete checkpoint folders under ``root``, newest first: the one ``LATEST`` names,
-    then the older ``step-*`` folders. ``LATEST`` naming a missing folder is an error."""
+    then the older ``step-*`` folders (a newer one was not finished when ``LATEST`` was last
+    written). When ``LATEST`` names a folder that is gone, the older ones remain, and it says so."""
     pointer = os.path.join(root, LATEST)
     if not os.path.isfile(pointer):
         return []
     with open(pointer) as f:
         latest = f.read().strip()
-    if not os.path.isdir(os.path.join(root, latest)):
-        raise CheckpointError(f"{pointer} names {latest}, which does not exist; remove {pointer} to start over")
-    older = sorted((d for d in os.listdir(root) if d.startswith("step-") and d < latest), reverse=True)
-    return [os.path.join(root, name) for name in [latest] + older]
+    names = sorted((d for d in os.listdir(root) if d.startswith("step-") and d <= latest), reverse=True)
+    if latest not in names and announce:
+        _say(f"{pointer} names {latest}, which does not exist; looking at the older checkpoints")
+    return [os.path.join(root, name) for name in names]
 
 
 class ShardedCheckpoints:
@@ -212,7 +245,7 @@ class ShardedCheckpoints:
 
         path = os.path.join(root, name)
         full = dict(tensors)
-        full.update({key: pickle.dumps(value) for key, value in objects.items()})
+        full.update({key: pickle.dumps(value) for key, value in {**objects, "format": FORMAT}.items()})
         dcp.save(full, checkpoint_id=path)
         dist.barrier()
         if self.rank == 0:
@@ -226,32 +259,67 @@ class ShardedCheckpoints:
         dist.barrier()
         return path
 
-    def _read(self, tensors: Dict[str, Any], object_keys: Sequence[str], path: str) -> Dict[str, Any]:
-        """Loads ``path`` into ``tensors`` in place; the objects the checkpoint holds are unpickled
-        (a rank that did not exist when it was written finds no objects of its own)."""
+    def _read(
+        self, tensors: Dict[str, Any], object_keys: Sequence[str], path: str, check: Optional[Checker] = None
+    ) -> Dict[str, Any]:
+        """The objects the checkpoint ``path`` holds (a rank that did not exist when it was written
+        finds no objects of its own), passed to ``check``, then its tensors loaded into ``tensors``
+        in place."""
         import torch.distributed.checkpoint as dcp
+
+        def load(state: Dict[str, Any]) -> None:
+            try:
+                dcp.load(state, checkpoint_id=path)
+            except (Exception, _dcp_exception()) as error:
+                raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(error)})") from error
 
         try:
             saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-            present = [key for key in object_keys if key in saved]
-            full = dict(tensors)
-            full.update({key: b"" for key in present})
-            dcp.load(full, checkpoint_id=path)
-        except (Exception, _dcp_exception()) as error:
+        except Exception as error:
             raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(error)})") from error
+        present = [key for key in (*object_keys, "format") if key in saved]
+        raw = {key: b"" for key in present}
+        if raw:
+            load(raw)
+        objects = {key: pickle.loads(raw[key]) for key in present}
+        check_format(objects.pop("format", None), path)
+        if check is not None:
+            check(objects)
+        full = dict(tensors)
+        load(full)
         for key in tensors:
             tensors[key] = full[key]
-        return {**tensors, **{key: pickle.loads(full[key]) for key in present}}
+        return {**tensors, **objects}
 
-    def load(self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str]) -> Optional[Dict[str, Any]]:
+    def _set_aside(self, unreadable: List[str], kept: str) -> None:
+        """Renames the unreadable folders (``unreadable-step-<n>``) and points ``LATEST`` at ``kept``."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            for path in unreadable:
+                if os.path.isdir(path):
+                    os.replace(path, os.path.join(os.path.dirname(path), f"unreadable-{os.path.basename(path)}"))
+            root = os.path.dirname(kept)
+            tmp = os.path.join(root, f"{LATEST}.tmp")
+            with open(tmp, "w") as f:
+                f.write(os.path.basename(kept))
+            os.replace(tmp, os.path.join(root, LATEST))
+        dist.barrier()
+
+    def load(
+        self, template: Callable[[], Dict[str, Any]], object_keys: Sequence[str], check: Optional[Checker] = None
+    ) -> Optional[Dict[str, Any]]:
         """The newest readable training checkpoint loaded into ``template()`` (in place, built only
         when there is a checkpoint), with the objects named by ``object_keys`` it holds; None when
-        the run has none."""
-        folders = dcp_folders(self.root)
+        the run has none. ``check`` sees the objects before any tensor is loaded and raises to
+        refuse the run."""
+        folders = dcp_folders(self.root, announce=self.rank == 0)
         if not folders:
             return None
         tensors = template()
-        return _newest_readable(folders, lambda path: self._read(tensors, object_keys, path), announce=self.rank == 0)
+        return _newest_readable(
+            folders, lambda path: self._read(tensors, object_keys, path, check), self.rank == 0, self._set_aside
+        )
 
     def load_best(self, tensors: Dict[str, Any]) -> Dict[str, Any]:
         best = _newest_readable(dcp_folders(self.best_root), lambda path: self._read(tensors, (), path), False)

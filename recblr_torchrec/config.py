@@ -325,6 +325,32 @@ class RunConfig:
         return plain(self)
 
 
+def model_settings(config: RunConfig) -> Dict[str, Any]:
+    """What makes a trained model what it is, as dotted keys: the data section, the encoder and its
+    own section (the other encoder's section is unused)."""
+    encoder = config.model.encoder.value
+    sections = {"data": plain(config.data), f"model.{encoder}": plain(config.model.encoder_config)}
+    return {"model.encoder": encoder, **_dotted(sections)}
+
+
+def _dotted(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """``key=saved (now current)`` for every dotted key whose value differs."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{key}={saved.get(key)!r} (now {current.get(key)!r})" for key in keys if saved.get(key) != current.get(key)
+    ]
+
+
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """``--set KEY=VALUE [KEY=VALUE ...]`` into ``args.overrides``: several after one ``--set``
     (TorchX refuses a repeated argument), or repeated."""

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
-    sharded = True
     table_device = torch.device("meta")  # DMP materialises each rank's shards only
+    catalog_in_batch = True  # the loss looks the catalog up with the histories, through the sharded table
+    loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
 
     def __init__(self, env: DistEnv, config: RunConfig):
         self.env = env
@@ -37,7 +38,6 @@ class ShardedPlacement:
         self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.is_main
         self.backend = env.backend
         self.process_group = dist.group.WORLD
-        self.config = config
         pipeline = config.distributed.pipeline
         self.use_pipeline = pipeline is Pipeline.SPARSE_DIST or (
             pipeline is Pipeline.AUTO and env.device.type == "cuda"
@@ -69,13 +69,13 @@ class ShardedPlacement:
     def recommender(self, module: nn.Module) -> SequenceRecommender:
         return module.module.model
 
-    def optimizer(self, module: nn.Module, model: SequenceRecommender, train: TrainConfig):
+    def optimizer(self, module: nn.Module, train: TrainConfig):
         return build_optimizer(module, train)
 
-    def model_state(self, module: nn.Module, model: SequenceRecommender) -> Dict[str, Any]:
+    def model_state(self, module: nn.Module) -> Dict[str, Any]:
         return module.state_dict()
 
-    def load_model_state(self, module: nn.Module, model: SequenceRecommender, state: Dict[str, Any]) -> None:
+    def load_model_state(self, module: nn.Module, state: Dict[str, Any]) -> None:
         module.load_state_dict(state)
 
     def optimizer_template(self, optimizer) -> Dict[str, Any]:
@@ -86,6 +86,8 @@ class ShardedPlacement:
         return optimizer.state_dict()
 
     def load_optimizer(self, optimizer, state: Dict[str, Any], train: TrainConfig) -> None:
+        """The saved states as they were (their learning rates included: the fused tables' are set
+        when the tables are built)."""
         optimizer.load_state_dict(state)
 
     def checkpoints(self, output_dir: str) -> ShardedCheckpoints:

@@ -178,7 +178,7 @@ class SequenceRecommender(nn.Module):
                 device=device,
             )
             self.context_proj = nn.Linear(width, self.embedding_dim)
-            self.context_join = ContextJoin.parse(context.join, "context.join").value
+            self.context_join = context.join
 
     def pool_context(self, context: Optional[KeyedJaggedTensor]) -> Optional[KeyedTensor]:
         """The EmbeddingBagCollection's pooled output for ``context``; None for a model without context."""
@@ -254,10 +254,11 @@ class SequenceRecommender(nn.Module):
         lengths = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)  # one bag, made on the device
         return self.item_embeddings(self.history_features(ids, lengths))[ITEM_HISTORY].values().to(self.dtype)
 
-    def set_kernels(self, backend: "KernelBackend | str") -> None:
-        """The implementation of the encoder's sequence kernels (``model.recblr.kernels``; what a
-        trainer sets, resolved for its device); the SASRec-style encoder has none."""
-        set_kernels(self.encoder, backend)
+    def set_kernels(self, backend: "KernelBackend | str", device: Optional[torch.device] = None) -> None:
+        """The implementation of the encoder's sequence kernels (``model.recblr.kernels``), resolved
+        for ``device`` when given (``auto``: Triton on CUDA); the SASRec-style encoder has none."""
+        if isinstance(self.encoder, RecBLREncoder):
+            set_kernels(self.encoder, backend if device is None else KernelBackend.parse(backend).resolve(device))
 
     def kernels_in_use(self) -> Dict[str, Dict[str, str]]:
         """{recording: {kernel: implementation}} on the encoder's device: ``kernels/backend.py``'s table."""

@@ -53,8 +53,6 @@ class SASRecBlock(nn.Module):
     def __init__(self, config: SASRecConfig):
         super().__init__()
         d = config.embedding_dim
-        if d % config.num_heads:
-            raise ValueError(f"embedding_dim={d} must be divisible by num_heads={config.num_heads}")
         self.num_heads = config.num_heads
         self.attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.qkv = nn.Linear(d, 3 * d)

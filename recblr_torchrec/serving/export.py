@@ -24,7 +24,7 @@ SCORER = "scorer.pt"
 STEP = "step.pt"
 MANIFEST = "manifest.json"
 SCORER_AOTI = "scorer_aoti.pt2"
-FORMAT = "recblr-torchrec-serving/1"
+FORMAT = "recblr-torchrec-serving/2"
 
 
 def model_from_source(source: TrainedModel) -> SequenceRecommender:
@@ -159,7 +159,7 @@ def _manifest(model, source, files: Dict[str, Any]) -> Dict[str, Any]:
             "epoch": source.epoch,
             "sha256": sha256(source.path) if os.path.isfile(source.path) else None,
         },
-        "run_config": source.run_config,
+        "run_config": config_from_dict(source.run_config).to_dict(),
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,11 +1,12 @@
 """Where a run's model lives and how its steps are spread over processes.
 
 This is all that differs between a one-process run and a DistributedModelParallel run; the
-:class:`~recblr_torchrec.training.trainer.Trainer` is the same for both. A placement answers:
-where the item table is built, how the model is wrapped, which optimizers exist, how a step's
-batches are sliced (``rank`` of ``world_size``), how metrics are reduced (``process_group``,
-:meth:`all_reduce`, :meth:`gather`), how the steps of an epoch run (:meth:`steps`) and which
-checkpoint layout holds the run (:meth:`checkpoints`).
+:class:`~recblr_torchrec.training.trainer.Trainer` is the same for both. A :class:`Placement`
+answers: where the item table is built and whether the loss reads the catalog through the batch
+(sharded tables), how the model is wrapped, which optimizers exist, how a step's batches are sliced
+(``rank`` of ``world_size``), how metrics are reduced (``process_group``, :meth:`all_reduce`,
+:meth:`gather`), how the steps of an epoch run (:meth:`steps`) and which checkpoint layout holds the
+run (:meth:`checkpoints`).
 
 :class:`LocalPlacement` is one process on one device; ``recblr_torchrec.distributed.placement``
 has the sharded one. :func:`placement_for` picks between them from the environment.
@@ -25,7 +26,36 @@ from ..modules import SequenceRecommender
 from .optimizers import optimizer_factory
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from .trainer import Trainer
+
+    class Placement(Protocol):
+        """What the Trainer asks of a placement (the two implementations are the documentation)."""
+
+        device: torch.device
+        rank: int
+        world_size: int
+        is_main: bool
+        backend: str
+        process_group: Optional[dist.ProcessGroup]
+        table_device: Optional[torch.device]
+        catalog_in_batch: bool
+        loss_dtype: torch.dtype
+
+        def check(self, config: RunConfig) -> None: ...
+        def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module: ...
+        def recommender(self, module: nn.Module) -> SequenceRecommender: ...
+        def optimizer(self, module: nn.Module, train: TrainConfig) -> Any: ...
+        def model_state(self, module: nn.Module) -> Dict[str, Any]: ...
+        def load_model_state(self, module: nn.Module, state: Dict[str, Any]) -> None: ...
+        def optimizer_template(self, optimizer: Any) -> Dict[str, Any]: ...
+        def load_optimizer(self, optimizer: Any, state: Dict[str, Any], train: TrainConfig) -> None: ...
+        def checkpoints(self, output_dir: str) -> Any: ...
+        def steps(self, loader: Iterable[Batch], trainer: "Trainer") -> Iterator[Tensor]: ...
+        def all_reduce(self, tensor: Tensor) -> Tensor: ...
+        def gather(self, value: Any) -> List[Any]: ...
+        def close(self) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +70,12 @@ def resolve_device(name: str) -> torch.device:
 class LocalPlacement:
     """One process, CPU or one GPU: the unsharded model on the run's device, any torch optimizer."""
 
-    sharded = False
     rank, world_size, is_main = 0, 1, True
     backend = "none"
     process_group: Optional[dist.ProcessGroup] = None
     table_device: Optional[torch.device] = None  # the recommender is built on the CPU, then moved
+    catalog_in_batch = False  # the full-softmax loss reads the unsharded table directly
+    loss_dtype = torch.float32  # the epoch's loss sum, on the device like each step's loss
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -62,14 +93,14 @@ class LocalPlacement:
     def recommender(self, module: nn.Module) -> SequenceRecommender:
         return module.model
 
-    def optimizer(self, module: nn.Module, model: SequenceRecommender, train: TrainConfig) -> torch.optim.Optimizer:
-        return optimizer_factory(train)(model.parameters())
+    def optimizer(self, module: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+        return optimizer_factory(train)(self.recommender(module).parameters())
 
-    def model_state(self, module: nn.Module, model: SequenceRecommender) -> Dict[str, Tensor]:
-        return model.state_dict()
+    def model_state(self, module: nn.Module) -> Dict[str, Tensor]:
+        return self.recommender(module).state_dict()
 
-    def load_model_state(self, module: nn.Module, model: SequenceRecommender, state: Dict[str, Tensor]) -> None:
-        model.load_state_dict(state)
+    def load_model_state(self, module: nn.Module, state: Dict[str, Tensor]) -> None:
+        self.recommender(module).load_state_dict(state)
 
     def optimizer_template(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         return {}  # a checkpoint file holds the whole state: nothing to load into
@@ -101,7 +132,7 @@ class LocalPlacement:
         pass
 
 
-def placement_for(config: RunConfig):
+def placement_for(config: RunConfig) -> "Placement":
     """The sharded placement under torchrun / TorchX (it joins their process group), else one process."""
     if launched_by_torchrun():
         from ..distributed.placement import ShardedPlacement

@@ -38,7 +38,7 @@ def encoder_rows(batch: Batch, rows: Tensor) -> Optional[Tensor]:
     return None if rows.numel() == batch.targets.numel() else rows
 
 
-def next_item_loss(
+def encoded_loss(
     model: SequenceRecommender,
     batch: Batch,
     hidden: Tensor,
@@ -88,7 +88,7 @@ class _AfterLookup(nn.Module):
 
     TrainPipelineSparseDist fx-traces the model to find the sharded modules' inputs; modules
     without sharded children are leaves, so this keeps the data-dependent loss code out of the
-    trace. It refers to the recommender without registering it (its parameters stay where they are).
+    trace. It refers to its task without registering it (the parameters stay the recommender's).
     """
 
     def __init__(self, task: "NextItemTask"):
@@ -100,11 +100,13 @@ class _AfterLookup(nn.Module):
         model = task.model
         rows = target_rows(batch)
         hidden, candidates = model.after_lookup(embedded, pooled, encoder_rows(batch, rows))
-        count = rows.numel() - batch.filler_rows  # real targets (a graphed batch's fillers listed too)
+        # real targets (a graphed batch lists its fillers' positions too); host ints, so a replayed
+        # graph reports its capture's count in the stats (the trainer reads only the loss)
+        count = rows.numel() - batch.filler_rows
         if count == 0:  # a filler row: zero loss that still touches every parameter (same collectives)
             loss = hidden.sum() * 0.0 + (0.0 if candidates is None else candidates.sum() * 0.0)
         else:
-            loss = next_item_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
+            loss = encoded_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
         scaled = loss * (count * task.world_size / batch.num_targets)
         count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
         return scaled, torch.stack([scaled.detach().float(), count_t])
@@ -125,7 +127,7 @@ class NextItemTask(nn.Module):
     Args:
         model: the recommender (its collections sharded or not).
         world_size: ranks the global batch is split over.
-        check_targets, label_smoothing: as in :func:`next_item_loss`.
+        check_targets, label_smoothing: as in :func:`encoded_loss`.
     """
 
     def __init__(

@@ -12,13 +12,13 @@ import json
 import os
 import resource
 import time
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import Loss, Precision, RunConfig, config_from_dict
+from ..config import Loss, Precision, RunConfig, config_from_dict, differing_settings, model_settings
 from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
 from ..data.batch import Batch
 from ..data.loader import CandidateFn
@@ -30,6 +30,9 @@ from ..modules import SequenceRecommender
 from .graphs import GraphedStep
 from .history import plot_history, write_history
 from .placement import LocalPlacement, placement_for, resolve_device
+
+if TYPE_CHECKING:
+    from .placement import Placement
 from .seeding import restore_rng, rng_state, seed_everything
 from .task import NextItemTask
 
@@ -78,15 +81,13 @@ def apply_matmul_precision(precision: Precision) -> None:
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
 
 
-def training_candidates(config: RunConfig, data: SequenceData, sharded: bool) -> Optional[CandidateFn]:
-    """The candidate set each training batch carries: sampled, or (sharded) the whole catalog.
-
-    One-process full-softmax runs carry none: the loss reads the unsharded table directly.
-    """
+def training_candidates(config: RunConfig, data: SequenceData, catalog_in_batch: bool) -> Optional[CandidateFn]:
+    """The candidate set each training batch carries: sampled, or the whole catalog where the loss
+    looks it up through the batch (sharded tables); else none (the loss reads the table directly)."""
     t = config.train
     if t.loss is Loss.SAMPLED:
         return SampledCandidates(item_frequencies(data), t.num_negatives, t.negative_sampler.value, t.seed)
-    return FullCatalog(data.num_items + 1) if sharded else None
+    return FullCatalog(data.num_items + 1) if catalog_in_batch else None
 
 
 def format_table(results: Dict[str, Dict[str, float]]) -> str:
@@ -113,7 +114,13 @@ def _first_attempt() -> bool:
 class Trainer:
     """Owns one run (module docstring). ``config.train.batch_size`` is the global batch."""
 
-    def __init__(self, config: RunConfig, output_dir: str, data_dir: Optional[str] = None, placement=None):
+    def __init__(
+        self,
+        config: RunConfig,
+        output_dir: str,
+        data_dir: Optional[str] = None,
+        placement: Optional["Placement"] = None,
+    ):
         self.config = config
         self.output_dir = output_dir
         self.placement = p = placement or LocalPlacement(resolve_device(config.train.device))
@@ -122,7 +129,7 @@ class Trainer:
         t, e, max_len = config.train, config.eval, config.data.max_len
         seed_everything(t.seed)  # identical dense initialisation on every rank
         self.data = load_data(config, data_dir)
-        candidate_feature = t.loss is Loss.SAMPLED or p.sharded  # the table also serves the candidates
+        candidate_feature = t.loss is Loss.SAMPLED or p.catalog_in_batch  # the table also serves the candidates
         self.train_batches = SampleBatches(
             self.data,
             training_samples(self.data, max_len, t.protocol),
@@ -131,7 +138,7 @@ class Trainer:
             seed=t.seed,
             rank=p.rank,
             world_size=p.world_size,
-            candidates=training_candidates(config, self.data, p.sharded),
+            candidates=training_candidates(config, self.data, p.catalog_in_batch),
             user_buckets=config.context.user_buckets,
             pad_quantum=t.graph_quantum if t.cuda_graphs else 0,
         )
@@ -156,18 +163,18 @@ class Trainer:
         self.task = NextItemTask(model, p.world_size, check_targets=False, label_smoothing=t.label_smoothing)
         self.module = p.wrap(self.task, config)
         self.model: SequenceRecommender = p.recommender(self.module)
-        self.model.set_kernels(config.model.recblr.kernels.resolve(self.device))
+        self.model.set_kernels(config.model.recblr.kernels, self.device)
         if t.cuda_graphs:  # the SASRec-style encoder pads to a bound, not to a length the host reads
             self.model.static_padding(max(max_len, self.train_batches.pad[1]))  # fillers have >= 2 positions
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
-        self.optimizer = p.optimizer(self.module, self.model, t)
+        self.optimizer = p.optimizer(self.module, t)
         self.graphed = GraphedStep(self.update) if t.cuda_graphs else None
         self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state.update(stopped_early=False, step=0, batch=0, in_epoch=None, examples=0, seconds=0.0)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # this epoch's, this rank's
+        self.loss_sum = torch.zeros((), dtype=p.loss_dtype, device=self.device)  # this epoch's, this rank's
         self.history: list = []
         self.fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
         self.stop_at_step = 0  # tests: every rank stops (as if killed) after this global step
@@ -208,7 +215,7 @@ class Trainer:
 
     def save_checkpoint(self, improved: bool = False) -> None:
         p = self.placement
-        tensors = {"model": p.model_state(self.module, self.model), "optimizer": self.optimizer.state_dict()}
+        tensors = {"model": p.model_state(self.module), "optimizer": self.optimizer.state_dict()}
         progress = {"state": self.state, "history": self.history, "config": self.config.to_dict()}
         progress.update(world_size=p.world_size, num_embeddings=self.model.num_embeddings)
         mine = {"rng": rng_state(self.device), "loss_sum": float(self.loss_sum)}
@@ -219,15 +226,14 @@ class Trainer:
         p = self.placement
 
         def template() -> Dict[str, Any]:  # built only when there is a checkpoint (it may create optimizer state)
-            return {"model": p.model_state(self.module, self.model), "optimizer": p.optimizer_template(self.optimizer)}
+            return {"model": p.model_state(self.module), "optimizer": p.optimizer_template(self.optimizer)}
 
-        loaded = self.checkpoints.load(template, ["progress", self._rank_key()])
+        loaded = self.checkpoints.load(template, ["progress", self._rank_key()], check=self._check_same_run)
         if loaded is None:
             return False
         progress = loaded["progress"]
-        self._check_same_run(progress["config"])
         self.resumed_from = loaded["path"]
-        p.load_model_state(self.module, self.model, loaded["model"])
+        p.load_model_state(self.module, loaded["model"])
         p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
         self.state = {**self.state, **progress["state"]}
         self.history = progress["history"]
@@ -243,20 +249,19 @@ class Trainer:
         restore_rng(mine["rng"], self.device)
         return True
 
-    def _check_same_run(self, saved_config: Dict[str, Any]) -> None:
-        """Refuses to resume a run whose data or model differ, or whose optimizer state is another optimizer's."""
-        saved, current = config_from_dict(saved_config).to_dict(), self.config.to_dict()
-        for section in ("data", "model"):
-            if saved[section] != current[section]:
-                raise ValueError(
-                    f"{self.output_dir} holds a run with a different {section} config ({saved[section]}); "
-                    "use another --output-dir or the same config"
-                )
-        was, now = saved["train"]["optimizer"], current["train"]["optimizer"]
-        if was != now:  # its state (moments, sums) is another optimizer's
+    def _check_same_run(self, objects: Dict[str, Any]) -> None:
+        """Refuses to resume a checkpoint (its ``progress``) of another model, other data, or another
+        optimizer (its state, moments or sums, would be another optimizer's)."""
+        saved = config_from_dict(objects["progress"]["config"])
+        optimizer = {"train.optimizer": saved.train.optimizer.value}
+        current = {"train.optimizer": self.config.train.optimizer.value}
+        differences = differing_settings(
+            {**model_settings(saved), **optimizer}, {**model_settings(self.config), **current}
+        )
+        if differences:
             raise ValueError(
-                f"{self.output_dir} was trained with train.optimizer={was}, not {now}; "
-                "resume with the same optimizer or use another --output-dir"
+                f"{self.output_dir} holds a run with other settings: {', '.join(differences)}; resume with the "
+                "same settings or use another --output-dir"
             )
 
     # Training ----------------------------------------------------------------------------
@@ -393,8 +398,8 @@ class Trainer:
     def finish(self) -> Dict[str, Any]:
         """Evaluates the best checkpoint on valid and test (every rank); writes metrics.json."""
         p = self.placement
-        best = self.checkpoints.load_best({"model": p.model_state(self.module, self.model)})
-        p.load_model_state(self.module, self.model, best["model"])
+        best = self.checkpoints.load_best({"model": p.model_state(self.module)})
+        p.load_model_state(self.module, best["model"])
         results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
         rss = p.gather(round(peak_rss_mb(), 1))
         gpu = p.gather(
@@ -406,7 +411,7 @@ class Trainer:
         if self.is_main:
             self._write_json(METRICS_JSON, summary)
             print(format_table(results), flush=True)
-            if p.sharded:
+            if p.world_size > 1:
                 print(f"peak memory per rank: host {rss} MB, GPU {gpu} MB", flush=True)
         return summary
 
