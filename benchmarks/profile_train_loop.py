@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch.autograd import DeviceType
 
-from recblr_torchrec.config import load_config, resolve_data_dir
+from recblr_torchrec.config import add_overrides_argument, load_config, resolve_data_dir
 from recblr_torchrec.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $RECBLR_DATA_DIR)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    add_overrides_argument(parser, "config overrides, e.g. --set train.precision=bf16 train.cuda_graphs=true")
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--eval-reps", type=int, default=0, help="also time this many validation passes")

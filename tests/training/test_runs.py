@@ -27,9 +27,10 @@ def assert_recorded(summary, history, recorded):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
-    """configs/tiny.yaml as shipped, trained to its end in one process: (trainer, summary)."""
+    """configs/tiny.yaml as shipped, trained to its end in one process on the CPU: (trainer, summary)."""
     root = tmp_path_factory.mktemp("tiny")
-    trainer = Trainer(load_config(TINY, [f"data.cache_dir={root / 'cache'}"]), str(root / "run"), data_dir)
+    config = load_config(TINY, [f"data.cache_dir={root / 'cache'}", "train.device=cpu"])
+    trainer = Trainer(config, str(root / "run"), data_dir)
     trainer.fit()
     return trainer, trainer.finish()
 
@@ -66,7 +67,7 @@ def test_an_unreadable_newest_checkpoint_resumes_from_the_previous_one(tiny_run,
     last = os.path.join(folder, "checkpoints", "last.pt")
     with open(last, "r+b") as f:
         f.truncate(os.path.getsize(last) // 2)  # a disk that lost the end of the file
-    config = load_config(TINY, [f"data.cache_dir={trainer.config.data.cache_dir}"])
+    config = load_config(TINY, [f"data.cache_dir={trainer.config.data.cache_dir}", "train.device=cpu"])
     again = Trainer(config, folder, data_dir)
     again.fit()  # resumes after epoch 2 from previous.pt and trains epoch 3 again
     err = capfd.readouterr().err
@@ -84,7 +85,7 @@ def test_no_readable_checkpoint_stops_instead_of_training_again(tiny_run, tmp_pa
     for name in ("last.pt", "previous.pt"):
         with open(os.path.join(folder, "checkpoints", name), "wb") as f:
             f.write(b"not a checkpoint")
-    config = load_config(TINY, [f"data.cache_dir={trainer.config.data.cache_dir}"])
+    config = load_config(TINY, [f"data.cache_dir={trainer.config.data.cache_dir}", "train.device=cpu"])
     with pytest.raises(CheckpointError, match="no readable checkpoint: .*last.pt cannot be read.*move the run folder"):
         Trainer(config, folder, data_dir).fit()
 
@@ -117,7 +118,9 @@ def test_a_checkpoint_of_the_older_layout_resumes(tiny_run, tmp_path, data_dir):
     )
     torch.save(older, path)
     os.remove(os.path.join(folder, "checkpoints", "previous.pt"))
-    config = load_config(TINY, [f"data.cache_dir={trainer.config.data.cache_dir}", "train.max_epochs=4"])
+    config = load_config(
+        TINY, [f"data.cache_dir={trainer.config.data.cache_dir}", "train.device=cpu", "train.max_epochs=4"]
+    )
     again = Trainer(config, folder, data_dir)
     assert again.resume() and again.state["epoch"] == 3 and again.history == trainer.history
     again.fit()
