@@ -30,7 +30,8 @@ def test_a_checkout_on_pythonpath_without_the_install_says_to_install_it(tmp_pat
     probe = "import recblr_torchrec"
     result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "only the package install maps: run `bash scripts/setup_venv.sh` (or `pip install -e .`" in result.stderr
+    assert "only the package install maps: run `bash scripts/setup_venv.sh`" in result.stderr
+    assert "offline: `python -m pip install --no-deps --no-build-isolation -e .`" in result.stderr
 
 
 def test_the_editable_install_maps_the_checkouts_kernels_folder(tmp_path):
