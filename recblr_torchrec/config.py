@@ -249,7 +249,8 @@ class EvalConfig:
 
 
 SparseOptimizer = Choice(
-    "SparseOptimizer", {"SGD": "sgd", "ADAGRAD": "adagrad", "ROWWISE_ADAGRAD": "rowwise_adagrad", "ADAM": "adam"}
+    "SparseOptimizer",
+    {"AUTO": "auto", "SGD": "sgd", "ADAGRAD": "adagrad", "ROWWISE_ADAGRAD": "rowwise_adagrad", "ADAM": "adam"},
 )
 
 
@@ -274,9 +275,15 @@ class DistributedConfig:
             the planner. Tables: ``item`` (the item table) and ``context_user``.
         compute_kernels: table name -> compute kernel (``fused`` by default, the kernel whose
             optimizer is applied in the backward pass).
-        sparse_optimizer: the fused optimizer of the tables: ``sgd``, ``adagrad``,
-            ``rowwise_adagrad`` (CPU and GPU) or ``adam`` (GPU only).
-        sparse_lr: its learning rate (0 = train.lr).
+        sparse_optimizer: how the tables are trained. ``auto`` (the default): as in a one-process
+            run, by the fused optimizer that updates a row as ``train.optimizer`` would (FBGEMM's
+            fused Adam for adam/adamw on GPU; the exact fused SGD or Adagrad) at ``train.lr``, or,
+            where FBGEMM has none (Adam on CPU, a weight decay its kernel cannot apply alike), with
+            the tables replicated on every rank and trained by the dense optimizer itself. Or a
+            fused optimizer for sharded tables: ``sgd``, ``adagrad``, ``rowwise_adagrad`` (CPU and
+            GPU) or ``adam`` (GPU only) (``distributed.sharding``).
+        sparse_lr: the named fused optimizer's learning rate (0 = train.lr); required when it
+            updates the tables differently from ``train.optimizer`` (e.g. rowwise_adagrad beside adam).
         backend: ``auto`` (gloo on CPU, NCCL on GPU), ``gloo`` or ``nccl``.
         timeout_s: process-group timeout; a failure on one rank frees the others after it.
         pipeline: ``auto`` (TrainPipelineSparseDist on GPU, plain steps on CPU), ``sparse_dist``
@@ -285,7 +292,7 @@ class DistributedConfig:
 
     sharding_types: Dict[str, str] = field(default_factory=dict)
     compute_kernels: Dict[str, str] = field(default_factory=dict)
-    sparse_optimizer: SparseOptimizer = SparseOptimizer.ROWWISE_ADAGRAD
+    sparse_optimizer: SparseOptimizer = SparseOptimizer.AUTO
     sparse_lr: float = 0.0
     backend: CollectiveBackend = CollectiveBackend.AUTO
     timeout_s: int = 600

@@ -1,8 +1,10 @@
 """The sharded placement: what the one Trainer uses when torchrun / TorchX launch it.
 
 The item table (and the context table) are built on ``meta`` and sharded by
-DistributedModelParallel as the planner and ``distributed.sharding_types`` decide; the dense part
-is replicated (DDP). The tables' fused optimizer runs in backward beside the dense optimizer.
+DistributedModelParallel as the planner and ``distributed.sharding_types`` decide, their fused
+optimizer running in backward beside the dense optimizer; or, where no fused optimizer updates them
+as the dense one would (``distributed.sharding.table_training``), replicated and trained by the
+dense optimizer. The dense part is replicated (DDP).
 Each rank takes its slice of every global batch, metrics are summed over the process group,
 checkpoints are DCP folders, and on GPU TrainPipelineSparseDist overlaps the next batches' copy
 and input all-to-all with the current step.
@@ -19,7 +21,7 @@ from ..config import Pipeline, RunConfig, TrainConfig
 from ..data.batch import Batch
 from ..modules import SequenceRecommender
 from .env import DistEnv, init_distributed
-from .sharding import build_optimizer, shard_model
+from .sharding import build_optimizer, shard_model, table_training
 
 if TYPE_CHECKING:
     from ..training.trainer import Trainer
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
 class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
-    table_device = torch.device("meta")  # DMP materialises each rank's shards only
-    catalog_in_batch = True  # the loss looks the catalog up with the histories, through the sharded table
     loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
 
     def __init__(self, env: DistEnv, config: RunConfig):
@@ -38,10 +38,15 @@ class ShardedPlacement:
         self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.is_main
         self.backend = env.backend
         self.process_group = dist.group.WORLD
+        self.tables = table_training(config.distributed, config.train, env.device)
+        self.notice = self.tables.notice
+        # Sharded tables are materialised by DMP, each rank its shards, and the loss looks the catalog
+        # up with the histories through them; replicated ones are built as in one process, read directly.
+        self.table_device = torch.device("meta") if self.tables.sharded else None
+        self.catalog_in_batch = self.tables.sharded
         pipeline = config.distributed.pipeline
-        self.use_pipeline = pipeline is Pipeline.SPARSE_DIST or (
-            pipeline is Pipeline.AUTO and env.device.type == "cuda"
-        )
+        wanted = pipeline is Pipeline.SPARSE_DIST or (pipeline is Pipeline.AUTO and env.device.type == "cuda")
+        self.use_pipeline = wanted and self.tables.sharded  # it overlaps the sharded lookups' input distribution
 
     @classmethod
     def join(cls, config: RunConfig) -> "ShardedPlacement":
@@ -64,7 +69,7 @@ class ShardedPlacement:
             )
 
     def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
-        return shard_model(task, config.distributed, config.train, self.env)
+        return shard_model(task, config.distributed, config.train, self.env, self.tables)
 
     def recommender(self, module: nn.Module) -> SequenceRecommender:
         return module.module.model

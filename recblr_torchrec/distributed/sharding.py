@@ -8,7 +8,8 @@ single-process gradient, and one step on 2 ranks equals one local step on the sa
 batch (tested).
 """
 
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,24 +32,95 @@ _FUSED = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
     "adam": EmbOptimType.ADAM,
 }
+# The fused optimizer that updates a table as each dense optimizer updates a parameter.
+_SAME_AS_DENSE = {"sgd": "sgd", "adagrad": "adagrad", "adam": "adam", "adamw": "adam"}
+ADAM_EPS = 1e-8  # torch.optim.Adam's default, which the dense optimizer keeps
 
 
-def fused_params(dc: DistributedConfig, train: TrainConfig, device: torch.device) -> Dict[str, object]:
-    """The fused (in-backward) optimizer of the sharded tables."""
-    if dc.sparse_optimizer == "adam" and device.type != "cuda":
-        raise ValueError(
-            "distributed.sparse_optimizer=adam: TorchRec has no fused Adam on CPU; "
-            "use sgd, adagrad or rowwise_adagrad there"
+@dataclass(frozen=True)
+class TableTraining:
+    """How a sharded run trains its tables (``distributed.sparse_optimizer``).
+
+    ``optimizer``: the fused optimizer of the sharded tables (``sgd``, ``adagrad``,
+    ``rowwise_adagrad``, ``adam``), applied in backward at ``learning_rate``; None: the tables are
+    replicated on every rank and trained by the dense optimizer, like every other parameter.
+    ``notice``: the one line a run prints about it at start.
+    """
+
+    optimizer: Optional[str]
+    learning_rate: float
+    notice: str
+
+    @property
+    def sharded(self) -> bool:
+        return self.optimizer is not None
+
+
+def _why_no_fused_match(optimizer: str, train: TrainConfig, device: torch.device) -> Optional[str]:
+    """Why no fused optimizer of FBGEMM updates the tables as the dense ``optimizer`` would; None if one does."""
+    if optimizer in ("adam", "adamw") and device.type != "cuda":
+        return "TorchRec has no fused Adam on CPU"
+    if train.weight_decay > 0 and optimizer in ("sgd", "adagrad"):
+        return f"FBGEMM's fused {optimizer} has no weight decay"
+    if train.weight_decay > 0 and optimizer == "adam":
+        return "train.optimizer=adam adds the weight decay to the gradient, FBGEMM's fused Adam decouples it"
+    return None
+
+
+def table_training(dc: DistributedConfig, train: TrainConfig, device: torch.device) -> TableTraining:
+    """The tables' training for ``distributed.sparse_optimizer``.
+
+    ``auto`` (the default) trains them as the local run does: the fused optimizer that updates a
+    row as the dense optimizer would (Adam and AdamW: FBGEMM's fused Adam, GPU only; SGD,
+    Adagrad: their exact fused kernels) at ``train.lr``, or, where FBGEMM has none, the tables
+    replicated and trained by the dense optimizer itself. A named optimizer shards the tables with
+    it; one that updates them differently from the dense optimizer needs its own learning rate.
+    """
+    dense = str(train.optimizer)  # a Choice, or a string set after construction
+    if dc.sparse_optimizer == "auto":
+        same = _SAME_AS_DENSE[dense]
+        why = _why_no_fused_match(dense, train, device)
+        if why is None:
+            notice = f"tables: sharded, updated by FBGEMM's fused {same} at train.lr={train.lr}, as the dense {dense}"
+            return TableTraining(same, train.lr, notice)
+        notice = (
+            f"tables: replicated on every rank and updated by the dense {dense} at train.lr={train.lr} ({why}); "
+            "to shard them name a fused optimizer: distributed.sparse_optimizer and distributed.sparse_lr"
         )
+        return TableTraining(None, train.lr, notice)
+    chosen = str(dc.sparse_optimizer)
+    if chosen == "adam" and device.type != "cuda":
+        raise ValueError(
+            "distributed.sparse_optimizer=adam: TorchRec has no fused Adam on CPU; use auto (the tables then "
+            "train with the dense optimizer), or sgd, adagrad or rowwise_adagrad with distributed.sparse_lr"
+        )
+    differs = chosen != _SAME_AS_DENSE[dense]
+    if differs and not dc.sparse_lr:
+        raise ValueError(
+            f"distributed.sparse_optimizer={chosen} updates the tables differently from train.optimizer={dense}: "
+            f"give it its own learning rate with distributed.sparse_lr, or use distributed.sparse_optimizer=auto"
+        )
+    lr = dc.sparse_lr or train.lr
+    notice = f"tables: sharded, updated by FBGEMM's fused {chosen} at distributed.sparse_lr={lr}"
+    if differs:
+        notice += f"; the dense parameters by {dense} at train.lr={train.lr}"
+    return TableTraining(chosen, lr, notice)
+
+
+def fused_params(tables: TableTraining, train: TrainConfig, device: torch.device) -> Dict[str, object]:
+    """The fused (in-backward) optimizer's parameters for sharded ``tables``."""
+    optimizer = tables.optimizer
     params: Dict[str, object] = {
-        "optimizer": _FUSED[dc.sparse_optimizer],
-        "learning_rate": dc.sparse_lr or train.lr,
+        "optimizer": _FUSED[optimizer],
+        "learning_rate": tables.learning_rate,
         "weight_decay": train.weight_decay,
     }
-    if dc.sparse_optimizer in ("adagrad", "rowwise_adagrad"):
+    if optimizer in ("adagrad", "rowwise_adagrad"):
         params["eps"] = ADAGRAD_EPS
+    if optimizer == "adam":  # torch.optim.Adam's defaults
+        params.update(eps=ADAM_EPS, beta1=0.9, beta2=0.999)
     if train.weight_decay > 0:
-        params.update(_table_weight_decay(dc.sparse_optimizer, train, device))
+        params.update(_table_weight_decay(optimizer, train, device))
     return params
 
 
@@ -91,14 +163,27 @@ def sharding_constraints(dc: DistributedConfig) -> Dict[str, ParameterConstraint
     return constraints
 
 
-def shard_model(module: nn.Module, dc: DistributedConfig, train: TrainConfig, env: DistEnv) -> DistributedModelParallel:
-    """Plans (constraints from the config) and shards ``module``'s collections over the ranks.
+def shard_model(
+    module: nn.Module, dc: DistributedConfig, train: TrainConfig, env: DistEnv, tables: Optional[TableTraining] = None
+) -> DistributedModelParallel:
+    """Plans (constraints from the config) and shards ``module``'s collections over the ranks
+    (``tables``: how they train, default :func:`table_training`'s).
 
-    ``module``'s collections should be built on ``torch.device("meta")``: DMP materialises only
-    each rank's shards. Dense parameters are replicated (DDP).
+    Sharded collections should be built on ``torch.device("meta")``: DMP materialises only each
+    rank's shards. Dense parameters, and the collections of replicated tables, are replicated (DDP).
     """
-    params = fused_params(dc, train, env.device)
-    sharders: List = [EmbeddingCollectionSharder(params), EmbeddingBagCollectionSharder(params)]
+    tables = tables or table_training(dc, train, env.device)
+    if tables.sharded:
+        params = fused_params(tables, train, env.device)
+        sharders: List = [EmbeddingCollectionSharder(params), EmbeddingBagCollectionSharder(params)]
+    elif dc.sharding_types or dc.compute_kernels:
+        raise ValueError(
+            "distributed.sharding_types and distributed.compute_kernels place sharded tables, but these are "
+            f"replicated ({tables.notice}); drop them, or shard the tables with a fused optimizer "
+            "(distributed.sparse_optimizer and distributed.sparse_lr)"
+        )
+    else:
+        sharders = []
     planner = EmbeddingShardingPlanner(
         topology=Topology(env.world_size, env.device.type, local_world_size=env.local_world_size),
         constraints=sharding_constraints(dc),

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         table_device: Optional[torch.device]
         catalog_in_batch: bool
         loss_dtype: torch.dtype
+        notice: str  # a line the run prints at start ("" for none)
 
         def check(self, config: RunConfig) -> None: ...
         def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module: ...
@@ -76,6 +77,7 @@ class LocalPlacement:
     table_device: Optional[torch.device] = None  # the recommender is built on the CPU, then moved
     catalog_in_batch = False  # the full-softmax loss reads the unsharded table directly
     loss_dtype = torch.float32  # the epoch's loss sum, on the device like each step's loss
+    notice = ""  # nothing to say at start about where the tables live
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -182,6 +182,8 @@ class Trainer:
         if p.is_main:
             os.makedirs(output_dir, exist_ok=True)
             self._write_json(RESOLVED_CONFIG_JSON, self.resolved_config())
+            if p.notice:
+                print(p.notice, flush=True)
 
     @property
     def is_main(self) -> bool:
@@ -192,6 +194,8 @@ class Trainer:
         """The config with what the run resolved from it: device, placement, each kernel's implementation."""
         p = self.placement
         resolved = {"device": str(self.device), "world_size": p.world_size, "backend": p.backend}
+        if p.notice:
+            resolved["placement"] = p.notice
         resolved["kernels"] = self.model.kernels_in_use()
         return {"config": self.config.to_dict(), "resolved": resolved}
 

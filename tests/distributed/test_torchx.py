@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.dirname(sys.executable)  # the venv's bin: local_cwd runs `torchrun` from PATH
 OVERRIDES = ["train.max_epochs=2", "data.max_users=200", "train.batch_size=64", "train.checkpoint_every=2"]
 OVERRIDES += ["distributed.timeout_s=60", "train.num_workers=0"]
+OVERRIDES += ["distributed.sparse_optimizer=rowwise_adagrad", "distributed.sparse_lr=0.001"]  # sharded tables
 
 
 def torchx(args, extra_env=None, timeout=300):

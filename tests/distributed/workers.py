@@ -22,6 +22,9 @@ SMALL = ["data.max_users=61", "data.max_len=20", "model.recblr.embedding_dim=16"
 SMALL += ["train.batch_size=16", "eval.batch_size=15", "train.num_workers=0", "eval.item_chunk_size=500"]
 
 
+# Sharded tables under FBGEMM's fused row-wise Adagrad at Adam's learning rate: the runs these
+# tests check were recorded with it (TorchRec has no fused Adam on CPU).
+ROW_WISE_ADAGRAD = ["distributed.sparse_optimizer=rowwise_adagrad", "distributed.sparse_lr=0.001"]
 ITEM_WEIGHT = "model.item_embeddings.embeddings.item.weight"
 CONTEXT_WEIGHT = "model.context_embeddings.embedding_bags.context_user.weight"
 CONTEXT = ContextConfig(user_buckets=13, join="input")
@@ -171,7 +174,7 @@ def kill_and_resume(rank: int, world: int, data_dir: str, cache: str, out: str) 
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
     overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=2", "train.checkpoint_every=2"]
-    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
+    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"] + ROW_WISE_ADAGRAD
     config = load_config(TINY, overrides)
     straight = Trainer(config, os.path.join(out, "straight"), data_dir, ShardedPlacement(env, config))
     straight.fit()
@@ -212,7 +215,7 @@ def resume_on_fewer_ranks(rank: int, world: int, data_dir: str, cache: str, out:
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
     overrides = SMALL + [f"data.cache_dir={cache}", "train.max_epochs=3", "train.checkpoint_every=2"]
-    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"]
+    overrides += ["distributed.sharding_types={item: row_wise}", "distributed.timeout_s=60"] + ROW_WISE_ADAGRAD
     config = load_config(TINY, overrides)
     trainer = Trainer(config, os.path.join(out, "straight"), data_dir, ShardedPlacement(env, config))
     assert trainer.resume()
@@ -232,7 +235,7 @@ def tiny_run_and_fallback(rank: int, world: int, data_dir: str, cache: str, out:
     from recblr_torchrec.training.trainer import Trainer
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
-    config = load_config(TINY, [f"data.cache_dir={cache}", "distributed.timeout_s=60"])
+    config = load_config(TINY, [f"data.cache_dir={cache}", "distributed.timeout_s=60", *ROW_WISE_ADAGRAD])
     folder = os.path.join(out, "tiny")
     straight = Trainer(config, folder, data_dir, ShardedPlacement(env, config))
     straight.fit()
@@ -250,4 +253,43 @@ def tiny_run_and_fallback(rank: int, world: int, data_dir: str, cache: str, out:
         "again": [row["train_loss"] for row in again.history],
         "resumed_from": again.resumed_from,
         "older": older,
+    }
+
+
+def tiny_parity(rank: int, world: int, data_dir: str, cache: str, out: str, epochs: int) -> Dict[str, Any]:
+    """configs/tiny.yaml through DMP with the shipped defaults (the tables trained as in one process),
+    for ``epochs``; and one step of a fresh run against one local step on the same global batch."""
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+    from recblr_torchrec.training import Trainer
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    overrides = [f"data.cache_dir={cache}", "distributed.timeout_s=60", f"train.max_epochs={epochs}"]
+    config = load_config(TINY, overrides)
+    still = load_config(TINY, overrides + ["model.recblr.dropout=0.0"])  # one step each, the same masks (none)
+    first = Trainer(still, os.path.join(out, "step"), data_dir, ShardedPlacement(env, still))
+    local = Trainer(
+        load_config(TINY, overrides + ["model.recblr.dropout=0.0", "train.device=cpu"]),
+        os.path.join(out, f"local{rank}"),
+        data_dir,
+    )
+    for trainer in (first, local):
+        trainer.train_batches.set_epoch(1)
+        trainer.train_step(trainer.train_batches[0])  # rank r's slice / the whole global batch
+    differences = {}
+    gradients = dict(local.model.named_parameters())
+    for name, value in first.model.state_dict().items():
+        # Adam's first step moves a weight by lr * g / |g|: where |g| is at the level of the float sums'
+        # rounding (which differs between one process and two), its sign is noise; compare elsewhere.
+        grad = gradients[name].grad
+        steady = grad.abs() > 1e-4 * grad.abs().max()
+        differences[name] = float((value - local.model.state_dict()[name])[steady].abs().max())
+    run = Trainer(config, os.path.join(out, "run"), data_dir, ShardedPlacement(env, config))
+    run.fit()
+    summary = run.finish()
+    return {
+        "placement": run.placement.notice,
+        "step_differences": differences,
+        "losses": [row["train_loss"] for row in run.history],
+        "valid": [row["valid_NDCG@10"] for row in run.history],
+        "test": summary["test"]["NDCG@10"],
     }

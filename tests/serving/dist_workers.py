@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL = ["data.max_users=40", "data.max_len=12", "model.recblr.embedding_dim=8", "model.recblr.num_layers=1"]
 SMALL += ["train.max_epochs=1"]
 SMALL += ["train.batch_size=16", "eval.batch_size=20", "train.num_workers=0", "distributed.timeout_s=60"]
-SMALL += ["distributed.sharding_types={item: row_wise}"]
+SMALL += ["distributed.sharding_types={item: row_wise}", "distributed.sparse_optimizer=rowwise_adagrad"]
+SMALL += ["distributed.sparse_lr=0.001"]
 
 
 def train_row_wise(rank: int, world: int, data_dir: str, cache: str, out: str) -> Dict[str, Any]:
