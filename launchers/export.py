@@ -11,6 +11,7 @@ DIR/scorer_aoti.pt2 (torch.export + AOTInductor, batch B, top --aoti-k); see doc
 import argparse
 import sys
 
+from recblr_torchrec.errors import run_command
 from recblr_torchrec.serving import export
 
 
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
         help="also write scorer_aoti.pt2 (torch.export + AOTInductor) for this batch size",
     )
     parser.add_argument("--aoti-k", type=int, default=100, help="top-k width of scorer_aoti.pt2 (default 100)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also RECBLR_DEBUG=1)")
     args = parser.parse_args(argv)
     manifest = export(args.checkpoint, args.output_dir, aoti_batch=args.aoti_batch, aoti_k=args.aoti_k)
     print(
@@ -35,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -12,14 +12,19 @@ tables (DistributedModelParallel, gloo on CPU, NCCL on GPU); see docs/distribute
 """
 
 import argparse
+import logging
 import os
 import sys
 from typing import List, Optional
 
 from recblr_torchrec.config import add_overrides_argument, load_config, resolve_data_dir
+from recblr_torchrec.errors import run_command
 from recblr_torchrec.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TorchRec's jagged tensors ask torch.fx whether they are being traced, and torch answers every
+# process with a deprecation notice about that question, not about this code: keep it off the log.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def strip_own_path(argv: List[str]) -> List[str]:
@@ -44,14 +49,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $RECBLR_DATA_DIR)")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<config name>)")
     add_overrides_argument(parser, "e.g. --set train.lr=3e-4 model.recblr.dropout=0.1 (several after one --set)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue a run folder trained with other settings (default: refuse)"
+    )
+    again.add_argument("--overwrite", action="store_true", help="empty the run folder and start over")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also RECBLR_DEBUG=1)")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     output_dir = args.output_dir or os.path.join("runs", config.name)
-    train(config, output_dir, resolve_data_dir(args.data_dir))  # sharded under torchrun / TorchX
+    # sharded under torchrun / TorchX
+    train(
+        config, output_dir, resolve_data_dir(args.data_dir), resume_other_settings=args.resume, overwrite=args.overwrite
+    )
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {os.path.join(output_dir, 'metrics.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

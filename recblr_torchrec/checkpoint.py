@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import MissingFileError, UserError
+
 FORMAT = "recblr-torchrec/checkpoint/2"
 CHECKPOINTS = "checkpoints"
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
@@ -42,7 +44,7 @@ KEEP = 2
 Checker = Callable[[Dict[str, Any]], None]  # sees a checkpoint's objects; raises to refuse it
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names it and what to do."""
 
 
@@ -86,7 +88,7 @@ def read_file(path: str, required: Sequence[str] = ("model",)) -> Dict[str, Any]
 def check_format(found: Optional[str], path: str) -> None:
     """Refuses a checkpoint of a layout this version does not read (None: written before layouts were recorded)."""
     if found is not None and found != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} has the layout {found}; this version of recblr-torchrec reads {FORMAT}: "
             "install the version that wrote it, or train again in another --output-dir"
         )
@@ -349,7 +351,7 @@ def find_model(path: str) -> Tuple[str, str]:
     if os.path.isfile(path):
         return "local", path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file or a training run's --output-dir")
+        raise MissingFileError(f"checkpoint {path} does not exist; pass a .pt file or a training run's --output-dir")
     for candidate in (os.path.join(checkpoint_dir(path), BEST), os.path.join(path, BEST)):
         if os.path.isfile(candidate):
             return "local", candidate
@@ -359,7 +361,7 @@ def find_model(path: str) -> Tuple[str, str]:
         folders = dcp_folders(root)
         if folders and os.path.isfile(os.path.join(folders[0], DCP_METADATA)):
             return "distributed", folders[0]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no checkpoint in {path}: expected {os.path.join(checkpoint_dir(path), BEST)} (a local run), "
         f"{os.path.join(checkpoint_dir(path), DCP_BEST, LATEST)} (a distributed run) "
         f"or a torch.distributed.checkpoint folder (with {DCP_METADATA})"
@@ -371,12 +373,25 @@ def read_model(path: str) -> TrainedModel:
     kind, location = find_model(path)
     if kind == "distributed":
         return _read_dcp_model(location)
-    payload = read_file(location, ("model", "config", "num_embeddings"))
+    payload = read_file(location)
+    if "progress" in payload or "state" in payload:  # a training checkpoint (last.pt, previous.pt)
+        progress = _current_layout(payload)["progress"]
+        config, num_embeddings, epoch = progress["config"], progress["num_embeddings"], progress["state"]["epoch"]
+    elif "config" in payload:  # a best model's file
+        config, num_embeddings, epoch = payload["config"], payload.get("num_embeddings"), payload.get("epoch")
+    else:
+        raise CheckpointError(f"{location} is not a recblr-torchrec checkpoint: it holds no run config")
+    if epoch is None:
+        raise CheckpointError(f"{location} does not record its epoch: export the run's checkpoints/last.pt instead")
+    if num_embeddings is None:  # files of the oldest layout: the table's rows
+        if ITEM_TABLE_KEY not in payload["model"]:
+            raise CheckpointError(f"{location} records no item table size and holds no {ITEM_TABLE_KEY}")
+        num_embeddings = payload["model"][ITEM_TABLE_KEY].shape[0]
     return TrainedModel(
         state_dict=payload["model"],
-        run_config=payload["config"],
-        num_embeddings=int(payload["num_embeddings"]),
-        epoch=int(payload.get("epoch", 0)),
+        run_config=config,
+        num_embeddings=int(num_embeddings),
+        epoch=int(epoch),
         path=os.path.abspath(location),
         kind=kind,
     )
@@ -417,7 +432,7 @@ def _read_dcp_model(folder: str) -> TrainedModel:
         run_checkpoints = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
         training = dcp_folders(os.path.join(run_checkpoints, DCP))
         if not training:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{folder} holds only model weights and no run config was found beside it "
                 f"(expected {os.path.join(run_checkpoints, DCP, LATEST)})"
             )
@@ -426,7 +441,7 @@ def _read_dcp_model(folder: str) -> TrainedModel:
         state_dict=state,
         run_config=progress["config"],
         num_embeddings=int(state[ITEM_TABLE_KEY].shape[0]),
-        epoch=int(progress["state"].get("best_epoch", progress["state"].get("epoch", 0))),
+        epoch=int(progress["state"]["epoch" if "progress" in full else "best_epoch"]),  # training or best folder
         path=os.path.abspath(folder),
         kind="distributed",
     )

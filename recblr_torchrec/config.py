@@ -6,6 +6,8 @@ config that exists is valid; :class:`RunConfig` adds the checks that span sectio
 """
 
 import argparse
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .data.synthetic import SyntheticConfig
+from .errors import ConfigError, MissingFileError
 from .fields import Choice, choose, fill, plain, require, typed_fields
 from .modules.recommender import ContextConfig, EncoderKind, ModelConfig
 
@@ -85,7 +88,10 @@ Loss = Choice("Loss", {"FULL": "full", "SAMPLED": "sampled"})
 NegativeSampler = Choice("NegativeSampler", {"UNIFORM": "uniform", "POPULARITY": "popularity"})
 
 
-Precision = Choice("Precision", {"FP32": "fp32", "TF32": "tf32", "BF16": "bf16"})
+Precision = Choice("Precision", {"AUTO": "auto", "FP32": "fp32", "TF32": "tf32", "BF16": "bf16"})
+
+
+Switch = Choice("Switch", {"AUTO": "auto", "ON": "on", "OFF": "off"})
 
 
 @dataclass
@@ -108,18 +114,21 @@ class TrainConfig:
     ``max_steps_per_epoch``: end each epoch after that many steps (0 = all); for throughput
     measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
-    ``precision``: ``fp32``; ``tf32`` (float32 tensors, the float32 matmuls of forward and backward
-    on TF32 tensor cores: ``torch.set_float32_matmul_precision("high")`` for the process); or
-    ``bf16`` (the forward and backward under bfloat16 autocast: matmuls and the fused recurrence
-    read bfloat16, the recurrent state, LayerNorm, softmax sums and the parameters stay float32).
+    ``precision``: ``auto`` (``bf16`` on a CUDA device that supports it, else ``fp32``), ``fp32``;
+    ``tf32`` (float32 tensors, the float32 matmuls of forward and backward on TF32 tensor cores:
+    ``torch.set_float32_matmul_precision("high")`` for the process); or ``bf16`` (the forward and
+    backward under bfloat16 autocast: matmuls and the fused recurrence read bfloat16, the recurrent
+    state, LayerNorm, softmax sums and the parameters stay float32). bf16 was measured level with
+    fp32 in quality (README, "Results").
     ``compile``: ``off`` (also ``false``), or a ``torch.compile`` backend (``inductor``, also
     ``true``; on the GPU) for the encoder: its LayerNorms, FFN, dropout, gates and conv become a
     few generated kernels around the fused recurrence, which stays one opaque op; the TorchRec
     lookups and the loss stay eager. The first steps pay the compilation (about a minute), and a
     recompilation when batch shapes start to vary.
-    ``cuda_graphs``: replay the whole training step (forward, backward, Adam) from CUDA graphs
-    (``recblr_torchrec.training.graphs``): one launch instead of ~1,200 host operators, for steps
-    bound by the host.
+    ``cuda_graphs``: ``on`` (also ``true``): replay the whole training step (forward, backward,
+    Adam) from CUDA graphs (``recblr_torchrec.training.graphs``): one launch instead of ~1,200 host
+    operators, for steps bound by the host; ``off`` (also ``false``); ``auto``: on where the run
+    supports it (the conditions below), else off.
     Training batches get filler sequences that round their positions up to a multiple of
     ``graph_quantum`` (same loss and gradients), so a few shapes repeat and each is captured once
     after two eager steps. All-positions batches take the loss at every position of the padded
@@ -128,7 +137,8 @@ class TrainConfig:
     1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
     3.6%). GPU only; single-process runs (RecBLR, or the SASRec-style encoder, whose padding is
     then fixed at ``data.max_len``) with ``loss: full``, no micro-batches, and ``optimizer:
-    adam``/``adamw`` (built capturable) or ``sgd``; the learning rate is frozen into the graphs.
+    adam``/``adamw`` (built capturable: the learning rate is a tensor on the device, so setting
+    it between steps reaches the replays) or ``sgd`` (its learning rate is frozen into the graphs).
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
@@ -153,10 +163,10 @@ class TrainConfig:
     negative_sampler: NegativeSampler = NegativeSampler.UNIFORM
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
-    precision: Precision = Precision.FP32
+    precision: Precision = Precision.AUTO
     time_budget_s: float = 0.0
     compile: str = field(default="off", metadata={"booleans": {False: "off", True: "inductor"}})
-    cuda_graphs: bool = False
+    cuda_graphs: Switch = field(default=Switch.AUTO, metadata={"booleans": {False: "off", True: "on"}})
     graph_quantum: int = 8192
 
     def __post_init__(self) -> None:
@@ -182,17 +192,12 @@ class TrainConfig:
                 self.compile in backends,
                 f"train.compile={self.compile!r}; choose off or a torch.compile backend: {', '.join(backends)}",
             )
-        if self.cuda_graphs:
-            reasons = {
-                "train.loss=sampled (its candidate count varies; use full)": self.loss is Loss.SAMPLED,
-                f"train.micro_batch_size={self.micro_batch_size} (use 0)": self.micro_batch_size != 0,
-                f"train.optimizer={self.optimizer} (use adam, adamw or sgd)": self.optimizer is Optimizer.ADAGRAD,
-            }
-            for reason, bad in reasons.items():
-                require(
-                    not bad,
-                    f"train.cuda_graphs=true cannot capture a step with {reason}, or set train.cuda_graphs=false",
-                )
+        blockers = self.graph_blockers() if self.cuda_graphs == "on" else []
+        if blockers:
+            raise ConfigError(
+                f"train.cuda_graphs=on cannot capture a step with {blockers[0]}, or set train.cuda_graphs=auto or off"
+            )
+        if self.cuda_graphs != "off":
             require(
                 self.graph_quantum >= 1,
                 f"train.graph_quantum={self.graph_quantum} must be >= 1 (positions a graphed batch rounds up to)",
@@ -212,6 +217,15 @@ class TrainConfig:
                 self.num_negatives >= 1,
                 f"train.num_negatives={self.num_negatives} must be >= 1 with train.loss=sampled",
             )
+
+    def graph_blockers(self) -> List[str]:
+        """Why these settings cannot capture a training step in CUDA graphs (empty: they can)."""
+        reasons = {
+            "train.loss=sampled (its candidate count varies; use full)": self.loss is Loss.SAMPLED,
+            f"train.micro_batch_size={self.micro_batch_size} (use 0)": self.micro_batch_size != 0,
+            f"train.optimizer={self.optimizer} (use adam, adamw or sgd)": self.optimizer is Optimizer.ADAGRAD,
+        }
+        return [reason for reason, blocks in reasons.items() if blocks]
 
 
 def _is_cuda_name(device: str) -> bool:
@@ -332,12 +346,51 @@ class RunConfig:
         return plain(self)
 
 
-def model_settings(config: RunConfig) -> Dict[str, Any]:
-    """What makes a trained model what it is, as dotted keys: the data section, the encoder and its
-    own section (the other encoder's section is unused)."""
-    encoder = config.model.encoder.value
-    sections = {"data": plain(config.data), f"model.{encoder}": plain(config.model.encoder_config)}
-    return {"model.encoder": encoder, **_dotted(sections)}
+# Keys that change how a run executes, not what it learns or measures: they never block rerunning
+# a run folder (bf16, CUDA graphs and the kernels were measured equal in quality to fp32 eager).
+EXECUTION_KEYS = frozenset(
+    {
+        "name",
+        "data.cache_dir",
+        "train.device",
+        "train.num_workers",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.precision",
+        "train.compile",
+        "train.cuda_graphs",
+        "train.graph_quantum",
+        "eval.batch_size",
+        "eval.item_chunk_size",
+        "distributed.backend",
+        "distributed.timeout_s",
+        "distributed.pipeline",
+        "model.recblr.kernels",
+        "model.recblr.fused_norms",
+        "model.recblr.recompute_mix",
+        "model.recblr.recompute_recurrence",
+    }
+)
+# Keys that say how long a run goes on: raising them continues a finished run.
+CONTINUATION_KEYS = frozenset({"train.max_epochs", "train.patience", "train.time_budget_s"})
+
+
+def learned_settings(config: RunConfig) -> Dict[str, Any]:
+    """What a run learns and measures, as dotted keys: every setting but the execution and
+    continuation keys, and but the unused encoder's section."""
+    unused = "sasrec" if config.model.encoder == "recblr" else "recblr"
+    flat = _dotted(config.to_dict())
+    return {
+        key: value
+        for key, value in flat.items()
+        if key not in EXECUTION_KEYS and key not in CONTINUATION_KEYS and not key.startswith(f"model.{unused}.")
+    }
+
+
+def settings_hash(config: RunConfig) -> str:
+    """A short hash of :func:`learned_settings`: checkpoints carry it."""
+    text = json.dumps(learned_settings(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _dotted(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -369,7 +422,7 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 def parse_override(item: str) -> tuple:
     """``'train.lr=3e-4'`` -> (['train', 'lr'], 0.0003); values are parsed as YAML scalars."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
     key, raw = item.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
@@ -387,13 +440,18 @@ def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
 def read_yaml_with_base(path: str, _seen: tuple = ()) -> Dict[str, Any]:
     """Reads a YAML config; a ``base: other.yaml`` key (relative to the file) is merged under it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
+        raise MissingFileError(f"config file {path} does not exist; see configs/ for examples")
     if os.path.abspath(path) in _seen:
-        raise ValueError(f"config {path} includes itself through base:")
+        raise ConfigError(f"config {path} includes itself through base:")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML ({' '.join(str(error).split())})") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; give it the sections to change (see configs/tiny.yaml)")
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -451,11 +509,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {k} is not a section")
+                raise ConfigError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
     moved = moved_model_keys(raw["model"]) if isinstance(raw.get("model"), dict) else []
     if moved:
-        raise ValueError(f"{'; '.join(moved)}: each encoder has its own section under model; update {path or '--set'}")
+        raise ConfigError(f"{'; '.join(moved)}: each encoder has its own section under model; update {path or '--set'}")
     return fill(RunConfig, raw, "config")
 
 

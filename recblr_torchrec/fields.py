@@ -11,6 +11,8 @@ import typing
 from enum import Enum
 from typing import Any, Dict, Type
 
+from .errors import ConfigError
+
 _OPTIONAL = type(None)
 
 
@@ -31,7 +33,7 @@ class Choice(str, Enum):
         try:
             return cls(str(value).lower())
         except ValueError:
-            raise ValueError(f"{key}={value!r}; {choose(cls)}") from None
+            raise ConfigError(f"{key}={value!r}; {choose(cls)}") from None
 
 
 def choose(choices: Any) -> str:
@@ -41,9 +43,9 @@ def choose(choices: Any) -> str:
 
 
 def require(condition: bool, message: str) -> None:
-    """Raises ``ValueError(message)`` unless ``condition``: a config check naming the key and the fix."""
+    """Raises ``ConfigError(message)`` unless ``condition``: a config check naming the key and the fix."""
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def plain(value: Any) -> Any:
@@ -65,7 +67,7 @@ def typed_fields(obj: Any, section: str) -> None:
 
     Strings become :class:`Choice` members, ints and numeric strings (YAML reads ``3e-4`` as a
     string) become floats, mappings become nested dataclasses; anything else of the wrong type is a
-    ``ValueError`` naming ``section.field`` and the type it must have.
+    ``ConfigError`` naming ``section.field`` and the type it must have.
     """
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -82,11 +84,11 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
         return None if value is None else _typed(value, next(a for a in args if a is not _OPTIONAL), key)
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r} must be a list")
+            raise ConfigError(f"{key}={value!r} must be a list")
         return [_typed(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if origin in (dict, typing.Dict):
         if not isinstance(value, dict):
-            raise ValueError(f"{key}={value!r} must be a mapping")
+            raise ConfigError(f"{key}={value!r} must be a mapping")
         return {_typed(k, args[0], key): _typed(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, Enum):
         if isinstance(value, hint):
@@ -96,12 +98,12 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
         try:
             return hint(str(value).lower())
         except ValueError:
-            raise ValueError(f"{key}={value!r}; {choose(hint)}") from None
+            raise ConfigError(f"{key}={value!r}; {choose(hint)}") from None
     if dataclasses.is_dataclass(hint):
         if isinstance(value, dict):
             return hint(**value)
         if not isinstance(value, hint):
-            raise ValueError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
         return value
     return _scalar(value, hint, key)
 
@@ -111,27 +113,27 @@ def _scalar(value: Any, hint: Type, key: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r} must be a float") from None
+            raise ConfigError(f"{key}={value!r} must be a float") from None
     if hint is bool or isinstance(value, bool):  # a bool is an int in Python: keep them apart
         if not (hint is bool and isinstance(value, bool)):
-            raise ValueError(f"{key}={value!r} must be a {hint.__name__}")
+            raise ConfigError(f"{key}={value!r} must be a {hint.__name__}")
         return value
     if not isinstance(value, hint):
-        raise ValueError(f"{key}={value!r} must be a {hint.__name__}")
+        raise ConfigError(f"{key}={value!r} must be a {hint.__name__}")
     return value
 
 
 def fill(cls: Type, values: Dict[str, Any], where: str) -> Any:
-    """``cls`` from a mapping (YAML), nested sections included; an unknown key is a ``ValueError``
+    """``cls`` from a mapping (YAML), nested sections included; an unknown key is a ``ConfigError``
     that lists the known ones."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {values!r}")
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"unknown config key {where}.{key}; known keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown config key {where}.{key}; known keys: {', '.join(sorted(fields))}")
         sub = hints[key]
         kwargs[key] = fill(sub, value, f"{where}.{key}") if dataclasses.is_dataclass(sub) else value
     return cls(**kwargs)

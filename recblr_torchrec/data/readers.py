@@ -11,15 +11,18 @@ Files may be gzip-compressed (``.gz``).
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, TextIO
 
 import numpy as np
 
+from ..errors import DataError, MissingFileError
+
 FORMATS = ("seq", "inter", "ratings")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """A data file is not in the format it claims; the message names the file and line."""
 
 
@@ -48,23 +51,60 @@ def detect_format(path: str) -> str:
     )
 
 
-def _open_text(path: str) -> TextIO:
-    if not os.path.exists(path):
-        raise FileNotFoundError(
+def check_data_file(path: str) -> None:
+    """Refuses a path that is not a file, naming what it is and the fix."""
+    if os.path.isdir(path):
+        inside = ", ".join(sorted(os.listdir(path))[:5])
+        raise DataError(f"data.path {path} is a folder, not a file; name a file in it (it holds: {inside})")
+    if not os.path.isfile(path):
+        raise MissingFileError(
             f"data file {path} does not exist; point --data-dir or $RECBLR_DATA_DIR at the folder "
             "holding it (CI uses ../shared/data)"
         )
+
+
+def _open_text(path: str) -> TextIO:
+    check_data_file(path)
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
 def _lines(path: str) -> Iterator[tuple]:
-    with _open_text(path) as f:
+    """(line number, stripped line) of every non-empty line; a damaged file or a byte that is not
+    UTF-8 is a :class:`DataFormatError` naming the file and where it broke."""
+    number = 0
+    check_data_file(path)  # before the try: a missing file is an OSError too
+    try:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, start=1):
+                line = line.strip()
+                if line:
+                    yield number, line
+    except UnicodeDecodeError:
+        where, raw = _first_non_utf8_line(path)
+        raise DataFormatError(
+            f"line {where} of {path} holds bytes that are not UTF-8 ({raw!r}); the readers take UTF-8 text: "
+            "re-encode the file"
+        ) from None
+    except (EOFError, OSError, zlib.error) as error:  # a truncated or corrupt gzip stream
+        raise DataFormatError(
+            f"{path} cannot be read past line {number} ({type(error).__name__}: {error}); the file is truncated or "
+            "damaged: copy or download it again"
+        ) from None
+
+
+def _first_non_utf8_line(path: str) -> tuple:
+    """(line number, the bytes that do not decode) of the first line that is not UTF-8 (text is
+    decoded a block at a time, so the decoder cannot say which line it was on)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if line:
-                yield number, line
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, line[error.start : error.end]
+    return 0, b""
 
 
 def _positive_id(token: str, what: str, number: int, path: str) -> str:
@@ -122,8 +162,7 @@ def _read_delimited(
 
 
 def read_inter(path: str) -> Interactions:
-    with _open_text(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
+    header = next(_lines(path), (0, ""))[1].split("\t")
     names = [h.split(":")[0] for h in header]
     columns = {}
     for key, name in (("user", "user_id"), ("item", "item_id"), ("time", "timestamp")):

@@ -10,11 +10,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
-from .readers import DataFormatError, Interactions, read_interactions
+from .readers import DataFormatError, Interactions, check_data_file, read_interactions
 
 CACHE_VERSION = 1
 MIN_SPLIT_LENGTH = 3  # leave-one-out needs a training item, a validation and a test target
@@ -69,16 +69,23 @@ def _encode(tokens: np.ndarray) -> tuple:
     return unique[order], rank[inverse]
 
 
-def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
-    """Boolean mask of interactions kept by iterative k-core filtering on integer codes."""
+def k_core(
+    users: np.ndarray, items: np.ndarray, min_user: int, min_item: int, passes: Optional[List[str]] = None
+) -> np.ndarray:
+    """Boolean mask of interactions kept by iterative k-core filtering on integer codes; ``passes``,
+    when given, receives each pass's 'users / items / interactions' before and after it."""
     keep = np.ones(len(users), dtype=bool)
+    before = ""
     while True:
         user_counts = np.bincount(users[keep], minlength=users.max() + 1)
         item_counts = np.bincount(items[keep], minlength=items.max() + 1)
+        now = f"{np.count_nonzero(user_counts)} / {np.count_nonzero(item_counts)} / {int(keep.sum())}"
+        if passes is not None and before:
+            passes.append(f"pass {len(passes) + 1}: {before} -> {now}")
         new_keep = keep & (user_counts[users] >= min_user) & (item_counts[items] >= min_item)
         if new_keep.sum() == keep.sum():
             return new_keep
-        keep = new_keep
+        keep, before = new_keep, now
 
 
 TIE_ORDERS = ("file", "item", "shuffled_runs")
@@ -120,11 +127,13 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int, ti
         raise ValueError(f"data.tie_order={tie_order!r}; choose one of {', '.join(TIE_ORDERS)}")
     user_vocab, user_code = _encode(interactions.users)
     item_vocab, item_code = _encode(interactions.items)
-    keep = k_core(user_code, item_code, min_user, min_item)
+    passes: List[str] = []
+    keep = k_core(user_code, item_code, min_user, min_item, passes)
     if not keep.any():
         raise DataFormatError(
-            f"{interactions.source} is empty after {min_user}-core users / {min_item}-core items "
-            "filtering; lower data.min_user_interactions or data.min_item_interactions"
+            f"{interactions.source} is empty after {min_user}-core users / {min_item}-core items filtering "
+            f"(users / items / interactions: {'; '.join(passes)}); lower data.min_user_interactions or "
+            "data.min_item_interactions"
         )
     file_order = np.arange(len(keep))[keep]
     user_code, item_code, times = user_code[keep], item_code[keep], interactions.times[keep]
@@ -177,11 +186,7 @@ def load_sequences(
             f"data.min_user_interactions={min_user} must be >= {MIN_SPLIT_LENGTH}: leave-one-out "
             "needs a training item, a validation target and a test target per user"
         )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"data file {path} does not exist; point --data-dir or $RECBLR_DATA_DIR at the folder "
-            "holding it (CI uses ../shared/data)"
-        )
+    check_data_file(path)
     cache_root = cache_dir or default_cache_dir()
     stem = os.path.basename(path).split(".")[0]
     folder = os.path.join(cache_root, f"{stem}-{_cache_key(path, fmt, min_user, min_item, tie_order)}")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -64,7 +66,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600, device: str = 
         where = torch.device("cpu")
     chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
     if chosen == "nccl" and not use_cuda:
-        raise ValueError("distributed.backend=nccl needs GPUs; use gloo (or auto) on CPU")
+        raise ConfigError("distributed.backend=nccl needs GPUs; use gloo (or auto) on CPU")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = {"device_id": where} if chosen == "nccl" else {}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..checkpoint import ShardedCheckpoints
 from ..config import Pipeline, RunConfig, TrainConfig
 from ..data.batch import Batch
+from ..errors import ConfigError
 from ..modules import SequenceRecommender
 from .env import DistEnv, init_distributed
 from .sharding import build_optimizer, shard_model, table_training
@@ -31,6 +32,7 @@ class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
     loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
+    captures_steps = False  # train.cuda_graphs: auto is off here (check refuses on)
 
     def __init__(self, env: DistEnv, config: RunConfig):
         self.env = env
@@ -58,14 +60,14 @@ class ShardedPlacement:
     def check(config: RunConfig) -> None:
         """Refuses what a sharded run cannot do, naming the fix."""
         if config.train.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
-        if config.train.cuda_graphs:
-            raise ValueError(
-                "train.cuda_graphs is for one-process runs (a sharded step's collectives and input "
-                "distribution are not captured here); set train.cuda_graphs=false"
+        if config.train.cuda_graphs == "on":
+            raise ConfigError(
+                "train.cuda_graphs=on is for one-process runs (a sharded step's collectives and input "
+                "distribution are not captured here); set train.cuda_graphs=auto or off"
             )
 
     def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
@@ -128,6 +130,9 @@ class ShardedPlacement:
         values: List[Any] = [None] * self.world_size
         dist.all_gather_object(values, value)
         return values
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     def close(self) -> None:
         dist.destroy_process_group()

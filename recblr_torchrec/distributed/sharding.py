@@ -23,6 +23,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from ..config import DistributedConfig, TrainConfig
+from ..errors import ConfigError
 from ..training.optimizers import ADAGRAD_EPS, optimizer_factory
 from .env import DistEnv
 
@@ -90,13 +91,13 @@ def table_training(dc: DistributedConfig, train: TrainConfig, device: torch.devi
         return TableTraining(None, train.lr, notice)
     chosen = str(dc.sparse_optimizer)
     if chosen == "adam" and device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             "distributed.sparse_optimizer=adam: TorchRec has no fused Adam on CPU; use auto (the tables then "
             "train with the dense optimizer), or sgd, adagrad or rowwise_adagrad with distributed.sparse_lr"
         )
     differs = chosen != _SAME_AS_DENSE[dense]
     if differs and not dc.sparse_lr:
-        raise ValueError(
+        raise ConfigError(
             f"distributed.sparse_optimizer={chosen} updates the tables differently from train.optimizer={dense}: "
             f"give it its own learning rate with distributed.sparse_lr, or use distributed.sparse_optimizer=auto"
         )
@@ -135,7 +136,7 @@ def _table_weight_decay(sparse_optimizer: str, train: TrainConfig, device: torch
     """
     if device.type != "cuda" or sparse_optimizer in ("sgd", "adagrad"):
         where = "on CPU " if device.type != "cuda" else ""
-        raise ValueError(
+        raise ConfigError(
             f"train.weight_decay={train.weight_decay} would not reach the sharded tables: FBGEMM's fused "
             f"{sparse_optimizer} {where}has no weight decay. Use distributed.sparse_optimizer=rowwise_adagrad "
             "or adam on a GPU, or train.weight_decay=0"
@@ -177,7 +178,7 @@ def shard_model(
         params = fused_params(tables, train, env.device)
         sharders: List = [EmbeddingCollectionSharder(params), EmbeddingBagCollectionSharder(params)]
     elif dc.sharding_types or dc.compute_kernels:
-        raise ValueError(
+        raise ConfigError(
             "distributed.sharding_types and distributed.compute_kernels place sharded tables, but these are "
             f"replicated ({tables.notice}); drop them, or shard the tables with a fused optimizer "
             "(distributed.sparse_optimizer and distributed.sparse_lr)"

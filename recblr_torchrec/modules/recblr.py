@@ -236,7 +236,7 @@ class RecBLREncoder(nn.Module):
             hidden, x, h = layer.sequence(hidden)
             tail = torch.where(tail_real, x.gather(1, tail_index), torch.zeros_like(x[:, :1]))
             final = torch.where(last_real, h.gather(1, last_index)[:, 0], torch.zeros_like(h[:, 0]))
-            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(tail.flatten(1).to(self.state_dtype()))
             states.append(final.to(self.state_dtype()))
         return hidden * self._real_steps(hidden, lengths), torch.cat(states, dim=1)
 
@@ -252,7 +252,7 @@ class RecBLREncoder(nn.Module):
             tail = state[:, start : start + (k - 1) * channels].reshape(batch, k - 1, channels)
             h = state[:, start + (k - 1) * channels : start + k * channels]
             hidden, tail, h = layer.step(hidden, tail, h)
-            states.append(tail.reshape(batch, -1).to(self.state_dtype()))
+            states.append(tail.flatten(1).to(self.state_dtype()))
             states.append(h.to(self.state_dtype()))
         return hidden, torch.cat(states, dim=1)
 

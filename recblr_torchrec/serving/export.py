@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -14,16 +15,20 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import TrainedModel, read_model
 from ..config import config_from_dict
+from ..data.ids import ITEM_IDS, find_item_ids, read_item_ids
+from ..errors import DataError, UnsupportedRunError
 from ..fields import plain
 from ..kernels import KernelBackend
 from ..modules import EncoderKind, SequenceRecommender, set_kernels
 from ..modules.recblr import RecBLRConfig
 from .artifacts import RecBLRScorer, RecBLRStep
+from .ids import ItemIds
 
 SCORER = "scorer.pt"
 STEP = "step.pt"
 MANIFEST = "manifest.json"
 SCORER_AOTI = "scorer_aoti.pt2"
+IDS = "ids.pt"
 FORMAT = "recblr-torchrec-serving/2"
 
 
@@ -31,13 +36,13 @@ def model_from_source(source: TrainedModel) -> SequenceRecommender:
     """The trained recommender (eval mode) of a checkpoint whose run can be served."""
     config = config_from_dict(source.run_config)
     if config.context.user_buckets:
-        raise NotImplementedError(
+        raise UnsupportedRunError(
             f"the run uses context features (context.user_buckets={config.context.user_buckets}); the serving "
             "artifacts take item histories only, so they would score without them: export a run with "
             "context.user_buckets=0"
         )
     if config.model.encoder is not EncoderKind.RECBLR:
-        raise NotImplementedError(
+        raise UnsupportedRunError(
             f"the run trained model.encoder={config.model.encoder}; the serving artifacts carry RecBLR's "
             "recurrent state, so only model.encoder=recblr runs can be exported"
         )
@@ -104,6 +109,8 @@ def versions() -> Dict[str, str]:
 
 def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, aoti_k: int = 100) -> Dict[str, Any]:
     """Writes DIR/scorer.pt, DIR/step.pt and DIR/manifest.json from a checkpoint; returns the manifest.
+    Where the run folder keeps its item id map, also DIR/ids.pt (:class:`ItemIds`) and a copy of
+    DIR/item_ids.tsv, so the artifacts are served in the data file's item ids.
 
     With ``aoti_batch``, also DIR/scorer_aoti.pt2: the scorer through torch.export and AOTInductor
     for that batch size and top-``aoti_k`` (see :mod:`recblr_torchrec.serving.aot`).
@@ -112,11 +119,26 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
     model = model_from_source(source)
     scorer, step = serving_modules(model)
     os.makedirs(output_dir, exist_ok=True)
-    for module, name in ((scorer, SCORER), (step, STEP)):
-        tmp = os.path.join(output_dir, f".{name}.tmp-{os.getpid()}")
-        script(module).save(tmp)
-        os.replace(tmp, os.path.join(output_dir, name))
+    _save_scripted(scorer, output_dir, SCORER)
+    _save_scripted(step, output_dir, STEP)
     files: Dict[str, Any] = {"scorer": SCORER, "step": STEP}
+    id_map = find_item_ids(source.path)
+    if id_map is not None:
+        names = read_item_ids(id_map)
+        if len(names) != source.num_embeddings:
+            raise DataError(
+                f"{id_map} maps {len(names) - 1} items but the model has {source.num_embeddings - 1}: it belongs "
+                "to another run; export from the run folder that trained this checkpoint"
+            )
+        _save_scripted(ItemIds(names), output_dir, IDS)
+        shutil.copyfile(id_map, os.path.join(output_dir, ITEM_IDS))
+        files.update(ids=IDS, item_ids=ITEM_IDS)
+    else:
+        print(
+            f"no {ITEM_IDS} in the run folder of {source.path}: the artifacts take and return the model's dense "
+            "ids (runs trained by this version write the map)",
+            flush=True,
+        )
     manifest = _manifest(model, source, files)
     _write_manifest(manifest, output_dir)
     if aoti_batch is not None:  # after the TorchScript files and their manifest: a failed compile keeps them
@@ -127,10 +149,18 @@ def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, a
             "file": SCORER_AOTI,
             "batch": aoti_batch,
             "k": aoti_k,
-            "load": "torch._inductor.aoti_load_package(path); set AOTI_RUNTIME_CHECK_INPUTS=1 to check shapes",
+            "load": "torch._inductor.aoti_load_package(path); up to `batch` users a call; set "
+            "AOTI_RUNTIME_CHECK_INPUTS=1 to check shapes and dtypes",
         }
         _write_manifest(manifest, output_dir)
     return manifest
+
+
+def _save_scripted(module: nn.Module, output_dir: str, name: str) -> None:
+    """torch.jit.script's file of ``module`` under a temporary name, then renamed into place."""
+    tmp = os.path.join(output_dir, f".{name}.tmp-{os.getpid()}")
+    script(module).save(tmp)
+    os.replace(tmp, os.path.join(output_dir, name))
 
 
 def _write_manifest(manifest: Dict[str, Any], output_dir: str) -> None:
@@ -151,6 +181,12 @@ def _manifest(model, source, files: Dict[str, Any]) -> Dict[str, Any]:
         "num_embeddings": source.num_embeddings,
         "num_items": source.num_embeddings - 1,
         "padding_id": 0,
+        "item_ids": (
+            f"{files['ids']} maps the data file's item ids ({files['item_ids']}: dense_id, item_id) to and from "
+            "the dense ids the artifacts take and return"
+            if "ids" in files
+            else "none: the artifacts take and return dense ids"
+        ),
         "trained_max_len": source.run_config.get("data", {}).get("max_len"),
         "state": state_layout(config),
         "checkpoint": {

@@ -1,4 +1,4 @@
-"""Per-epoch metrics to CSV and a PNG plot of the curves."""
+"""Per-epoch metrics to CSV, a PNG plot of the curves, and TensorBoard scalars."""
 
 import csv
 import os
@@ -39,3 +39,29 @@ def plot_history(rows: List[Dict[str, Any]], output_dir: str, valid_metrics: Lis
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, CURVES_PNG), dpi=100)
     plt.close(fig)
+
+
+TENSORBOARD = "tensorboard"
+
+
+class Board:
+    """TensorBoard scalars of a run, in ``<run>/tensorboard``: per epoch the training loss,
+    examples per second and learning rate, and every validation metric (``valid/NDCG@10``, ...)."""
+
+    def __init__(self, output_dir: str):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a run writes
+
+        self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD))
+
+    def epoch(self, row: Dict[str, Any], lr: float) -> None:
+        epoch = row["epoch"]
+        self.writer.add_scalar("train/loss", row["train_loss"], epoch)
+        self.writer.add_scalar("train/examples_per_second", row["examples_per_second"], epoch)
+        self.writer.add_scalar("train/lr", lr, epoch)
+        for key, value in row.items():
+            if key.startswith("valid_"):
+                self.writer.add_scalar(f"valid/{key[len('valid_') :]}", value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

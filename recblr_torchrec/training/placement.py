@@ -12,6 +12,7 @@ run (:meth:`checkpoints`).
 has the sharded one. :func:`placement_for` picks between them from the environment.
 """
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -22,8 +23,9 @@ from ..checkpoint import LocalCheckpoints
 from ..config import RunConfig, TrainConfig
 from ..data.batch import Batch
 from ..distributed.env import launched_by_torchrun
+from ..errors import ConfigError
 from ..modules import SequenceRecommender
-from .optimizers import optimizer_factory
+from .optimizers import graph_lr, optimizer_factory
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
         catalog_in_batch: bool
         loss_dtype: torch.dtype
         notice: str  # a line the run prints at start ("" for none)
+        captures_steps: bool  # whether train.cuda_graphs can capture its training step
 
         def check(self, config: RunConfig) -> None: ...
         def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module: ...
@@ -56,7 +59,22 @@ if TYPE_CHECKING:
         def steps(self, loader: Iterable[Batch], trainer: "Trainer") -> Iterator[Tensor]: ...
         def all_reduce(self, tensor: Tensor) -> Tensor: ...
         def gather(self, value: Any) -> List[Any]: ...
+        def barrier(self) -> None: ...
         def close(self) -> None: ...
+
+
+def resolve_execution(config: RunConfig, placement: "Placement") -> RunConfig:
+    """The config with ``train.precision: auto`` and ``train.cuda_graphs: auto`` made concrete where
+    the run executes: bf16 on a CUDA device that supports it, else fp32; CUDA graphs on a CUDA device,
+    in a placement that captures steps, for settings that can be captured (``graph_blockers``)."""
+    t = config.train
+    cuda = placement.device.type == "cuda"
+    changes = {}
+    if t.precision == "auto":
+        changes["precision"] = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if t.cuda_graphs == "auto":
+        changes["cuda_graphs"] = "on" if cuda and placement.captures_steps and not t.graph_blockers() else "off"
+    return dataclasses.replace(config, train=dataclasses.replace(t, **changes)) if changes else config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
     return device
 
 
@@ -78,15 +96,16 @@ class LocalPlacement:
     catalog_in_batch = False  # the full-softmax loss reads the unsharded table directly
     loss_dtype = torch.float32  # the epoch's loss sum, on the device like each step's loss
     notice = ""  # nothing to say at start about where the tables live
+    captures_steps = True  # on a CUDA device
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def check(self, config: RunConfig) -> None:
         """Refuses what this placement cannot run, naming the fix."""
-        if config.train.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(
-                f"train.cuda_graphs=true needs a CUDA device, not {self.device}; set train.cuda_graphs=false"
+        if config.train.cuda_graphs == "on" and self.device.type != "cuda":
+            raise ConfigError(
+                f"train.cuda_graphs=on needs a CUDA device, not {self.device}; set train.cuda_graphs=auto or off"
             )
 
     def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
@@ -110,11 +129,15 @@ class LocalPlacement:
     def load_optimizer(self, optimizer: torch.optim.Optimizer, state: Dict[str, Any], train: TrainConfig) -> None:
         """The saved moments, with this run's learning rate and decay (load_state_dict alone would
         keep the saved ones) and Adam's ``capturable`` as ``train.cuda_graphs`` needs it."""
+        capturable = train.cuda_graphs == "on"
         for group in state["param_groups"]:
             group.update(lr=train.lr, weight_decay=train.weight_decay)
             if "capturable" in group:
-                group["capturable"] = train.cuda_graphs
+                group["capturable"] = capturable
         optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:  # a graphed step reads its learning rate from the device
+            if capturable and "capturable" in group:
+                group["lr"] = graph_lr(train.lr, self.device)
 
     def checkpoints(self, output_dir: str) -> LocalCheckpoints:
         return LocalCheckpoints(output_dir)
@@ -129,6 +152,9 @@ class LocalPlacement:
 
     def gather(self, value: Any) -> List[Any]:
         return [value]
+
+    def barrier(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

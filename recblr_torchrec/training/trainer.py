@@ -11,6 +11,7 @@ from the newest readable one, mid-epoch included, to the same result as an unint
 import json
 import os
 import resource
+import shutil
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -18,18 +19,28 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import Loss, Precision, RunConfig, config_from_dict, differing_settings, model_settings
+from ..config import (
+    Loss,
+    Precision,
+    RunConfig,
+    config_from_dict,
+    differing_settings,
+    learned_settings,
+    settings_hash,
+)
 from ..data import SampleBatches, SequenceData, evaluation_samples, load_sequences, make_loader, training_samples
 from ..data.batch import Batch
+from ..data.ids import write_id_maps
 from ..data.loader import CandidateFn
 from ..data.negatives import FullCatalog, SampledCandidates, item_frequencies, no_candidates
 from ..data.samples import Samples
 from ..data.synthetic import synthetic_sequences
+from ..errors import ConfigError, RunFolderError
 from ..evaluation import evaluate
 from ..modules import SequenceRecommender
 from .graphs import GraphedStep
-from .history import plot_history, write_history
-from .placement import LocalPlacement, placement_for, resolve_device
+from .history import Board, plot_history, write_history
+from .placement import LocalPlacement, placement_for, resolve_device, resolve_execution
 
 if TYPE_CHECKING:
     from .placement import Placement
@@ -45,7 +56,7 @@ def resolve_data_path(path: str, data_dir: Optional[str]) -> str:
     if os.path.isabs(path):
         return path
     if data_dir is None:
-        raise ValueError(
+        raise ConfigError(
             f"data.path={path} is relative but no data directory is set; pass --data-dir DIR or set "
             "RECBLR_DATA_DIR (for example ../shared/data)"
         )
@@ -103,6 +114,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+EVAL_CACHE_IDS = 1 << 26  # 512 MiB of int64 ids: larger evaluation splits are streamed by the loader
+
+
 class Interrupted(RuntimeError):
     """Raised at ``Trainer.stop_at_step``: the run stops as if killed (tests of resuming)."""
 
@@ -120,11 +134,15 @@ class Trainer:
         output_dir: str,
         data_dir: Optional[str] = None,
         placement: Optional["Placement"] = None,
+        resume_other_settings: bool = False,
     ):
-        self.config = config
+        """``placement``: where the model lives (default: one process on ``train.device``).
+        ``resume_other_settings``: continue a run folder whose checkpoint was trained with other
+        settings (``--resume``) instead of refusing it."""
         self.output_dir = output_dir
         self.placement = p = placement or LocalPlacement(resolve_device(config.train.device))
         self.device = p.device
+        self.config = config = resolve_execution(config, p)  # precision and CUDA graphs: auto made concrete
         p.check(config)
         t, e, max_len = config.train, config.eval, config.data.max_len
         seed_everything(t.seed)  # identical dense initialisation on every rank
@@ -140,7 +158,7 @@ class Trainer:
             world_size=p.world_size,
             candidates=training_candidates(config, self.data, p.catalog_in_batch),
             user_buckets=config.context.user_buckets,
-            pad_quantum=t.graph_quantum if t.cuda_graphs else 0,
+            pad_quantum=t.graph_quantum if t.cuda_graphs == "on" else 0,
         )
         self.eval_batches = {
             split: SampleBatches(
@@ -164,13 +182,13 @@ class Trainer:
         self.module = p.wrap(self.task, config)
         self.model: SequenceRecommender = p.recommender(self.module)
         self.model.set_kernels(config.model.recblr.kernels, self.device)
-        if t.cuda_graphs:  # the SASRec-style encoder pads to a bound, not to a length the host reads
+        if t.cuda_graphs == "on":  # the SASRec-style encoder pads to a bound, not to a length the host reads
             self.model.static_padding(max(max_len, self.train_batches.pad[1]))  # fillers have >= 2 positions
         if t.compile != "off":
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
         self.optimizer = p.optimizer(self.module, t)
-        self.graphed = GraphedStep(self.update) if t.cuda_graphs else None
+        self.graphed = GraphedStep(self.update) if t.cuda_graphs == "on" else None
         self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
         self.state.update(stopped_early=False, step=0, batch=0, in_epoch=None, examples=0, seconds=0.0)
@@ -179,11 +197,9 @@ class Trainer:
         self.fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
         self.stop_at_step = 0  # tests: every rank stops (as if killed) after this global step
         self.resumed_from: Optional[str] = None  # the checkpoint resume() loaded
-        if p.is_main:
-            os.makedirs(output_dir, exist_ok=True)
-            self._write_json(RESOLVED_CONFIG_JSON, self.resolved_config())
-            if p.notice:
-                print(p.notice, flush=True)
+        self.resume_other_settings = resume_other_settings
+        self.epochs_trained = 0  # by this process's fit()
+        self.eval_cache: Dict[str, list] = {}  # split -> its batches on the device (evaluate)
 
     @property
     def is_main(self) -> bool:
@@ -208,9 +224,16 @@ class Trainer:
         return make_loader(batches, self.config.train.num_workers, pin_memory=self.device.type == "cuda")
 
     def evaluate(self, split: str) -> Dict[str, float]:
+        """The split's metrics. Its batches are the same at every validation: built once and kept on
+        the device when they hold at most ``EVAL_CACHE_IDS`` item ids (no loader, no copies after)."""
         e = self.config.eval
-        loader = self.loader(self.eval_batches[split])
-        return evaluate(self.model, loader, self.device, e.ks, e.item_chunk_size, self.placement.process_group)
+        batches = self.eval_cache.get(split)
+        if batches is None:
+            source = self.eval_batches[split]
+            batches = self.loader(source)
+            if int(source.samples.lengths.sum()) <= EVAL_CACHE_IDS:
+                batches = self.eval_cache[split] = [batch.to(self.device) for batch in batches]
+        return evaluate(self.model, batches, self.device, e.ks, e.item_chunk_size, self.placement.process_group)
 
     # Checkpoints -------------------------------------------------------------------------
 
@@ -221,6 +244,7 @@ class Trainer:
         p = self.placement
         tensors = {"model": p.model_state(self.module), "optimizer": self.optimizer.state_dict()}
         progress = {"state": self.state, "history": self.history, "config": self.config.to_dict()}
+        progress["settings_hash"] = settings_hash(self.config)
         progress.update(world_size=p.world_size, num_embeddings=self.model.num_embeddings)
         mine = {"rng": rng_state(self.device), "loss_sum": float(self.loss_sum)}
         self.checkpoints.save(tensors, {"progress": progress, self._rank_key(): mine}, improved, self.state["step"])
@@ -237,9 +261,17 @@ class Trainer:
             return False
         progress = loaded["progress"]
         self.resumed_from = loaded["path"]
-        p.load_model_state(self.module, loaded["model"])
-        p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
+        try:
+            p.load_model_state(self.module, loaded["model"])
+            p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
+        except (RuntimeError, ValueError, KeyError) as error:  # other shapes or another optimizer's state
+            raise RunFolderError(
+                f"{self.output_dir} cannot continue with these settings ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); start over with --overwrite or use another --output-dir"
+            ) from error
         self.state = {**self.state, **progress["state"]}
+        # this run's patience decides whether the early stop still holds (a raised patience continues)
+        self.state["stopped_early"] = self.state["bad_epochs"] >= self.config.train.patience
         self.history = progress["history"]
         mine = loaded.get(self._rank_key())
         if mine is None or progress.get("world_size", p.world_size) != p.world_size:
@@ -254,19 +286,20 @@ class Trainer:
         return True
 
     def _check_same_run(self, objects: Dict[str, Any]) -> None:
-        """Refuses to resume a checkpoint (its ``progress``) of another model, other data, or another
-        optimizer (its state, moments or sums, would be another optimizer's)."""
+        """Refuses to resume a checkpoint (its ``progress``) trained with settings that change what is
+        learned or measured (all but the execution and continuation keys: ``config.learned_settings``),
+        unless ``resume_other_settings``; says in one line what differs when it goes on anyway."""
         saved = config_from_dict(objects["progress"]["config"])
-        optimizer = {"train.optimizer": saved.train.optimizer.value}
-        current = {"train.optimizer": self.config.train.optimizer.value}
-        differences = differing_settings(
-            {**model_settings(saved), **optimizer}, {**model_settings(self.config), **current}
-        )
-        if differences:
-            raise ValueError(
-                f"{self.output_dir} holds a run with other settings: {', '.join(differences)}; resume with the "
-                "same settings or use another --output-dir"
+        differences = differing_settings(learned_settings(saved), learned_settings(self.config))
+        if not differences:
+            return
+        if not self.resume_other_settings:
+            raise RunFolderError(
+                f"{self.output_dir} holds a run with other settings: {', '.join(differences)}; continue it anyway "
+                "with --resume, start over with --overwrite, or use another --output-dir"
             )
+        if self.is_main:
+            print(f"continuing {self.output_dir} with other settings: {', '.join(differences)}", flush=True)
 
     # Training ----------------------------------------------------------------------------
 
@@ -275,7 +308,8 @@ class Trainer:
         cache of cast weights under CUDA graphs (PyTorch's rule for autocast inside a capture)."""
         t = self.config.train
         bf16 = t.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not t.cuda_graphs)
+        graphs = t.cuda_graphs == "on"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs)
 
     def train_step(self, batch: Batch) -> Tensor:
         """One optimizer update on ``batch`` (this rank's slice), moved to the run's device first
@@ -309,7 +343,12 @@ class Trainer:
         world = self.placement.world_size
         start = time.perf_counter() - s["seconds"]
         bar = tqdm(
-            loader, desc=f"epoch {epoch}", leave=False, mininterval=2.0, dynamic_ncols=True, disable=not self.is_main
+            loader,
+            desc=f"epoch {epoch}",
+            leave=False,
+            mininterval=2.0,
+            dynamic_ncols=True,
+            disable=None if self.is_main else True,  # None: no bar when stderr is a file, not a terminal
         )
         for loss in self.placement.steps(bar, self):
             self.loss_sum += loss.double() / world  # summed on the device; read at log steps only
@@ -348,20 +387,45 @@ class Trainer:
         """Early-stopped, at max_epochs, or past the time budget."""
         return self.state["stopped_early"] or self.state["epoch"] >= self.config.train.max_epochs or self._out_of_time()
 
+    def banner(self) -> str:
+        """What the run is about to do, in two lines: data and model, then device and folder."""
+        c, t, d = self.config, self.config.train, self.data
+        source = "synthetic" if c.data.format == "synthetic" else c.data.path
+        model = f"{c.model.encoder} d={c.model.embedding_dim} x{c.model.encoder_config.num_layers} layers"
+        execution = [str(t.precision)] + (["CUDA graphs"] if t.cuda_graphs == "on" else [])
+        execution += [f"compiled ({t.compile})"] if t.compile != "off" else []
+        world = f", {self.placement.world_size} processes" if self.placement.world_size > 1 else ""
+        return (
+            f"run {c.name}: {source} ({d.num_users:,} users, {d.num_items:,} items, {len(d.items):,} interactions), "
+            f"{model}, {t.protocol} protocol, {t.loss} softmax\n"
+            f"on {self.device} ({', '.join(execution)}{world}), into {self.output_dir}"
+        )
+
     def fit(self) -> None:
         e = self.config.eval
-        if self.resume() and self.is_main:
-            self._announce_resume()
+        resumed = self.resume()
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self._write_json(RESOLVED_CONFIG_JSON, self.resolved_config())
+            write_id_maps(self.data, self.output_dir)
+            print(self.banner(), flush=True)
+            if self.placement.notice:
+                print(self.placement.notice, flush=True)
+            if resumed:
+                self._announce_resume()
+        board = Board(self.output_dir) if self.is_main and not self._finished() else None
         while not self._finished():
             epoch = self.state["epoch"] + 1
             stats = self.train_epoch(epoch)
+            self.epochs_trained += 1
             self.state.update(epoch=epoch)
             self.history.append({"epoch": epoch, **stats})
             validate = epoch % e.every == 0 or self._finished()
             improved = validate and self._validate(epoch)
             self.save_checkpoint(improved)
-            if not self.is_main:
+            if board is None:
                 continue
+            board.epoch(self.history[-1], float(self.optimizer.param_groups[-1]["lr"]))  # the dense optimizer's
             write_history(self.history, self.output_dir)
             if validate and (epoch % (10 * e.every) == 0 or self._finished()):
                 plot_history(self.history, self.output_dir, [e.valid_metric, f"HR@{e.ks[0]}"])
@@ -372,11 +436,22 @@ class Trainer:
                 line += f", valid {e.valid_metric} {self.history[-1]['valid_' + e.valid_metric]:.4f}"
                 line += " (best)" if improved else f" (best {best:.4f} at {self.state['best_epoch']})"
             print(line, flush=True)
+            if self.state["stopped_early"]:
+                print(
+                    f"early stopping: no better valid {e.valid_metric} in {self.state['bad_epochs']} validations "
+                    f"(train.patience={self.config.train.patience}); best {self.state['best']:.4f} at epoch "
+                    f"{self.state['best_epoch']}",
+                    flush=True,
+                )
+        if board is not None:
+            board.close()
 
     def _validate(self, epoch: int) -> bool:
         """Validates, records the metrics in the history and the early-stopping state; True if best so far."""
+        start = time.perf_counter()
         valid = self.evaluate("valid")
         self.history[-1].update({f"valid_{k}": v for k, v in valid.items()})
+        self.history[-1]["valid_seconds"] = time.perf_counter() - start
         score = valid[self.config.eval.valid_metric]
         improved = score > self.state["best"]
         if improved:
@@ -414,20 +489,55 @@ class Trainer:
         )
         if self.is_main:
             self._write_json(METRICS_JSON, summary)
+            print(
+                f"best epoch {summary['best_epoch']} of {summary['epochs']}, evaluated on valid and test:", flush=True
+            )
             print(format_table(results), flush=True)
             if p.world_size > 1:
                 print(f"peak memory per rank: host {rss} MB, GPU {gpu} MB", flush=True)
         return summary
 
+    def finished_results(self) -> Optional[Dict[str, Any]]:
+        """metrics.json of a run that was already finished when this process started (nothing
+        trained now), printed again; None when it must be evaluated."""
+        path = os.path.join(self.output_dir, METRICS_JSON)
+        if self.epochs_trained or not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("epochs") != self.state["epoch"]:
+            return None
+        if self.is_main:
+            print(
+                f"{self.output_dir} is finished (best epoch {summary['best_epoch']} of {summary['epochs']}); "
+                "its results, not retrained (raise train.max_epochs or train.patience to go on):",
+                flush=True,
+            )
+            print(format_table({split: summary[split] for split in ("valid", "test")}), flush=True)
+        return summary
 
-def train(config: RunConfig, output_dir: str, data_dir: Optional[str] = None) -> Dict[str, Any]:
+
+def train(
+    config: RunConfig,
+    output_dir: str,
+    data_dir: Optional[str] = None,
+    resume_other_settings: bool = False,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
     """Trains (or resumes) a run and evaluates its best checkpoint; returns metrics.json's content.
+    A run that was already finished is not trained again: its results are printed.
 
-    Under torchrun / TorchX the run is sharded over their processes (``placement_for``)."""
+    ``resume_other_settings``: continue a run folder trained with other settings (``--resume``);
+    ``overwrite``: empty the run folder first (``--overwrite``). Under torchrun / TorchX the run
+    is sharded over their processes (``placement_for``)."""
     placement = placement_for(config)
     try:
-        trainer = Trainer(config, output_dir, data_dir, placement)
+        if overwrite:
+            if placement.is_main and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir)
+            placement.barrier()
+        trainer = Trainer(config, output_dir, data_dir, placement, resume_other_settings)
         trainer.fit()
-        return trainer.finish()
+        return trainer.finished_results() or trainer.finish()
     finally:
         placement.close()

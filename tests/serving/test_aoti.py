@@ -1,4 +1,5 @@
-"""The scorer through torch.export and AOTInductor: same parity as scorer.pt, and its checks."""
+"""The scorer through torch.export and AOTInductor: same parity as scorer.pt for any T and up to the
+compiled number of users, and its checks."""
 
 import json
 import os
@@ -45,7 +46,15 @@ def test_aoti_scorer_equals_torchscript_scorer_at_any_length(packaged, monkeypat
         compiled(ids.masked_fill(ids == 0, NUM_EMBEDDINGS + 3), lengths)
     with pytest.raises(Exception, match="lengths must be in"):
         compiled(ids, lengths + 30)
-    with pytest.raises(Exception, match="unmatched dim value"):  # AOTInductor's guards (AOTI_RUNTIME_CHECK_INPUTS)
+    for users in (2, 1, 0):  # fewer users than compiled: exactly their rows
+        scores, items = compiled(ids[:users], lengths[:users])
+        ref_scores, ref_items = scorer(ids[:users], lengths[:users], K)
+        assert scores.shape == (users, K) and torch.equal(items, ref_items)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+    more, more_lengths = random_histories(BATCH + 1, 4, [4, 3, 2, 1], seed=4)
+    with pytest.raises(Exception, match=f"compiled for at most {BATCH} users a call"):
+        compiled(more, more_lengths)
+    with pytest.raises(Exception, match="expected size 2==3"):  # AOTInductor's guards (AOTI_RUNTIME_CHECK_INPUTS)
         compiled(ids, lengths[:2])
     with pytest.raises(Exception, match="unmatched dtype"):
         compiled(ids.int(), lengths)

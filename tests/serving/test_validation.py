@@ -1,4 +1,5 @@
-"""Bad input to the artifacts raises an error naming the problem, in the scripted files and in eager mode."""
+"""Bad input to the artifacts raises an error naming the problem, in the scripted files and in eager mode;
+an empty batch is not bad input."""
 
 import pytest
 import torch
@@ -73,3 +74,15 @@ def test_step_rejects_bad_input(case, scripted, step, model):
 def test_negative_initial_state_batch_is_refused(step):
     with pytest.raises(Exception, match="batch=-1 must be >= 0"):
         step.initial_state(-1)
+
+
+@pytest.mark.parametrize("scripted", [True, False], ids=["scripted", "eager"])
+def test_an_empty_batch_gives_empty_results(scripted, scorer, step, model):
+    scorer_module, step_module = (scorer, step) if scripted else serving_modules(model)
+    no_users, no_lengths = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    scores, items = scorer_module(no_users, no_lengths, 3)
+    assert scores.shape == (0, 3) and items.shape == (0, 3) and items.dtype == torch.long
+    columns = step_module.initial_state(1).shape[1]
+    assert scorer_module.user_state(no_users, no_lengths).shape == (0, columns)
+    state, scores, items = step_module(step_module.initial_state(0), torch.zeros(0, dtype=torch.long), 3)
+    assert state.shape == (0, columns) and scores.shape == (0, 3) and items.shape == (0, 3)

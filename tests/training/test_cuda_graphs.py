@@ -1,4 +1,5 @@
-"""train.cuda_graphs: padded batches (CPU) and whole steps replayed from CUDA graphs (GPU only)."""
+"""train.cuda_graphs and train.precision: auto resolved where the run executes, padded batches (CPU)
+and whole steps replayed from CUDA graphs (GPU only)."""
 
 import copy
 import os
@@ -11,6 +12,8 @@ from recblr_torchrec.config import load_config
 from recblr_torchrec.data.padding import filler_lengths
 from recblr_torchrec.training import NextItemTask, Trainer
 from recblr_torchrec.training.graphs import GraphedStep, batch_signature, batch_tensors, copy_batch
+from recblr_torchrec.training.optimizers import set_lr
+from recblr_torchrec.training.placement import LocalPlacement, resolve_execution
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -97,6 +100,31 @@ def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
         load_config(TINY, base + [override])
     for allowed in ("model.encoder=sasrec", "train.optimizer=adamw"):  # padded to a bound; capturable
         load_config(TINY, base + [allowed])
+
+
+def test_precision_and_cuda_graphs_default_to_auto_resolved_where_the_run_executes(tmp_path, data_dir, monkeypatch):
+    config = load_config(TINY)
+    assert (config.train.precision, config.train.cuda_graphs) == ("auto", "auto")
+    on_cpu = trainer(tmp_path, "cpu", data_dir, "train.device=cpu")
+    assert (on_cpu.config.train.precision, on_cpu.config.train.cuda_graphs) == ("fp32", "off")
+    assert on_cpu.graphed is None and on_cpu.train_batches.pad[1] == 0
+    cuda = LocalPlacement(torch.device("cuda"))  # resolution only: nothing is placed on it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    resolved = resolve_execution(config, cuda).train
+    assert (resolved.precision, resolved.cuda_graphs) == ("bf16", "on")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert resolve_execution(config, cuda).train.precision == "fp32"
+    for blocker in ("train.loss=sampled", "train.micro_batch_size=8", "train.optimizer=adagrad"):
+        assert resolve_execution(load_config(TINY, [blocker]), cuda).train.cuda_graphs == "off", blocker
+    pinned = resolve_execution(load_config(TINY, ["train.precision=fp32", "train.cuda_graphs=false"]), cuda).train
+    assert (pinned.precision, pinned.cuda_graphs) == ("fp32", "off")  # the fp32 eager measurement
+    assert load_config(TINY, ["train.cuda_graphs=true"]).train.cuda_graphs == "on"  # YAML booleans still read
+
+
+def test_sharded_runs_resolve_cuda_graphs_off():
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+
+    assert ShardedPlacement.captures_steps is False and LocalPlacement.captures_steps is True
 
 
 def test_distributed_runs_refuse_cuda_graphs():
@@ -198,6 +226,17 @@ def test_a_resumed_run_takes_its_optimizer_capturable_flag_from_its_config(tmp_p
     resumed.fit()  # a capturable Adam would refuse CPU parameters in its step
     assert [g["capturable"] for g in resumed.optimizer.param_groups] == [False]
     assert resumed.state["epoch"] == 2
+
+
+@GPU
+def test_a_learning_rate_set_between_replays_reaches_the_graphs(tmp_path, data_dir):
+    eager, graphed, shapes = paired_trainers(tmp_path, data_dir)
+    assert all(isinstance(group["lr"], torch.Tensor) for group in graphed.optimizer.param_groups)
+    batches = shapes[0][:6]
+    assert_same_updates(eager, graphed, batches[:4], {"graphs": 1, "captures": 1, "replays": 2, "eager_steps": 2})
+    for trainer_ in (eager, graphed):  # a schedule's next value
+        set_lr(trainer_.optimizer, 3e-2)
+    assert_same_updates(eager, graphed, batches[4:], {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2})
 
 
 @GPU

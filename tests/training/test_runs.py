@@ -125,3 +125,16 @@ def test_a_checkpoint_of_the_older_layout_resumes(tiny_run, tmp_path, data_dir):
     assert again.resume() and again.state["epoch"] == 3 and again.history == trainer.history
     again.fit()
     assert [row["epoch"] for row in again.history] == [1, 2, 3, 4]
+
+
+def test_the_run_folder_holds_tensorboard_scalars_of_every_epoch(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, _ = tiny_run
+    events = EventAccumulator(os.path.join(trainer.output_dir, "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/examples_per_second", "train/lr", "valid/NDCG@10", "valid/HR@20"} <= tags
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert losses == pytest.approx([row["train_loss"] for row in trainer.history], rel=1e-6)
+    assert [event.value for event in events.Scalars("train/lr")] == pytest.approx([1e-3] * 3)

@@ -52,7 +52,7 @@ def test_resume_refuses_a_different_model(tmp_path, data_dir):
     cache = [f"data.cache_dir={tmp_path / 'cache'}"]
     Trainer(load_config(TINY, SMALL + cache + ["train.max_epochs=1"]), str(tmp_path), data_dir).fit()
     other = Trainer(load_config(TINY, SMALL + cache + ["model.recblr.num_layers=1"]), str(tmp_path), data_dir)
-    with pytest.raises(ValueError, match=r"other settings: model.recblr.num_layers=2 \(now 1\); resume with the same"):
+    with pytest.raises(ValueError, match=r"settings: model.recblr.num_layers=2 \(now 1\); continue it anyway"):
         other.fit()
 
 
@@ -60,10 +60,10 @@ def test_resume_refuses_another_optimizer_and_takes_the_configs_learning_rate_an
     cache = [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=1"]
     Trainer(load_config(TINY, SMALL + cache), str(tmp_path), data_dir).fit()  # adam, lr 1e-3, no decay
     other = Trainer(load_config(TINY, SMALL + cache + ["train.optimizer=adamw"]), str(tmp_path), data_dir)
-    with pytest.raises(ValueError, match=r"other settings: train.optimizer='adam' \(now 'adamw'\); resume with"):
+    with pytest.raises(ValueError, match=r"other settings: train.optimizer='adam' \(now 'adamw'\); continue it"):
         other.resume()
     changed = ["train.lr=3e-4", "train.weight_decay=0.01"]
-    resumed = Trainer(load_config(TINY, SMALL + cache + changed), str(tmp_path), data_dir)
+    resumed = Trainer(load_config(TINY, SMALL + cache + changed), str(tmp_path), data_dir, resume_other_settings=True)
     assert resumed.resume()
     assert [(g["lr"], g["weight_decay"]) for g in resumed.optimizer.param_groups] == [(3e-4, 0.01)]
     assert resumed.optimizer.state  # the moments came back

@@ -1,0 +1,114 @@
+"""Process wall time of a whole training run (start to metrics.json): the config as shipped against
+the same config pinned to fp32 eager, one run after the other on one machine.
+
+    python benchmarks/bench_defaults.py --data-dir DATA --config configs/beauty/recblr-paper.yaml \
+        --out benchmarks/results/defaults_h100.json
+
+Each variant runs ``launchers/train.py`` in a fresh run folder, alone; the data cache is built
+before the first, so neither pays it. The shipped variant runs first (it pays the cold Triton
+and CUDA caches). Recorded per variant: process wall seconds, training seconds, validations and
+their mean seconds, epochs, the best epoch, test metrics, and the precision and CUDA-graph setting
+the run resolved; and the wall-time ratio shipped / fp32 eager.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {"shipped": [], "fp32_eager": ["train.precision=fp32", "train.cuda_graphs=false"]}
+
+
+def run_variant(config: str, data_dir: str, cache: str, settings: list, folder: str) -> dict:
+    command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
+    command += ["--data-dir", data_dir, "--output-dir", folder, "--set", f"data.cache_dir={cache}", *settings]
+    start = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if finished.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    validations = [float(row["valid_seconds"]) for row in rows if row.get("valid_seconds")]
+    return {
+        "settings": settings,
+        "process_wall_s": round(wall, 2),
+        "train_s": round(metrics["train_seconds"], 2),
+        "validations": len(validations),
+        "valid_s_mean": round(sum(validations) / max(len(validations), 1), 4),
+        "epochs": metrics["epochs"],
+        "best_epoch": metrics["best_epoch"],
+        "test": metrics["test"],
+        "precision": metrics["config"]["train"]["precision"],
+        "cuda_graphs": metrics["config"]["train"]["cuda_graphs"],
+        "stdout_tail": finished.stdout.splitlines()[-12:],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "beauty", "recblr-paper.yaml"))
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", required=True, help="the results JSON")
+    parser.add_argument("--commit", default="", help="the code's commit, recorded in the JSON")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from recblr_torchrec.config import load_config
+    from recblr_torchrec.training.trainer import load_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.path.join(tmp, "cache")
+        load_data(
+            load_config(args.config, [f"data.cache_dir={cache}"]), args.data_dir
+        )  # built once, outside the timings
+        runs = {
+            name: run_variant(args.config, args.data_dir, cache, s, os.path.join(tmp, name))
+            for name, s in VARIANTS.items()
+        }
+    result = {
+        "what": "process wall time of a whole training run, start to metrics.json, each variant alone",
+        "config": os.path.relpath(args.config, ROOT),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), **_versions()},
+        "commit": args.commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "runs": runs,
+        "wall_ratio_shipped_over_fp32_eager": round(
+            runs["shipped"]["process_wall_s"] / runs["fp32_eager"]["process_wall_s"], 3
+        ),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    for name, run in runs.items():
+        print(
+            f"{name}: {run['process_wall_s']:.1f} s wall, {run['train_s']:.1f} s training, {run['validations']} "
+            f"validations of {run['valid_s_mean']:.3f} s, {run['epochs']} epochs, test NDCG@10 "
+            f"{run['test']['NDCG@10']:.4f} ({run['precision']}, CUDA graphs {run['cuda_graphs']})"
+        )
+
+
+def _versions() -> dict:
+    found = {}
+    for name in ("triton", "torchrec", "fbgemm_gpu"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # not installed, or no version attribute
+            pass
+    return found
+
+
+if __name__ == "__main__":
+    main()
