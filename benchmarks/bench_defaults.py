@@ -1,5 +1,6 @@
 """Process wall time of a whole training run (start to metrics.json): the config as shipped against
-the same config pinned to fp32 eager, one run after the other on one machine.
+the same config pinned to fp32 eager, one run after the other on one machine; with the times at
+which each run printed its banner, its first epoch's line and its final table.
 
     python benchmarks/bench_defaults.py --data-dir DATA --config configs/beauty/recblr-paper.yaml \
         --out benchmarks/results/defaults_h100.json
@@ -32,10 +33,21 @@ def run_variant(config: str, data_dir: str, cache: str, settings: list, folder: 
     command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
     command += ["--data-dir", data_dir, "--output-dir", folder, "--set", f"data.cache_dir={cache}", *settings]
     start = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True)
+    marks, lines = {}, []  # when the banner, the first epoch's line and the final table appeared
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            for mark, prefix in (
+                ("banner_s", "run "),
+                ("first_epoch_line_s", "epoch 1:"),
+                ("final_table_s", "best epoch"),
+            ):
+                if line.startswith(prefix) and mark not in marks:
+                    marks[mark] = round(time.perf_counter() - start, 2)
+        stderr = process.stderr.read()
     wall = time.perf_counter() - start
-    if finished.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     with open(os.path.join(folder, "metrics.json")) as f:
         metrics = json.load(f)
     with open(os.path.join(folder, "metrics.csv")) as f:
@@ -52,7 +64,12 @@ def run_variant(config: str, data_dir: str, cache: str, settings: list, folder: 
         "test": metrics["test"],
         "precision": metrics["config"]["train"]["precision"],
         "cuda_graphs": metrics["config"]["train"]["cuda_graphs"],
-        "stdout_tail": finished.stdout.splitlines()[-12:],
+        "first_epoch_train_s": round(float(rows[0]["seconds"]), 2),
+        "later_epoch_train_s_median": round(sorted(float(row["seconds"]) for row in rows[1:])[len(rows[1:]) // 2], 3)
+        if len(rows) > 1
+        else None,
+        **marks,
+        "stdout_tail": lines[-12:],
     }
 
 

@@ -18,6 +18,7 @@ from recblr_torchrec.training.placement import LocalPlacement, resolve_execution
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 PREFIXES = ["data.max_users=150", "model.recblr.embedding_dim=16", "train.batch_size=64", "train.protocol=prefixes"]
+PREFIXES += ["train.precision=fp32", "train.cuda_graphs=false"]  # what a test turns on, it names
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
 
 
@@ -105,7 +106,7 @@ def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
 def test_precision_and_cuda_graphs_default_to_auto_resolved_where_the_run_executes(tmp_path, data_dir, monkeypatch):
     config = load_config(TINY)
     assert (config.train.precision, config.train.cuda_graphs) == ("auto", "auto")
-    on_cpu = trainer(tmp_path, "cpu", data_dir, "train.device=cpu")
+    on_cpu = trainer(tmp_path, "cpu", data_dir, "train.device=cpu", "train.precision=auto", "train.cuda_graphs=auto")
     assert (on_cpu.config.train.precision, on_cpu.config.train.cuda_graphs) == ("fp32", "off")
     assert on_cpu.graphed is None and on_cpu.train_batches.pad[1] == 0
     cuda = LocalPlacement(torch.device("cuda"))  # resolution only: nothing is placed on it

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 METRICS = {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (10, 20)}
 SMALL = ["data.max_users=150", "model.recblr.embedding_dim=16", "train.batch_size=64"]
+SMALL += ["train.precision=fp32", "train.cuda_graphs=false"]  # the same steps on a CPU and a GPU
 
 
 def test_launcher_trains_evaluates_and_writes_its_outputs(tmp_path, data_dir):
