@@ -497,7 +497,7 @@ def upgrade_config_dict(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_from_dict(raw: Dict[str, Any]) -> RunConfig:
     """A RunConfig from plain Python (``RunConfig.to_dict()``, or an older saved layout)."""
-    return fill(RunConfig, upgrade_config_dict(raw), "config")
+    return fill(RunConfig, upgrade_config_dict(raw), "")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -514,7 +514,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     moved = moved_model_keys(raw["model"]) if isinstance(raw.get("model"), dict) else []
     if moved:
         raise ConfigError(f"{'; '.join(moved)}: each encoder has its own section under model; update {path or '--set'}")
-    return fill(RunConfig, raw, "config")
+    return fill(RunConfig, raw, "")
 
 
 def resolve_data_dir(flag: Optional[str]) -> Optional[str]:

@@ -127,13 +127,15 @@ def fill(cls: Type, values: Dict[str, Any], where: str) -> Any:
     """``cls`` from a mapping (YAML), nested sections included; an unknown key is a ``ConfigError``
     that lists the known ones."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+        raise ConfigError(f"{where or 'a config'} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        name = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key {where}.{key}; known keys: {', '.join(sorted(fields))}")
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {name}; known keys{' of ' + where if where else ''}: {known}")
         sub = hints[key]
-        kwargs[key] = fill(sub, value, f"{where}.{key}") if dataclasses.is_dataclass(sub) else value
+        kwargs[key] = fill(sub, value, name) if dataclasses.is_dataclass(sub) else value
     return cls(**kwargs)

@@ -49,7 +49,7 @@ def test_overrides_are_typed_and_nested():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.lrr=1", "unknown config key config.train.lrr"),
+        ("train.lrr=1", "unknown config key train.lrr; known keys of train: batch_size"),
         ("train.batch_size=abc", "train.batch_size='abc' must be a int"),
         ("train.protocol=random", "choose all_positions or prefixes"),
         ("model.recblr.kernels=cuda", "model.recblr.kernels='cuda'; choose one of pytorch, triton, auto"),

@@ -67,7 +67,7 @@ def files(tmp_path_factory, data_dir):
         (["train.patience=0"], "train.patience=0 must be >= 1"),
         (["train.max_epochs=0"], "train.max_epochs=0 must be >= 1"),
         (["data.max_users=-5"], "data.max_users=-5 must be >= 0"),
-        (["train.lrr=1"], "unknown config key config.train.lrr; known keys:"),
+        (["train.lrr=1"], "unknown config key train.lrr; known keys of train:"),
         (["model.embedding_dim=8"], "model.embedding_dim is now model.recblr.embedding_dim"),
     ],
 )

@@ -29,6 +29,8 @@ def test_launcher_trains_evaluates_and_writes_its_outputs(tmp_path, data_dir):
     assert metrics["config"]["train"]["max_epochs"] == 2 and metrics["epochs"] == 2
     assert metrics["test"]["HR@10"] > 0.02  # better than chance (10 / 1349 items = 0.007)
     assert "| test |" in result.stdout
+    assert "\r" not in result.stderr and "epoch 1:" not in result.stderr  # no progress-bar redraws in a log file
+    assert result.stdout.startswith("run tiny: ml-100k/ml-100k.inter.gz (") and f"), into {out}\n" in result.stdout
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
     assert (out / "curves.png").stat().st_size > 0
