@@ -3,7 +3,7 @@ the same config pinned to fp32 eager, one run after the other on one machine; wi
 which each run printed its banner, its first epoch's line and its final table.
 
     python benchmarks/bench_defaults.py --data-dir DATA --config configs/beauty/recblr-paper.yaml \
-        --out benchmarks/results/defaults_h100.json
+        --out benchmarks/results/defaults_beauty_h100.json
 
 Each variant runs ``launchers/train.py`` in a fresh run folder, alone; the data cache is built
 before the first, so neither pays it. The shipped variant runs first (it pays the cold Triton

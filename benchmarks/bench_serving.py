@@ -18,10 +18,12 @@ Usage::
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -147,9 +149,14 @@ def main() -> None:
     print(markdown(rows, names))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(
-                {"torch": torch.__version__, "hardware": names, "manifest_model": model, "rows": rows}, f, indent=2
-            )
+            provenance = {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["python", *sys.argv]),
+                "checkpoint": manifest["checkpoint"],
+                "num_items": manifest["num_items"],
+            }
+            result = {"torch": torch.__version__, "hardware": names, "manifest_model": model, **provenance}
+            json.dump({**result, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class TrainConfig:
     ``torch.set_float32_matmul_precision("high")`` for the process); or ``bf16`` (the forward and
     backward under bfloat16 autocast: matmuls and the fused recurrence read bfloat16, the recurrent
     state, LayerNorm, softmax sums and the parameters stay float32). bf16 was measured level with
-    fp32 in quality (README, "Results").
+    fp32 in quality (docs/results.md).
     ``compile``: ``off`` (also ``false``), or a ``torch.compile`` backend (``inductor``, also
     ``true``; on the GPU) for the encoder: its LayerNorms, FFN, dropout, gates and conv become a
     few generated kernels around the fused recurrence, which stays one opaque op; the TorchRec
@@ -238,7 +238,7 @@ METRIC_NAMES = ("HR", "NDCG", "MRR")
 
 @dataclass
 class EvalConfig:
-    """Full-ranking evaluation (SPEC.md section 3); ``max_users`` > 0 evaluates the first users only
+    """Full-ranking evaluation (docs/training.md); ``max_users`` > 0 evaluates the first users only
     (for catalogs too large to rank for every user on a CPU). ``every``: validate after every that
     many epochs (and after the last); ``train.patience`` counts validations."""
 

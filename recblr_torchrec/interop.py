@@ -62,7 +62,7 @@ def load_public_recblr(
     """Builds an eval-mode :class:`SequenceRecommender` (RecBLR encoder) holding the public code's weights.
 
     Args:
-        state_dict: the public model's ``state_dict`` (keys as in shared/golden/README.md).
+        state_dict: the public model's ``state_dict`` (keys as in the public code's model).
         num_items: rows of the item table, padding row included (the public ``n_items``).
         embedding_dim, num_layers, expand, conv_width: the public hyper-parameters.
 

@@ -32,7 +32,7 @@ PLAN: List[Tuple[str, str, List[str]]] = [
     ("ML-1M RecBLR (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", []),
     ("ML-1M SASRec-style (prefixes)", "configs/ml-1m/sasrec-paper.yaml", []),
     # Our ML-1M copy sorts same-second ratings by item id; RecBole keeps an arbitrary file order.
-    # This row emulates RecBole's order (data.tie_order=shuffled_runs; README, "Results").
+    # This row emulates RecBole's order (data.tie_order=shuffled_runs; docs/data.md).
     (
         "ML-1M RecBLR (all_positions, shuffled runs)",
         "configs/ml-1m/recblr-all-positions.yaml",
@@ -90,7 +90,7 @@ PLAN: List[Tuple[str, str, List[str]]] = [
         ["train.label_smoothing=0.3"],
     ),
 ]
-# The paper's Table 1 (SPEC.md section 3), test set, full ranking.
+# The paper's Table 1, test set, full ranking (docs/results.md).
 PAPER = {
     "ML-1M": {
         "SASRec": (0.2993, 0.1692, 0.1294, 0.4053, 0.1958, 0.1367),

@@ -1,6 +1,6 @@
 """The fused behaviour-dependent linear recurrent unit (BD-LRU) of RecBLR.
 
-From the conv output c, the gate logits [r; i] and the output-gate input z (SPEC.md section 1):
+From the conv output c, the gate logits [r; i] and the output-gate input z (docs/model.md):
 
     alpha_t = exp(-softplus(Lambda) * sigmoid(r_t))
     beta_t  = sqrt(1 - alpha_t^2) * sigmoid(i_t)

@@ -1,7 +1,7 @@
 """The causal depthwise convolution of RecBLR followed by SiLU, on packed (jagged) rows.
 
 c_t = SiLU(bias + sum_{j<k} w[k-1-j] * x_{t-j}), taps before a sequence's first row read zero
-(SPEC.md section 1, step 2). Rows of several sequences are packed end to end; ``positions``
+(docs/model.md, the causal conv). Rows of several sequences are packed end to end; ``positions``
 [N] gives each row's index inside its sequence, which is all the masking needs.
 
 ``KernelBackend.PYTORCH`` is the reference (k shifted multiply-adds; backward recomputes the

@@ -27,7 +27,7 @@ def scan_sequential(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
 
 
 class _SequentialScan(torch.autograd.Function):
-    """Dense [B, T, D] scan in the accumulation dtype; backward is the reverse scan (SPEC.md s.2)."""
+    """Dense [B, T, D] scan in the accumulation dtype; backward is the reverse scan (docs/kernels.md)."""
 
     @staticmethod
     def forward(ctx, log_a: Tensor, b: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:

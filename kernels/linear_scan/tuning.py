@@ -67,7 +67,7 @@ def default_config(channels: int, backward: bool, steps: Optional[int] = None, e
             shortens the chain of carried states.
         element_size: bytes per input element; a tile row is 128 bytes (one cache line).
 
-    The best of the H200 sweep of ``benchmarks/bench_linear_scan.py`` (docs/linear_scan.md); a
+    The best of the H200 sweep of ``benchmarks/bench_linear_scan.py`` (docs/kernels.md); a
     look-back > 1 was slower there at every shape, so it stays a tuning option. Under the
     interpreter the chunk is 16 steps and the look-back 2 tiles, so test-sized sequences cross
     several chained tiles and both ways of receiving a state.

@@ -3,7 +3,7 @@
 A sample is a contiguous slice ``items[start:start+length]`` of one user's sequence; the target
 of every position is the item right after it in the same user's sequence. Training samples come
 from the training part (all but the last two items), evaluation samples end just before the
-validation or the test item (leave-one-out, SPEC.md section 3).
+validation or the test item (leave-one-out, docs/data.md).
 """
 
 from dataclasses import dataclass

@@ -117,7 +117,7 @@ def build_sequences(interactions: Interactions, min_user: int, min_item: int, ti
     ``tie_order`` breaks ties between interactions with the same timestamp: ``file`` keeps the
     file's order (RecBole's stable sort), ``item`` sorts them by item id (numerically when ids are
     integers; LRURec's preprocessing of ML-1M). It decides which item of a same-second group is the
-    held-out target, so it moves the metrics (see the README's results). ``shuffled_runs`` is for
+    held-out target, so it moves the metrics (docs/data.md). ``shuffled_runs`` is for
     copies that were sorted by item id within a timestamp and lost their timestamps (our ML-1M):
     the ``item`` order (the file's own order for a file without timestamps), then each ascending
     run of item ids shuffled (:func:`shuffle_ascending_runs`), emulating RecBole's order of the

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: HR@K, NDCG@K and MRR@K with the RecBole protocol (SPEC.md section 3).
+"""Full-ranking evaluation: HR@K, NDCG@K and MRR@K with the RecBole protocol (docs/training.md, evaluation).
 
 Every catalog item is scored except the padding id 0; history items are not masked.
 

@@ -1,4 +1,4 @@
-"""The behaviour-dependent linear recurrent unit (BD-LRU) block of RecBLR (SPEC.md section 1)."""
+"""The behaviour-dependent linear recurrent unit (BD-LRU) block of RecBLR (docs/model.md)."""
 
 import math
 from typing import Optional, Tuple

@@ -18,7 +18,7 @@ from .gated_recurrent import GatedRecurrent
 
 @dataclass
 class RecBLRConfig:
-    """RecBLR hyper-parameters (SPEC.md section 1); the paper's ML-1M values are the defaults.
+    """RecBLR hyper-parameters (docs/model.md); the paper's ML-1M values are the defaults.
     In a run config this is the section ``model.recblr``.
 
     ``kernels``: the implementation of the encoder's sequence kernels (the scan, the fused

@@ -86,7 +86,7 @@ def build_encoder(config: ModelConfig) -> nn.Module:
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """SPEC.md initialisation: Linear and Embedding N(0, std), biases 0, LayerNorm (1, 0).
+    """The initialisation of docs/model.md: Linear and Embedding N(0, std), biases 0, LayerNorm (1, 0).
 
     Convolutions keep PyTorch's default and Lambda its decay linspace.
     """

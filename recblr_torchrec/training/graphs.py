@@ -1,9 +1,9 @@
 """Whole training steps replayed as CUDA graphs (``train.cuda_graphs``).
 
 The training step on an H200 is bound by the host: ~1,200 operators (kernel launches and the Python
-of autograd, the TorchRec lookup and Adam) take longer than the GPU's work (README, "The training
-step"). A CUDA graph records the step's kernels once (forward, backward and the optimizer update)
-and replays them with one launch. That needs a step without host syncs (the trainer's is, see
+of autograd, the TorchRec lookup and Adam) take longer than the GPU's work (docs/benchmarks.md).
+A CUDA graph records the step's kernels once (forward, backward and the optimizer update) and
+replays them with one launch. That needs a step without host syncs (the trainer's is, see
 ``Trainer.update``) and fixed shapes: batches padded to a few position counts
 (``SampleBatches(pad_quantum=...)``), one graph for each shape that repeats. An all-positions
 batch's target count varies inside a shape: its padded batches take the loss at every position and

@@ -108,7 +108,7 @@ def test_initialisation_follows_the_spec():
     assert abs(block.input_proj.weight.std().item() - 0.02) < 2e-3
     assert torch.all(block.gate_proj.bias == 0) and torch.all(model.encoder.layers[0].ffn_in.bias == 0)
     per_layer = sum(p.numel() for p in model.encoder.layers[0].parameters())
-    assert abs(per_layer - 91_700) < 1_000, per_layer  # SPEC.md: about 91.7k per layer
+    assert abs(per_layer - 91_700) < 1_000, per_layer  # the paper's model: about 91.7k per layer
 
 
 def test_kernels_are_explicit_and_set_recursively():
