@@ -4,7 +4,8 @@
 
 --checkpoint is a checkpoint file (checkpoints/best.pt) or a training run's --output-dir (its
 best checkpoint is taken). Writes DIR/scorer.pt, DIR/step.pt (TorchScript: load with
-torch.jit.load and nothing but torch) and DIR/manifest.json; with --aoti-batch B also
+torch.jit.load and nothing but torch), DIR/manifest.json and, from the run folder's item id map,
+DIR/ids.pt and DIR/item_ids.tsv (the data file's item ids in and out); with --aoti-batch B also
 DIR/scorer_aoti.pt2 (torch.export + AOTInductor, batch B, top --aoti-k); see docs/serving.md.
 """
 
@@ -18,7 +19,7 @@ from recblr_torchrec.serving import export
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder")
-    parser.add_argument("--output-dir", required=True, help="where scorer.pt, step.pt and manifest.json go")
+    parser.add_argument("--output-dir", required=True, help="where scorer.pt, step.pt, ids.pt and manifest.json go")
     parser.add_argument(
         "--aoti-batch",
         type=int,

@@ -12,7 +12,6 @@ tables (DistributedModelParallel, gloo on CPU, NCCL on GPU); see docs/distribute
 """
 
 import argparse
-import logging
 import os
 import sys
 from typing import List, Optional
@@ -22,9 +21,6 @@ from recblr_torchrec.errors import run_command
 from recblr_torchrec.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# TorchRec's jagged tensors ask torch.fx whether they are being traced, and torch answers every
-# process with a deprecation notice about that question, not about this code: keep it off the log.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def strip_own_path(argv: List[str]) -> List[str]:

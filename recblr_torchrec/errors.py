@@ -7,6 +7,7 @@ print that line and exit with status 2; the traceback is shown only with ``--deb
 those keeps working.
 """
 
+import logging
 import os
 import sys
 from typing import Callable, List, Optional
@@ -45,6 +46,9 @@ def debugging(argv: List[str]) -> bool:
 def run_command(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
     """``main(argv)``, with a :class:`UserError` printed as one line (``error: ...``) and exit
     status 2 instead of a traceback, unless debugging."""
+    # TorchRec's jagged tensors ask torch.fx whether they are being traced, and torch answers with
+    # a deprecation notice about that question, not about this code: keep it off the commands' output.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)

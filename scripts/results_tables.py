@@ -75,8 +75,12 @@ def rows_of(data: Any, path: str) -> List[Dict[str, Any]]:
 def columns_of(text: str) -> List[Tuple[str, str, str]]:
     """``key=header:format`` items -> (key, header, format)."""
     columns = []
-    for item in (part.strip() for part in text.split(",")):
-        key, _, rest = item.partition("=")
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, rest = item.partition("=")
+        if not equals:  # key:format
+            key, _, fmt = item.rpartition(":") if ":" in item else (item, "", "")
+            columns.append((key.strip(), key.strip(), fmt.strip()))
+            continue
         header, fmt = rest, ""
         if ":" in rest:
             header, _, fmt = rest.rpartition(":")
@@ -124,13 +128,14 @@ def render(spec: str) -> str:
 
 
 def pivot(rows: List[Dict[str, Any]], fields: Dict[str, str]) -> List[str]:
-    """``pivot: ROWKEY, COLKEY`` with ``columns: value, value, ...`` (COLKEY's values, in order) and
+    """``pivot: ROWKEY[=header], COLKEY`` with ``columns: value, ...`` (COLKEY's values, in order) and
     ``cell: key:format, ...`` (joined by " / "): one line per ROWKEY value, "-" where no row has
     that column."""
-    row_key, col_key = (part.strip() for part in fields["pivot"].split(","))
+    row_spec, col_key = (part.strip() for part in fields["pivot"].split(","))
+    row_key, _, label = row_spec.partition("=")
     order = [name.strip() for name in fields["columns"].split(",")]
     cells = columns_of(fields.get("cell", ""))
-    lines = ["| " + " | ".join([row_key] + order) + " |", "|" + "---|" * (len(order) + 1)]
+    lines = ["| " + " | ".join([label or row_key] + order) + " |", "|" + "---|" * (len(order) + 1)]
     for name in dict.fromkeys(lookup(row, row_key) for row in rows if lookup(row, row_key) is not None):
         mine = {lookup(row, col_key): row for row in rows if lookup(row, row_key) == name}
         values = [

@@ -52,9 +52,9 @@ def _exists(target: str) -> bool:
 
 
 def missing_paths(text: str, where: str) -> list:
-    """The repo paths and .md names in ``text`` (written in ``where``, a repo-relative file) that do
+    """The repo paths and markdown file names in ``text`` (written in ``where``, a repo-relative file) that do
     not exist: markdown link targets resolve from ``where``'s folder, other paths from the repo root,
-    and a bare ``name.md`` must be the name of some file of the repo."""
+    and a bare markdown file name must be the name of some file of the repo."""
     missing = []
     for link in LINK.findall(text):
         if "://" in link or link.startswith("mailto:"):

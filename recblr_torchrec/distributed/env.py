@@ -35,8 +35,8 @@ def _attempt_store(rank: int, world_size: int, attempt: str, timeout: datetime.t
     """The rendezvous store seen through a prefix unique to this restart attempt.
 
     After torchrun restarts crashed workers (--max-restarts), the store can still hold the
-    previous attempt's gloo addresses under the same keys; measured here, the restarted ranks
-    then dial the dead processes' ports and fail. A per-attempt prefix keeps the rounds apart.
+    previous attempt's gloo addresses under the same keys; the restarted ranks would
+    then dial the dead processes' ports and fail (measured). A per-attempt prefix keeps them apart.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
