@@ -8,7 +8,7 @@ A table is a marker in a page, then what the script writes under it, then an end
     <!-- end table -->
 
 (one line in the page). ``rows`` is the path (``/``-separated keys) to a list of objects, or to
-an object of objects (each key becomes the column ``_key``); ``where`` keeps rows whose values
+an object of objects (each key but ``provenance`` becomes the column ``_key``); ``where`` keeps rows whose values
 (as text) equal the given ones; ``columns`` lists keys (``/`` for nested ones) with an optional
 ``=header`` and ``:format`` (a Python format spec; ``pm`` prints ``[mean, std]`` or
 ``{"mean", "std"}`` as ``mean ± std`` with 4 decimals, the mean alone when std is null).
@@ -66,7 +66,9 @@ def lookup(node: Any, path: str) -> Any:
 def rows_of(data: Any, path: str) -> List[Dict[str, Any]]:
     node = lookup(data, path)
     if isinstance(node, dict):
-        return [{"_key": key, **value} for key, value in node.items() if isinstance(value, dict)]
+        return [
+            {"_key": key, **value} for key, value in node.items() if isinstance(value, dict) and key != "provenance"
+        ]
     if not isinstance(node, list):
         raise TableError(f"rows: {path!r} is not a list or an object of objects")
     return node
