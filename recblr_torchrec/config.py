@@ -37,7 +37,7 @@ class DataConfig:
 
     Args:
         path: dataset file, relative to the data directory (``--data-dir`` or $RECBLR_DATA_DIR)
-            unless absolute, e.g. ``ml-1m/ml-1m.txt.gz``.
+            unless absolute, e.g. ``ml-1m/ml-1m_stable.txt.gz``.
         format: ``auto`` (from the file name), ``seq`` (line per user), ``inter`` (RecBole
             atomic), ``ratings`` (MovieLens ``::``-separated ratings.dat) or ``synthetic``
             (generated from ``synthetic``, no file: the large-catalog workload).
@@ -52,7 +52,7 @@ class DataConfig:
             item id (``data.sequences.shuffle_ascending_runs``).
     """
 
-    path: str = "ml-1m/ml-1m.txt.gz"
+    path: str = "ml-1m/ml-1m_stable.txt.gz"
     format: DataFormat = DataFormat.AUTO
     min_user_interactions: int = 5
     min_item_interactions: int = 5
@@ -94,6 +94,9 @@ Precision = Choice("Precision", {"AUTO": "auto", "FP32": "fp32", "TF32": "tf32",
 Switch = Choice("Switch", {"AUTO": "auto", "ON": "on", "OFF": "off"})
 
 
+LRSchedule = Choice("LRSchedule", {"CONSTANT": "constant", "COSINE": "cosine"})
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and the training protocol.
@@ -114,6 +117,11 @@ class TrainConfig:
     ``max_steps_per_epoch``: end each epoch after that many steps (0 = all); for throughput
     measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
+    ``lr_schedule``: ``constant`` (the paper's) or ``cosine`` (from ``lr`` down to 0 at the end
+    of ``max_epochs``); ``warmup_steps``: the learning rate rises linearly from ``lr /
+    warmup_steps`` to ``lr`` over the first steps (0 = none). Both scale every optimizer's rate,
+    the tables' fused optimizer included; a run continued with a raised ``max_epochs`` stretches
+    the cosine from where it is.
     ``precision``: ``auto`` (``bf16`` on a CUDA device that supports it, else ``fp32``), ``fp32``;
     ``tf32`` (float32 tensors, the float32 matmuls of forward and backward on TF32 tensor cores:
     ``torch.set_float32_matmul_precision("high")`` for the process); or ``bf16`` (the forward and
@@ -149,6 +157,8 @@ class TrainConfig:
     batch_size: int = 2048
     micro_batch_size: int = 0
     lr: float = 1e-3
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     max_epochs: int = 300
     patience: int = 10
@@ -173,7 +183,7 @@ class TrainConfig:
         typed_fields(self, "train")
         for name in ("batch_size", "max_epochs", "patience", "log_every"):
             require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("micro_batch_size", "num_workers", "checkpoint_every", "max_steps_per_epoch"):
+        for name in ("micro_batch_size", "num_workers", "checkpoint_every", "max_steps_per_epoch", "warmup_steps"):
             require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         require(math.isfinite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0")
         require(
@@ -224,6 +234,9 @@ class TrainConfig:
             "train.loss=sampled (its candidate count varies; use full)": self.loss is Loss.SAMPLED,
             f"train.micro_batch_size={self.micro_batch_size} (use 0)": self.micro_batch_size != 0,
             f"train.optimizer={self.optimizer} (use adam, adamw or sgd)": self.optimizer is Optimizer.ADAGRAD,
+            "train.optimizer=sgd and a learning-rate schedule (its rate is frozen into the graphs; use adam)": (
+                self.optimizer is Optimizer.SGD and (self.lr_schedule != "constant" or self.warmup_steps > 0)
+            ),
         }
         return [reason for reason, blocks in reasons.items() if blocks]
 
@@ -240,7 +253,9 @@ METRIC_NAMES = ("HR", "NDCG", "MRR")
 class EvalConfig:
     """Full-ranking evaluation (docs/training.md); ``max_users`` > 0 evaluates the first users only
     (for catalogs too large to rank for every user on a CPU). ``every``: validate after every that
-    many epochs (and after the last); ``train.patience`` counts validations."""
+    many epochs (and after the last); ``train.patience`` counts validations. ``test``: false
+    leaves the test split out of the final evaluation too, for hyper-parameter searches
+    (``scripts/tune.py``), which must select on validation alone."""
 
     ks: List[int] = field(default_factory=lambda: [10, 20])
     every: int = 1
@@ -248,6 +263,7 @@ class EvalConfig:
     batch_size: int = 1024
     item_chunk_size: int = 65536
     valid_metric: str = "NDCG@10"
+    test: bool = True
 
     def __post_init__(self) -> None:
         typed_fields(self, "eval")
@@ -379,7 +395,7 @@ def learned_settings(config: RunConfig) -> Dict[str, Any]:
     """What a run learns and measures, as dotted keys: every setting but the execution and
     continuation keys, and but the unused encoder's section."""
     unused = "sasrec" if config.model.encoder == "recblr" else "recblr"
-    flat = _dotted(config.to_dict())
+    flat = dotted(config.to_dict())
     return {
         key: value
         for key, value in flat.items()
@@ -393,11 +409,12 @@ def settings_hash(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _dotted(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def dotted(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as ``{"train.lr": ..., ...}``."""
     flat: Dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{key}."))
+            flat.update(dotted(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -15,51 +15,55 @@ written to ``<runs-dir>/table.md`` after every call.
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
+from recblr_torchrec.training.pool import Run, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
 # (row name, config, extra overrides); every row runs once per seed.
 PLAN: List[Tuple[str, str, List[str]]] = [
-    ("ML-1M RecBLR (prefixes, paper)", "configs/ml-1m/recblr-paper.yaml", []),
-    ("ML-1M RecBLR (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", []),
-    ("ML-1M SASRec-style (prefixes)", "configs/ml-1m/sasrec-paper.yaml", []),
-    # Our ML-1M copy sorts same-second ratings by item id; RecBole keeps an arbitrary file order.
+    ("ML-1M RecBLR (prefixes, paper)", "configs/ml-1m-item-order/recblr-paper.yaml", []),
+    ("ML-1M RecBLR (all_positions)", "configs/ml-1m-item-order/recblr-all-positions.yaml", []),
+    ("ML-1M SASRec-style (prefixes)", "configs/ml-1m-item-order/sasrec-paper.yaml", []),
+    ("ML-1M RecBLR (all_positions, RecBole's order)", "configs/ml-1m/recblr-all-positions.yaml", []),
+    # LRURec's ML-1M sorts same-second ratings by item id; RecBole keeps the file's order.
     # This row emulates RecBole's order (data.tie_order=shuffled_runs; docs/data.md).
     (
         "ML-1M RecBLR (all_positions, shuffled runs)",
-        "configs/ml-1m/recblr-all-positions.yaml",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
         ["data.tie_order=shuffled_runs"],
     ),
     # Beyond the paper's size, one change a row (run with --seeds 0 to explore).
     (
         "ML-1M RecBLR d=128 (all_positions)",
-        "configs/ml-1m/recblr-all-positions.yaml",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
         ["model.recblr.embedding_dim=128"],
     ),
     (
         "ML-1M RecBLR d=256 (all_positions)",
-        "configs/ml-1m/recblr-all-positions.yaml",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
         ["model.recblr.embedding_dim=256"],
     ),
-    ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m/recblr-4-layers.yaml", []),
+    ("ML-1M RecBLR 4 layers (all_positions)", "configs/ml-1m-item-order/recblr-4-layers.yaml", []),
     # RecBLR's cost is linear in the length: train and evaluate on whole histories (<= 2,277 items).
-    ("ML-1M RecBLR whole histories (all_positions)", "configs/ml-1m/recblr-all-positions.yaml", ["data.max_len=2400"]),
+    (
+        "ML-1M RecBLR whole histories (all_positions)",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
+        ["data.max_len=2400"],
+    ),
     (
         "ML-1M RecBLR dropout 0.1 (all_positions)",
-        "configs/ml-1m/recblr-all-positions.yaml",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
         ["model.recblr.dropout=0.1"],
     ),
     (
         "ML-1M RecBLR dropout 0.3 (all_positions)",
-        "configs/ml-1m/recblr-all-positions.yaml",
+        "configs/ml-1m-item-order/recblr-all-positions.yaml",
         ["model.recblr.dropout=0.3"],
     ),
     ("Beauty RecBLR d=128 (prefixes)", "configs/beauty/recblr-paper.yaml", ["model.recblr.embedding_dim=128"]),
@@ -108,20 +112,7 @@ def run_dir(runs_dir: str, row: str, seed: int) -> str:
     return os.path.join(runs_dir, f"{slug}-seed{seed}")
 
 
-def visible_gpus() -> List[str]:
-    """The GPUs runs are spread over: $CUDA_VISIBLE_DEVICES's list, else every GPU torch sees."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [g for g in listed.split(",") if g.strip()]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        return []
-
-
-def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Tuple[str, int, List[str]]]:
+def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Run]:
     runs = []
     for row, config, overrides in plan:
         for seed in args.seeds:
@@ -132,63 +123,14 @@ def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Tuple[str, in
             command += ["--data-dir", args.data_dir, "--output-dir", out, "--set", f"train.seed={seed}"]
             for item in overrides + args.overrides:
                 command += ["--set", item]
-            runs.append((f"{row} seed {seed}", out, command))
+            runs.append(Run(f"{row} seed {seed}", out, command))
     return runs
-
-
-def _stop(processes: List[subprocess.Popen]) -> None:
-    """SIGTERM to all, then SIGKILL to any left after 20 s: each run keeps its last epoch
-    checkpoint (written atomically)."""
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    end = time.monotonic() + 20
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_slice(args: argparse.Namespace, plan: Sequence) -> bool:
     """Advances the plan within the budget; returns True when every run has finished."""
     deadline = time.monotonic() + 60 * args.budget_minutes
-    queue = pending_runs(args, plan)
-    gpus = visible_gpus()
-    running: Dict[str, Tuple[subprocess.Popen, Optional[str], object]] = {}
-    failed = []
-    while queue or running:
-        for name, (process, _, log) in list(running.items()):
-            if process.poll() is not None:
-                log.close()
-                del running[name]
-                print(f"[{name}] exited with {process.returncode}", flush=True)
-                if process.returncode != 0:
-                    failed.append(name)
-        if time.monotonic() > deadline:
-            _stop([process for process, _, _ in running.values()])
-            for name, (_, _, log) in running.items():
-                log.close()
-                print(f"[{name}] budget spent; the next call resumes it", flush=True)
-            return False
-        while queue and len(running) < args.parallel and deadline - time.monotonic() > 60:
-            name, out, command = queue.pop(0)
-            env = dict(os.environ)
-            gpu = None
-            if gpus:  # the GPU with the fewest of this call's runs on it
-                load = {g: sum(1 for _, used, _ in running.values() if used == g) for g in gpus}
-                gpu = min(gpus, key=lambda g: load[g])
-                env["CUDA_VISIBLE_DEVICES"] = gpu
-            os.makedirs(out, exist_ok=True)
-            log = open(os.path.join(out, "train.log"), "a")
-            print(f"[{name}] gpu {gpu}: {' '.join(command)}", flush=True)
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[name] = (process, gpu, log)
-        if not queue and not running:
-            break
-        if queue and deadline - time.monotonic() <= 60 and not running:
-            return False
-        time.sleep(2)
+    failed, _ = run_pool(pending_runs(args, plan), args.parallel, deadline, ROOT)
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)}; see train.log in their output directories")
     return not pending_runs(args, plan)

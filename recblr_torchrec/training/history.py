@@ -18,6 +18,19 @@ def write_history(rows: List[Dict[str, Any]], output_dir: str) -> None:
         writer.writerows(rows)
 
 
+def read_history(output_dir: str) -> List[Dict[str, Any]]:
+    """A run folder's per-epoch rows as :func:`write_history` wrote them (numbers as numbers, an
+    epoch without validation without its ``valid_`` keys); empty before the first epoch ends."""
+    path = os.path.join(output_dir, HISTORY_CSV)
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value} for row in rows
+    ]
+
+
 def plot_history(rows: List[Dict[str, Any]], output_dir: str, valid_metrics: List[str]) -> None:
     if not rows:
         return

@@ -1,5 +1,6 @@
 """The dense optimizer (and the local table's), chosen by ``train.optimizer``."""
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -43,7 +44,43 @@ def graph_lr(lr: float, device: torch.device) -> Tensor:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Sets every group's learning rate: in place where it is a tensor (a graphed step reads it)."""
     for group in optimizer.param_groups:
-        if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+        _set_group_lr(group, lr)
+
+
+def _set_group_lr(group: dict, lr: float) -> None:
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+class RateSchedule:
+    """``train.lr_schedule`` and ``train.warmup_steps``: a factor on each parameter group's own
+    configured rate (the dense optimizer's and the tables' fused optimizer's may differ), set
+    before every update from the run's global step, so a resumed run continues the curve."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.base = [float(group["lr"]) for group in optimizer.param_groups]
+        self.warmup = train.warmup_steps
+        self.cosine = train.lr_schedule == "cosine"
+        self.total = train.max_epochs * steps_per_epoch
+
+    @property
+    def active(self) -> bool:
+        """False for the paper's constant rate: nothing is set, nothing launched."""
+        return self.cosine or self.warmup > 0
+
+    def factor(self, step: int) -> float:
+        """The rate of update ``step`` (0-based) over the configured one."""
+        rate = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.cosine:
+            progress = min(max(step - self.warmup, 0) / max(self.total - self.warmup, 1), 1.0)
+            rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return rate
+
+    def apply(self, step: int) -> None:
+        """Sets every group's rate for update ``step``."""
+        factor = self.factor(step)
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            _set_group_lr(group, base * factor)

@@ -40,6 +40,7 @@ from ..evaluation import evaluate
 from ..modules import SequenceRecommender
 from .graphs import GraphedStep
 from .history import Board, plot_history, write_history
+from .optimizers import RateSchedule
 from .placement import LocalPlacement, placement_for, resolve_device, resolve_execution
 
 if TYPE_CHECKING:
@@ -188,6 +189,8 @@ class Trainer:
             self.model.compile_encoder(t.compile)
         apply_matmul_precision(t.precision)
         self.optimizer = p.optimizer(self.module, t)
+        steps = self.train_batches.batches_per_epoch
+        self.schedule = RateSchedule(self.optimizer, t, min(steps, t.max_steps_per_epoch or steps))
         self.graphed = GraphedStep(self.update) if t.cuda_graphs == "on" else None
         self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
@@ -350,11 +353,15 @@ class Trainer:
             dynamic_ncols=True,
             disable=None if self.is_main else True,  # None: no bar when stderr is a file, not a terminal
         )
+        if self.schedule.active:
+            self.schedule.apply(s["step"])
         for loss in self.placement.steps(bar, self):
             self.loss_sum += loss.double() / world  # summed on the device; read at log steps only
             s["examples"] += self.train_batches.global_batch_size(s["batch"])
             s["batch"] += 1
             s["step"] += 1
+            if self.schedule.active:
+                self.schedule.apply(s["step"])
             s["seconds"] = time.perf_counter() - start
             if self.fail_at_step and s["step"] == self.fail_at_step and self.placement.rank == 1 and _first_attempt():
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: simulated crash of rank 1")
@@ -475,11 +482,13 @@ class Trainer:
         }
 
     def finish(self) -> Dict[str, Any]:
-        """Evaluates the best checkpoint on valid and test (every rank); writes metrics.json."""
+        """Evaluates the best checkpoint on valid and test (valid alone with ``eval.test: false``;
+        every rank); writes metrics.json."""
         p = self.placement
         best = self.checkpoints.load_best({"model": p.model_state(self.module)})
         p.load_model_state(self.module, best["model"])
-        results = {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
+        splits = ("valid", "test") if self.config.eval.test else ("valid",)
+        results = {split: self.evaluate(split) for split in splits}
         rss = p.gather(round(peak_rss_mb(), 1))
         gpu = p.gather(
             round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else 0.0
@@ -490,7 +499,8 @@ class Trainer:
         if self.is_main:
             self._write_json(METRICS_JSON, summary)
             print(
-                f"best epoch {summary['best_epoch']} of {summary['epochs']}, evaluated on valid and test:", flush=True
+                f"best epoch {summary['best_epoch']} of {summary['epochs']}, evaluated on {' and '.join(splits)}:",
+                flush=True,
             )
             print(format_table(results), flush=True)
             if p.world_size > 1:
@@ -513,7 +523,7 @@ class Trainer:
                 "its results, not retrained (raise train.max_epochs or train.patience to go on):",
                 flush=True,
             )
-            print(format_table({split: summary[split] for split in ("valid", "test")}), flush=True)
+            print(format_table({split: summary[split] for split in ("valid", "test") if split in summary}), flush=True)
         return summary
 
 

@@ -107,8 +107,12 @@ def test_checkpoints_carry_the_hash_of_the_settings_that_matter(run):
     assert settings_hash(config("model.sasrec.num_heads=4")) == settings_hash(config())  # the unused encoder's
 
 
-def test_checkpoint_every_resumes_a_one_process_run_mid_epoch(tmp_path, data_dir):
+@pytest.mark.parametrize(
+    "schedule", [[], ["train.lr_schedule=cosine", "train.warmup_steps=3"]], ids=["constant", "cosine"]
+)
+def test_checkpoint_every_resumes_a_one_process_run_mid_epoch(tmp_path, data_dir, schedule):
     overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=2", "train.checkpoint_every=2"]
+    overrides += schedule  # a scheduled rate continues from the resumed step
     straight = Trainer(load_config(TINY, overrides), str(tmp_path / "a"), data_dir)
     straight.fit()
     interrupted = Trainer(load_config(TINY, overrides), str(tmp_path / "b"), data_dir)

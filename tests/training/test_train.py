@@ -191,3 +191,24 @@ def test_a_sampled_softmax_run_trains_and_evaluates_in_one_process(tmp_path, dat
     summary = trainer.finish()
     assert summary["epochs"] == 1 and 0 < summary["test"]["HR@20"] <= 1
     assert all(batch.candidates().numel() == 0 for batch in trainer.eval_batches["valid"])
+
+
+def test_the_rate_schedule_warms_up_then_follows_a_cosine_to_zero(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=2", "train.lr=0.01"]
+    scheduled = ["train.lr_schedule=cosine", "train.warmup_steps=4"]
+    trainer = Trainer(load_config(TINY, overrides + scheduled), str(tmp_path / "a"), data_dir)
+    schedule, steps = trainer.schedule, 2 * trainer.train_batches.batches_per_epoch
+    assert schedule.active and schedule.total == steps
+    assert [schedule.factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    middle = 4 + (steps - 4) // 2
+    assert abs(schedule.factor(middle) - 0.5) < 0.5 / (steps - 4) * 3.2
+    assert schedule.factor(steps - 1) < 0.05 and schedule.factor(steps + 10) == 0.0
+    trainer.fit()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * schedule.factor(steps))
+    constant = Trainer(load_config(TINY, overrides), str(tmp_path / "b"), data_dir)
+    assert not constant.schedule.active  # the paper's rate: nothing set between steps
+
+
+def test_sgd_cannot_capture_a_scheduled_rate():
+    with pytest.raises(ValueError, match="train.optimizer=sgd and a learning-rate schedule"):
+        load_config(TINY, ["train.optimizer=sgd", "train.warmup_steps=10", "train.cuda_graphs=on"])

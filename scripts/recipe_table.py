@@ -1,0 +1,209 @@
+"""The tuned recipe against the paper config: seeds of each row trained, then one results JSON.
+
+Per dataset three rows: the paper config (``configs/<dataset>/recblr-all-positions.yaml``: the
+paper's hyper-parameters with a loss at every position), the tuned RecBLR
+(``recblr-tuned.yaml``) and the tuned SASRec-style baseline (``sasrec-tuned.yaml``), each over
+``--seeds``, every row with the same execution settings (the shipped defaults: bf16 and CUDA
+graphs on a GPU). Runs share the visible GPUs, ``--parallel`` at a time, in resumable slices of
+``--budget-minutes`` (``recblr_torchrec.training.pool``); finished runs are not trained again.
+
+For each row the JSON holds every metric's mean and standard deviation over the seeds, the wall
+time to the best epoch (training and validation of every epoch up to it), and, for the tuned rows,
+the time to quality: the wall time until validation first reaches the paper config's best
+validation metric (mean over its seeds), over the paper config's wall time to its best epoch.
+
+    python scripts/recipe_table.py --data-dir DATA --runs-dir runs/recipe --parallel 15 \\
+        --out benchmarks/results/recipe_h100.json [--datasets beauty video_games] [--seeds 0 1 2 3 4]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from recblr_torchrec.config import add_overrides_argument
+from recblr_torchrec.training.history import read_history
+from recblr_torchrec.training.pool import Run, run_pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASETS = ("ml-1m", "beauty", "video_games")
+ROWS = (
+    ("paper config", "recblr-all-positions.yaml"),
+    ("tuned RecBLR", "recblr-tuned.yaml"),
+    ("tuned SASRec-style", "sasrec-tuned.yaml"),
+)
+METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
+
+
+def run_dir(runs_dir: str, dataset: str, row: str, seed: int) -> str:
+    return os.path.join(runs_dir, dataset, row.replace(" ", "-").lower(), f"seed{seed}")
+
+
+def plan(args: argparse.Namespace) -> List[Run]:
+    runs = []
+    for dataset in args.datasets:
+        for row, config in ROWS:
+            for seed in args.seeds:
+                out = run_dir(args.runs_dir, dataset, row, seed)
+                if os.path.isfile(os.path.join(out, "metrics.json")):
+                    continue
+                command = [sys.executable, os.path.join(ROOT, "launchers", "train.py")]
+                command += ["--config", os.path.join("configs", dataset, config), "--data-dir", args.data_dir]
+                command += ["--output-dir", out, "--set", f"train.seed={seed}"]
+                for item in args.overrides:
+                    command += ["--set", item]
+                runs.append(Run(f"{dataset} {row} seed {seed}", out, command))
+    return runs
+
+
+def one_run(out: str, metric: str) -> Optional[Dict[str, Any]]:
+    """A finished run's test metrics, best validation and its validation curve against wall time."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    wall, curve = 0.0, []
+    for row in read_history(out):
+        wall += row["seconds"] + row.get("valid_seconds", 0.0)
+        if f"valid_{metric}" in row:
+            curve.append([round(wall, 2), row[f"valid_{metric}"]])
+    best_epoch = summary["best_epoch"]
+    wall_to_best = sum(
+        row["seconds"] + row.get("valid_seconds", 0.0) for row in read_history(out) if row["epoch"] <= best_epoch
+    )
+    return {
+        "test": summary["test"],
+        "valid_best": summary["valid"][metric],
+        "best_epoch": best_epoch,
+        "epochs": summary["epochs"],
+        "train_seconds": round(summary["train_seconds"], 1),
+        "wall_to_best_s": round(wall_to_best, 1),
+        "valid_curve": curve,
+        "precision": summary["config"]["train"]["precision"],
+        "cuda_graphs": summary["config"]["train"]["cuda_graphs"],
+    }
+
+
+def _spread(values: List[float]) -> Dict[str, Optional[float]]:
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+    }
+
+
+def time_to(curve: List[List[float]], target: float) -> Optional[float]:
+    """The wall time at which the validation curve first reaches ``target`` (None: never)."""
+    return next((wall for wall, value in curve if value >= target), None)
+
+
+def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> List[Dict[str, Any]]:
+    rows = []
+    for dataset in args.datasets:
+        paper: Optional[Dict[str, Any]] = None
+        for row, config in ROWS:
+            runs = {seed: one_run(run_dir(args.runs_dir, dataset, row, seed), metric) for seed in args.seeds}
+            done = {seed: run for seed, run in runs.items() if run is not None}
+            if not done:
+                continue
+            entry: Dict[str, Any] = {
+                "dataset": dataset,
+                "row": row,
+                "config": f"configs/{dataset}/{config}",
+                "seeds": sorted(done),
+                "metrics": {name: _spread([run["test"][name] for run in done.values()]) for name in METRICS},
+                "valid_best": _spread([run["valid_best"] for run in done.values()]),
+                "wall_to_best_s": round(statistics.mean(run["wall_to_best_s"] for run in done.values()), 1),
+                "best_epoch": round(statistics.mean(run["best_epoch"] for run in done.values()), 1),
+            }
+            if paper is None:
+                paper = entry
+            else:
+                target = paper["valid_best"]["mean"]
+                reach = [time_to(run["valid_curve"], target) for run in done.values()]
+                entry["time_to_paper_valid_best_s"] = (
+                    round(statistics.mean(reach), 1) if all(t is not None for t in reach) else None
+                )
+                entry["seeds_reaching_paper_valid_best"] = sum(t is not None for t in reach)
+                if entry["time_to_paper_valid_best_s"] is not None:
+                    entry["time_to_quality_ratio"] = round(
+                        entry["time_to_paper_valid_best_s"] / paper["wall_to_best_s"], 3
+                    )
+                entry["ndcg10_over_paper_config"] = round(
+                    entry["metrics"]["NDCG@10"]["mean"] / paper["metrics"]["NDCG@10"]["mean"], 3
+                )
+            entry["runs"] = {str(seed): run for seed, run in done.items()}
+            rows.append(entry)
+    return rows
+
+
+def provenance(args: argparse.Namespace, argv: List[str]) -> Dict[str, Any]:
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "torchrec", "fbgemm_gpu"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # absent, or fbgemm without a version attribute
+            pass
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    )
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {
+        "hardware": f"one {gpu}, {args.parallel} runs sharing it" if torch.cuda.is_available() else "CPU",
+        "versions": versions,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python scripts/recipe_table.py " + " ".join(argv),
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
+    parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "recipe"))
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
+    parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
+    parser.add_argument("--out", help="the results JSON (default: <runs-dir>/recipe.json)")
+    parser.add_argument("--commit", help="the code's commit, where the checkout has no git metadata")
+    add_overrides_argument(parser, "overrides for every run (for a quick check; the table's rows use none)")
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("pass --data-dir or set RECBLR_DATA_DIR")
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel} must be >= 1")
+    failed, finished = run_pool(plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT)
+    result = {
+        "provenance": provenance(args, argv),
+        "what": "test metrics (full ranking) over seeds, paper config against the tuned recipe and the tuned "
+        "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
+        "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",
+        "finished": finished and not failed and not plan(args),
+        "rows": summarise(args),
+    }
+    out = args.out or os.path.join(args.runs_dir, "recipe.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    for row in result["rows"]:
+        print(f"{row['dataset']} {row['row']}: test NDCG@10 {row['metrics']['NDCG@10']}, seeds {row['seeds']}")
+    if failed:
+        print(f"runs failed: {', '.join(failed)}; see train.log in their folders")
+    print("all runs finished" if result["finished"] else "more to run: call again")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""A budgeted hyper-parameter search that selects on validation alone, resumable from its log.
+
+Trials are sampled from a search space (the encoder's default below, or ``--space FILE``), each a
+``launchers/train.py`` run of the base config with the trial's ``--set`` overrides, with
+``eval.test=false`` (the test split is never evaluated) and a training-time budget
+(``train.time_budget_s``, evaluation not counted; early stopping still applies). Successive
+halving (``--method halving``): every trial trains for the first budget, the best ``1/eta`` by
+best validation metric continue (the same run folder, a raised budget) to the next, and so on;
+``--method random`` trains every trial to the last budget. ``--parallel`` trials share the visible
+GPUs at a time (small models share one well).
+
+Everything goes to ``<out>/tune.json``: the space, every trial's overrides, and per rung its
+validation curve (the metric after each validated epoch, with the seconds spent), best value and
+epoch. A call stops at ``--budget-minutes``; the next call with the same ``--out`` continues from
+the log (trials still running resume from their checkpoints). The best trial's overrides are
+printed and written to ``<out>/best.txt``, ready for ``--set``.
+
+    python scripts/tune.py --config configs/beauty/recblr-all-positions.yaml --data-dir DATA \\
+        --out runs/tune/beauty-recblr --trials 27 --budgets 40 120 360 --eta 3 --parallel 9
+
+A space file maps a dotted key (or several joined by ``,``, sampled together) to a list of
+choices, ``{log_uniform: [low, high]}`` or ``{scale: [factors]}`` (one factor of the base config's
+values, rounded for integers)::
+
+    model.recblr.embedding_dim: [64, 128, 256]
+    train.lr: {log_uniform: [3.0e-4, 3.0e-3]}
+    data.max_len: {scale: [0.5, 1, 2]}
+    train.optimizer,train.weight_decay: [[adam, 0.0], [adamw, 0.1]]
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from recblr_torchrec.config import add_overrides_argument, dotted, load_config
+from recblr_torchrec.training.history import read_history
+from recblr_torchrec.training.pool import Run, run_pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG = "tune.json"
+
+# Training keys both encoders search; the protocol and its batch are drawn together (a batch of
+# windows for all positions; the paper's 2,048 prefixes), as are the schedule and its length.
+TRAIN_SPACE: Dict[str, Any] = {
+    "train.lr": {"log_uniform": [3e-4, 3e-3]},
+    "train.lr_schedule,train.max_epochs": [["constant", 400], ["cosine", 50], ["cosine", 100], ["cosine", 200]],
+    "train.warmup_steps": [0, 200],
+    "train.optimizer,train.weight_decay": [["adam", 0.0], ["adamw", 0.01], ["adamw", 0.1]],
+    "train.protocol,train.batch_size": [
+        ["all_positions", 64],
+        ["all_positions", 128],
+        ["all_positions", 256],
+        ["all_positions", 512],
+        ["prefixes", 2048],
+    ],
+    "train.label_smoothing": [0.0, 0.1, 0.2, 0.3],
+    "data.max_len": {"scale": [0.5, 1, 2]},
+}
+SPACES: Dict[str, Dict[str, Any]] = {
+    "recblr": {
+        "model.recblr.embedding_dim": [64, 128, 256],
+        "model.recblr.num_layers": [1, 2, 3, 4],
+        "model.recblr.expand": [1, 2],
+        "model.recblr.dropout": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        **TRAIN_SPACE,
+    },
+    "sasrec": {
+        "model.sasrec.embedding_dim": [64, 128, 256],
+        "model.sasrec.num_layers": [1, 2, 3, 4],
+        "model.sasrec.num_heads": [1, 2, 4],
+        "model.sasrec.dropout": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        **{key: value for key, value in TRAIN_SPACE.items() if key != "data.max_len"},
+        "data.max_len,model.sasrec.max_positions": {"scale": [0.5, 1, 2]},  # positions cover the length
+    },
+}
+
+
+def sample(space: Dict[str, Any], base: Dict[str, Any], rng: random.Random) -> List[str]:
+    """One trial's ``key=value`` overrides drawn from ``space`` (``base``: the base config, dotted)."""
+    overrides = []
+    for spec_key, spec in space.items():
+        keys = spec_key.split(",")
+        if isinstance(spec, dict) and "log_uniform" in spec:
+            low, high = spec["log_uniform"]
+            values = [float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.3g}")]
+        elif isinstance(spec, dict) and "scale" in spec:  # one factor for every key of the entry
+            factor = rng.choice(spec["scale"])
+            values = [max(1, round(base[k] * factor)) if isinstance(base[k], int) else base[k] * factor for k in keys]
+        elif isinstance(spec, list) and spec:
+            choice = rng.choice(spec)
+            values = list(choice) if len(keys) > 1 else [choice]
+        else:
+            raise ValueError(f"search space entry {spec_key}: {spec!r}; give a list, log_uniform or scale")
+        if len(values) != len(keys):
+            raise ValueError(f"search space entry {spec_key}: {spec!r} must give {len(keys)} values at a time")
+        overrides += [
+            f"{key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in zip(keys, values)
+        ]
+    return overrides
+
+
+def read_curve(out: str, metric: str) -> Optional[Dict[str, Any]]:
+    """A trial's validation curve from its per-epoch history (None before its first validation)."""
+    history = read_history(out)
+    curve = [
+        {"epoch": row["epoch"], "value": row[f"valid_{metric}"], "seconds": row["seconds"] + row["valid_seconds"]}
+        for row in history
+        if f"valid_{metric}" in row
+    ]
+    if not curve:
+        return None
+    best = max(curve, key=lambda point: point["value"])
+    return {
+        "curve": curve,
+        "best": best["value"],
+        "best_epoch": best["epoch"],
+        "epochs": history[-1]["epoch"],
+        "train_seconds": sum(row["seconds"] for row in history),
+    }
+
+
+class Search:
+    """The log and the halving rule (module docstring)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.path = os.path.join(args.out, LOG)
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.log = json.load(f)
+            self._check_same_search()
+            return
+        base = load_config(args.config, args.overrides)
+        if args.space:
+            with open(args.space) as f:
+                space = yaml.safe_load(f)
+        else:
+            space = SPACES[str(base.model.encoder)]
+        rng = random.Random(args.seed)
+        flat = dotted(base.to_dict())
+        trials = []
+        for index in range(args.trials):
+            overrides = sample(space, flat, rng)
+            load_config(args.config, args.overrides + overrides)  # a bad space fails before any run
+            trials.append({"id": f"t{index:03d}", "overrides": overrides, "rungs": {}})
+        budgets = args.budgets if args.method == "halving" else args.budgets[-1:]
+        self.log = {
+            "config": args.config,
+            "overrides": args.overrides,
+            "method": args.method,
+            "budgets_s": budgets,
+            "eta": args.eta,
+            "seed": args.seed,
+            "metric": base.eval.valid_metric,
+            "space": space,
+            "trials": trials,
+        }
+        self.save()
+
+    def _check_same_search(self) -> None:
+        given = {"config": self.args.config, "overrides": self.args.overrides, "method": self.args.method}
+        differs = [
+            f"{key}={value!r} (the log has {self.log[key]!r})" for key, value in given.items() if self.log[key] != value
+        ]
+        if differs:
+            raise SystemExit(
+                f"{self.path} holds another search: {', '.join(differs)}; use another --out or the log's settings"
+            )
+
+    def save(self) -> None:
+        os.makedirs(self.args.out, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.log, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def trial_dir(self, trial: Dict[str, Any]) -> str:
+        return os.path.join(self.args.out, "trials", trial["id"])
+
+    def alive(self, rung: int) -> List[Dict[str, Any]]:
+        """The trials that train in ``rung``: all in the first, then the best ``ceil(n / eta)``
+        of the previous rung by best validation value."""
+        trials = self.log["trials"]
+        if rung == 0:
+            return trials
+        previous = [t for t in self.alive(rung - 1) if "curve" in t["rungs"].get(str(rung - 1), {})]
+        previous.sort(key=lambda t: t["rungs"][str(rung - 1)]["best"], reverse=True)
+        return previous[: math.ceil(len(previous) / self.log["eta"])]
+
+    def command(self, trial: Dict[str, Any], budget: float) -> List[str]:
+        command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", self.log["config"]]
+        command += ["--output-dir", self.trial_dir(trial)]
+        if self.args.data_dir:
+            command += ["--data-dir", self.args.data_dir]
+        for item in self.log["overrides"] + trial["overrides"] + ["eval.test=false", f"train.time_budget_s={budget}"]:
+            command += ["--set", item]
+        return command
+
+    def run(self, deadline: float) -> bool:
+        """Advances the search until ``deadline``; True when every rung is done."""
+        for rung, budget in enumerate(self.log["budgets_s"]):
+            todo = [t for t in self.alive(rung) if str(rung) not in t["rungs"]]
+            by_id = {t["id"]: t for t in todo}
+
+            def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:
+                result = read_curve(run.out, self.log["metric"])
+                if code != 0:  # the search goes on without it; its log says why
+                    result = {"failed": code, "best": -1.0, "log": os.path.join(run.out, "train.log")}
+                if result is not None:
+                    by_id[run.name.split()[0]]["rungs"][str(rung)] = result
+                    self.save()
+
+            runs = [Run(f"{t['id']} rung {rung}", self.trial_dir(t), self.command(t, budget)) for t in todo]
+            failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record)
+            if failed:
+                print(f"trials failed (left out): {', '.join(failed)}; see train.log in their folders", flush=True)
+            if not finished:
+                return False
+            print(f"rung {rung} ({budget:g} s): {self.standings(rung)}", flush=True)
+        return True
+
+    def standings(self, rung: int) -> str:
+        done = [t for t in self.log["trials"] if "curve" in t["rungs"].get(str(rung), {})]
+        done.sort(key=lambda t: t["rungs"][str(rung)]["best"], reverse=True)
+        return ", ".join(f"{t['id']} {t['rungs'][str(rung)]['best']:.4f}" for t in done[:5])
+
+    def best(self) -> Optional[Dict[str, Any]]:
+        """The trial with the best validation value in the last rung any trial reached."""
+        for rung in reversed(range(len(self.log["budgets_s"]))):
+            done = [t for t in self.log["trials"] if "curve" in t["rungs"].get(str(rung), {})]
+            if done:
+                return max(done, key=lambda t: t["rungs"][str(rung)]["best"])
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the base config (a YAML file in configs/)")
+    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
+    parser.add_argument("--out", required=True, help="the search's folder: tune.json, best.txt, trials/")
+    parser.add_argument("--space", help="a YAML search space (default: the encoder's, in this script)")
+    parser.add_argument("--method", choices=["halving", "random"], default="halving")
+    parser.add_argument("--trials", type=int, default=27)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[60.0, 180.0, 540.0], help="seconds per rung")
+    parser.add_argument("--eta", type=int, default=3, help="1 in eta trials goes on to the next rung")
+    parser.add_argument("--parallel", type=int, default=1, help="trials at a time, spread over the visible GPUs")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
+    add_overrides_argument(parser, "overrides of the base config for every trial")
+    args = parser.parse_args(argv)
+    for name in ("trials", "parallel", "eta"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} must be >= 1")
+    if sorted(args.budgets) != args.budgets or args.budgets[0] <= 0:
+        parser.error(f"--budgets {args.budgets} must be positive and rising")
+    search = Search(args)
+    finished = search.run(time.monotonic() + 60 * args.budget_minutes)
+    best = search.best()
+    if best is not None:
+        with open(os.path.join(args.out, "best.txt"), "w") as f:
+            f.write(" ".join(best["overrides"]) + "\n")
+        top = max(best["rungs"], key=int)
+        print(f"best {best['id']}: valid {search.log['metric']} {best['rungs'][top]['best']:.4f} (rung {top})")
+        print("  --set " + " ".join(best["overrides"]))
+    print("search finished" if finished else f"more to run: call again with --out {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("recipe_table", os.path.join(ROOT, "scripts", "recipe_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tmp_path, data_dir, monkeypatch):
+    table = load_script()
+    monkeypatch.setattr(table, "DATASETS", ("ml-100k",))
+    monkeypatch.setattr(table, "ROWS", (("paper config", "recblr-ties.yaml"), ("tuned RecBLR", "recblr-ties.yaml")))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "recipe.json"
+    args = ["--data-dir", data_dir, "--runs-dir", str(tmp_path / "runs"), "--datasets", "ml-100k", "--seeds", "0", "1"]
+    args += ["--parallel", "2", "--out", str(out), "--set", "data.max_users=60", "model.recblr.embedding_dim=8"]
+    args += ["--set", "train.max_epochs=2", "train.device=cpu", f"data.cache_dir={tmp_path / 'c'}"]
+    assert table.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["finished"] and set(result["provenance"]) == {"hardware", "versions", "commit", "date", "command"}
+    paper, tuned = result["rows"]
+    assert paper["seeds"] == tuned["seeds"] == [0, 1]
+    runs = paper["runs"].values()
+    ndcg = [run["test"]["NDCG@10"] for run in runs]
+    assert paper["metrics"]["NDCG@10"]["mean"] == round(sum(ndcg) / 2, 4)
+    for run in runs:
+        assert len(run["valid_curve"]) == run["epochs"] == 2
+        assert run["wall_to_best_s"] <= run["valid_curve"][-1][0] + 0.1
+    # the same seeds of the same config: the tuned row reaches the paper row's mean best validation
+    assert tuned["seeds_reaching_paper_valid_best"] >= 1 and tuned["ndcg10_over_paper_config"] == 1.0
+    assert table.main(args) == 0  # finished runs are not trained again

@@ -1,0 +1,65 @@
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("tune", os.path.join(ROOT, "scripts", "tune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_spaces_give_configs_the_trainer_accepts():
+    import random
+
+    from recblr_torchrec.config import dotted, load_config
+
+    tune = load_script()
+    rng = random.Random(0)
+    for encoder, base in (
+        ("recblr", "configs/beauty/recblr-all-positions.yaml"),
+        ("sasrec", "configs/beauty/sasrec-paper.yaml"),
+    ):
+        flat = dotted(load_config(os.path.join(ROOT, base)).to_dict())
+        for _ in range(20):
+            overrides = tune.sample(tune.SPACES[encoder], flat, rng)
+            config = load_config(os.path.join(ROOT, base), overrides)
+            assert config.model.encoder == encoder
+            assert config.data.max_len in (25, 50, 100)  # scale of the base's 50
+
+
+def test_halving_selects_on_validation_resumes_from_its_log_and_refuses_another_search(tmp_path, data_dir, monkeypatch):
+    tune = load_script()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    space = tmp_path / "space.yaml"
+    space.write_text("model.recblr.num_layers: [1, 2]\ntrain.lr: {log_uniform: [1.0e-3, 3.0e-3]}\n")
+    out = str(tmp_path / "search")
+    args = ["--config", "configs/tiny.yaml", "--data-dir", data_dir, "--out", out, "--space", str(space)]
+    args += ["--trials", "3", "--budgets", "0.01", "0.02", "--eta", "2", "--parallel", "2"]
+    args += ["--set", "data.max_users=80", "model.recblr.embedding_dim=8", "train.max_epochs=2", "train.device=cpu"]
+    args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert tune.main(args) == 0
+    with open(os.path.join(out, "tune.json")) as f:
+        log = json.load(f)
+    assert [len(t["rungs"]) for t in log["trials"]].count(2) == 2  # ceil(3 / 2) went on
+    first = {t["id"]: t["rungs"]["0"]["best"] for t in log["trials"]}
+    promoted = [t["id"] for t in log["trials"] if "1" in t["rungs"]]
+    assert sorted(promoted) == sorted(sorted(first, key=first.get, reverse=True)[:2])
+    for trial in log["trials"]:
+        rung = trial["rungs"]["0"]
+        assert rung["curve"] and rung["best"] == max(point["value"] for point in rung["curve"])
+        with open(os.path.join(out, "trials", trial["id"], "metrics.json")) as f:
+            assert "test" not in json.load(f)  # never evaluated
+    best = max((t for t in log["trials"] if "1" in t["rungs"]), key=lambda t: t["rungs"]["1"]["best"])
+    with open(os.path.join(out, "best.txt")) as f:
+        assert f.read().split() == best["overrides"]
+    logs = {t["id"]: os.path.getsize(os.path.join(out, "trials", t["id"], "train.log")) for t in log["trials"]}
+    assert tune.main(args) == 0  # everything recorded: nothing trains again
+    assert logs == {t["id"]: os.path.getsize(os.path.join(out, "trials", t["id"], "train.log")) for t in log["trials"]}
+    with pytest.raises(SystemExit, match="holds another search: config="):
+        tune.main(["--config", "configs/ml-1m/recblr-cpu.yaml"] + args[2:])
