@@ -130,3 +130,29 @@ def test_bench_step_batch_carries_what_the_pipeline_carries():
     batch = bench.make_batch(3, 5, torch.device("cpu"))
     assert torch.equal(batch.target_rows, torch.nonzero(batch.targets, as_tuple=True)[0])
     assert batch.item_history.length_per_key_or_none() == [15]
+
+
+def test_the_sharded_benchmark_times_the_local_and_dmp_steps_and_the_sampled_softmax(tmp_path, data_dir, monkeypatch):
+    bench = load("bench_sharded")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(bench, "QUALITY_CONFIG", "configs/tiny.yaml")
+    small = ["data.max_users=60", "model.recblr.embedding_dim=8", "train.batch_size=32", "train.device=cpu"]
+    small += ["data.synthetic.num_items=2000", "data.synthetic.num_users=100", "train.num_negatives=64"]
+    small += [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=1", "distributed.timeout_s=60"]
+    out = tmp_path / "sharded.json"
+    args = ["--data-dir", data_dir, "--warmup", "2", "--steps", "3", "--out", str(out), "--set", *small]
+    args += ["--quality-seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--parallel", "2"]
+    result = bench.main(args)
+    assert json.loads(out.read_text()) == result
+    assert set(result["provenance"]) == {"hardware", "versions", "commit", "date", "command"}
+    cases = {row["case"]: row for row in result["cases"]}
+    assert list(cases) == ["local", "dmp", "synthetic"]
+    assert cases["local"]["placement"] == "LocalPlacement" and cases["dmp"]["placement"] == "ShardedPlacement"
+    assert cases["synthetic"]["loss"] == "sampled" and cases["synthetic"]["world_size"] == 1
+    for row in cases.values():
+        assert row["steps"] == 3 and row["sequences_per_s"] > 0 and row["step_ms"] >= row["host_ms"] > 0
+    # 3 steps of 32 sequences: the throughput counts exactly the timed steps' sequences
+    local = cases["local"]
+    assert abs(local["sequences_per_s"] * local["step_ms"] * 3 / 1e3 - 96) < 1
+    quality = {row["loss"]: row for row in result["quality"]}
+    assert set(quality) == {"full", "sampled"} and all(row["seeds"] == 1 for row in quality.values())

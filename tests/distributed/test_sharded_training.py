@@ -43,6 +43,8 @@ def test_sampled_softmax_trains_through_the_row_wise_sharded_table(tmp_path, dat
     for result in results:
         assert result["share"] == pytest.approx(result["local_share"], rel=1e-5)
         assert result["count"] > 0
+        assert len(result["rates"]) >= 2  # the tables' fused optimizer's groups beside the dense one's
+        assert result["rates"] == pytest.approx([base / 4 for base in result["base_rates"]])
     assert sum(r["changed"] for r in results) > 0
 
 

@@ -1,5 +1,6 @@
 """Functions run on each of 2 gloo ranks by the distributed tests (module level, so spawn can pickle them)."""
 
+import dataclasses
 import os
 from typing import Any, Dict
 
@@ -11,7 +12,7 @@ from recblr_torchrec.data.negatives import FullCatalog, SampledCandidates, item_
 from recblr_torchrec.distributed.env import DistEnv
 from recblr_torchrec.evaluation import evaluate
 from recblr_torchrec.modules import ContextConfig, SequenceRecommender
-from recblr_torchrec.training.optimizers import optimizer_factory
+from recblr_torchrec.training.optimizers import RateSchedule, optimizer_factory
 from recblr_torchrec.training.task import NextItemTask
 from recblr_torchrec.training.trainer import load_data
 
@@ -159,11 +160,15 @@ def sampled_softmax_step(rank: int, world: int, data_dir: str, cache: str) -> Di
     share.backward()
     opt.step()
     local_share, local_count = NextItemTask(reference, world)(batch)
+    schedule = RateSchedule(opt, dataclasses.replace(config.train, warmup_steps=4), steps_per_epoch=10)
+    schedule.apply(0)  # the first warm-up step: a quarter of each group's rate, the fused tables' too
     return {
         "share": float(share),
         "local_share": float(local_share),
         "count": int(stats[1]),
         "changed": sum(int((before[k] != v).any(dim=1).sum()) for k, v in _table(dmp).items()),
+        "rates": [float(group["lr"]) for group in opt.param_groups],
+        "base_rates": schedule.base,
     }
 
 
