@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -33,3 +34,16 @@ def golden_path() -> str:
     if not os.path.isfile(path):
         raise RuntimeError(f"golden vectors {path} not found beside the data folder")
     return path
+
+
+@pytest.fixture
+def script():
+    """Loads a repo script (``scripts/NAME.py``) as a module: ``script("tune")``."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,19 +1,9 @@
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_table", os.path.join(ROOT, "scripts", "paper_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_paper_table_runs_seeds_in_parallel_and_tabulates_them(tmp_path, data_dir, monkeypatch):
-    table = load_script()
+def test_paper_table_runs_seeds_in_parallel_and_tabulates_them(tmp_path, data_dir, monkeypatch, script):
+    table = script("paper_table")
     small = [
         "data.max_users=60",
         "model.recblr.embedding_dim=8",

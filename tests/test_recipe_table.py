@@ -1,19 +1,8 @@
-import importlib.util
 import json
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("recipe_table", os.path.join(ROOT, "scripts", "recipe_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tmp_path, data_dir, monkeypatch):
-    table = load_script()
+def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tmp_path, data_dir, monkeypatch, script):
+    table = script("recipe_table")
     monkeypatch.setattr(table, "DATASETS", ("ml-100k",))
     monkeypatch.setattr(table, "ROWS", (("paper config", "recblr-ties.yaml"), ("tuned RecBLR", "recblr-ties.yaml")))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

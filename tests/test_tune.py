@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 
@@ -7,19 +6,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("tune", os.path.join(ROOT, "scripts", "tune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_default_spaces_give_configs_the_trainer_accepts():
+def test_the_default_spaces_give_configs_the_trainer_accepts(script):
     import random
 
     from recblr_torchrec.config import dotted, load_config
 
-    tune = load_script()
+    tune = script("tune")
     rng = random.Random(0)
     for encoder, base in (
         ("recblr", "configs/beauty/recblr-all-positions.yaml"),
@@ -33,8 +25,10 @@ def test_the_default_spaces_give_configs_the_trainer_accepts():
             assert config.data.max_len in (25, 50, 100)  # scale of the base's 50
 
 
-def test_halving_selects_on_validation_resumes_from_its_log_and_refuses_another_search(tmp_path, data_dir, monkeypatch):
-    tune = load_script()
+def test_halving_selects_on_validation_resumes_from_its_log_and_refuses_another_search(
+    tmp_path, data_dir, monkeypatch, script
+):
+    tune = script("tune")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     space = tmp_path / "space.yaml"
     space.write_text("model.recblr.num_layers: [1, 2]\ntrain.lr: {log_uniform: [1.0e-3, 3.0e-3]}\n")
