@@ -11,7 +11,7 @@ GPUs at a time (small models share one well).
 
 Everything goes to ``<out>/tune.json``: the space, every trial's overrides, and per rung its
 validation curve (the metric after each validated epoch, with the seconds spent), best value and
-epoch. A call stops at ``--budget-minutes``; the next call with the same ``--out`` continues from
+epoch; a trial that fails is left out of the ranking, its exit status and the end of its log kept. A call stops at ``--budget-minutes``; the next call with the same ``--out`` continues from
 the log (trials still running resume from their checkpoints). The best trial's overrides are
 printed and written to ``<out>/best.txt``, ready for ``--set``.
 
@@ -126,6 +126,12 @@ def read_curve(out: str, metric: str) -> Optional[Dict[str, Any]]:
     }
 
 
+def _tail(path: str, lines: int = 20) -> List[str]:
+    """The last lines of a failed trial's log, kept in the search log beside its settings."""
+    with open(path, errors="replace") as f:
+        return [line.rstrip("\n") for line in f.readlines()[-lines:]]
+
+
 class Search:
     """The log and the halving rule (module docstring)."""
 
@@ -211,8 +217,8 @@ class Search:
 
             def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:
                 result = read_curve(run.out, self.log["metric"])
-                if code != 0:  # the search goes on without it; its log says why
-                    result = {"failed": code, "best": -1.0, "log": os.path.join(run.out, "train.log")}
+                if code != 0:  # the search goes on without it; the log keeps why
+                    result = {"failed": code, "best": -1.0, "log_tail": _tail(os.path.join(run.out, "train.log"))}
                 if result is not None:
                     by_id[run.name.split()[0]]["rungs"][str(rung)] = result
                     self.save()

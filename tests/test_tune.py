@@ -57,3 +57,20 @@ def test_halving_selects_on_validation_resumes_from_its_log_and_refuses_another_
     assert logs == {t["id"]: os.path.getsize(os.path.join(out, "trials", t["id"], "train.log")) for t in log["trials"]}
     with pytest.raises(SystemExit, match="holds another search: config="):
         tune.main(["--config", "configs/ml-1m/recblr-cpu.yaml"] + args[2:])
+
+
+def test_a_failed_trial_is_left_out_with_the_end_of_its_log(tmp_path, data_dir, monkeypatch, script):
+    tune = script("tune")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    space = tmp_path / "space.yaml"
+    space.write_text("train.device: [cuda]\n")  # valid as a setting, refused when the run starts on this CPU
+    out = str(tmp_path / "search")
+    args = ["--config", "configs/tiny.yaml", "--data-dir", data_dir, "--out", out, "--space", str(space)]
+    args += ["--trials", "2", "--budgets", "0.01", "--parallel", "2", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    assert tune.main(args) == 0
+    with open(os.path.join(out, "tune.json")) as f:
+        trials = json.load(f)["trials"]
+    for trial in trials:
+        failed = trial["rungs"]["0"]
+        assert failed["failed"] == 2 and "CUDA is not available" in "\n".join(failed["log_tail"])
+    assert not os.path.exists(os.path.join(out, "best.txt"))
