@@ -32,6 +32,7 @@ runs sharing the visible GPUs, ``--parallel`` at a time), and reports test NDCG@
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -111,7 +112,8 @@ def _sync(device: torch.device) -> None:
 def _launches_per_step(stream: Iterator, device: torch.device, steps: int) -> Optional[float]:
     if device.type != "cuda":
         return None
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]  # CUDA: runtime calls
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             next(stream)
         _sync(device)
@@ -144,6 +146,11 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
         launches = _launches_per_step(stream, device, min(steps, 10))
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
         t = trainer.config.train
+        gathered = placement.gather(peak)
+        del stream, trainer  # the next case's peak memory starts from nothing of this one
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return {
             "config": config.name,
             "placement": type(placement).__name__,
@@ -159,7 +166,7 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
             "step_ms": round(1e3 * wall / steps, 3),
             "host_ms": round(1e3 * host / steps, 3),
             "launches_per_step": launches,
-            "peak_gpu_mb_per_rank": placement.gather(peak),
+            "peak_gpu_mb_per_rank": gathered,
         }
 
 
@@ -254,6 +261,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
     data_dir = resolve_data_dir(args.data_dir)
+    data_dir = data_dir and os.path.abspath(data_dir)  # the quality runs start in the repo root
+    args.runs_dir = os.path.abspath(args.runs_dir)
     result: Dict[str, Any] = {"provenance": provenance(argv), "cases": []}
     torchrun = launched_by_torchrun()
     with contextlib.ExitStack() as stack:

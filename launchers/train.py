@@ -3,8 +3,9 @@
     python launchers/train.py --config configs/ml-1m/recblr-paper.yaml [--data-dir DIR] [--output-dir DIR]
                               [--set key=value ...]
 
-Writes <output-dir>/metrics.json ({"valid": {...}, "test": {...}, "config": {...}}), metrics.csv,
-curves.png and checkpoints/; running it again on the same output directory resumes the run.
+Writes <output-dir>/metrics.json ({"valid": {...}, "test": {...}, "config": {...}}; no "test" with
+eval.test=false), metrics.csv, curves.png and checkpoints/; running it again on the same output
+directory resumes the run.
 
 Unchanged under torchrun / TorchX (`torchx run -s local_cwd dist.ddp -j 1x2 --script launchers/train.py
 -- --config configs/tiny.yaml`): it finds RANK/WORLD_SIZE in the environment and trains with sharded

@@ -120,8 +120,8 @@ class TrainConfig:
     ``lr_schedule``: ``constant`` (the paper's) or ``cosine`` (from ``lr`` down to 0 at the end
     of ``max_epochs``); ``warmup_steps``: the learning rate rises linearly from ``lr /
     warmup_steps`` to ``lr`` over the first steps (0 = none). Both scale every optimizer's rate,
-    the tables' fused optimizer included; a run continued with a raised ``max_epochs`` stretches
-    the cosine from where it is.
+    the tables' fused optimizer included; a run continued with a raised ``max_epochs`` follows the
+    longer cosine from its step on (its rate jumps to that curve's).
     ``precision``: ``auto`` (``bf16`` on a CUDA device that supports it, else ``fp32``), ``fp32``;
     ``tf32`` (float32 tensors, the float32 matmuls of forward and backward on TF32 tensor cores:
     ``torch.set_float32_matmul_precision("high")`` for the process); or ``bf16`` (the forward and
@@ -378,6 +378,7 @@ EXECUTION_KEYS = frozenset(
         "train.graph_quantum",
         "eval.batch_size",
         "eval.item_chunk_size",
+        "eval.test",
         "distributed.backend",
         "distributed.timeout_s",
         "distributed.pipeline",

@@ -11,8 +11,10 @@ For each row the JSON holds every metric's mean and standard deviation over the 
 time to the best epoch (training and validation of every epoch up to it), and, for the tuned rows,
 the time to quality: the wall time until validation first reaches the paper config's best
 validation metric (mean over its seeds), over the paper config's wall time to its best epoch.
+Runs stopped before they finished are listed under ``unfinished`` with their progress (epochs,
+wall time, best validation so far).
 
-    python scripts/recipe_table.py --data-dir DATA --runs-dir runs/recipe --parallel 15 \\
+    python scripts/recipe_table.py --data-dir DATA --runs-dir runs/recipe --parallel 16 \\
         --out benchmarks/results/recipe_h100.json [--datasets beauty video_games] [--seeds 0 1 2 3 4]
 """
 
@@ -62,6 +64,22 @@ def plan(args: argparse.Namespace) -> List[Run]:
     return runs
 
 
+def progress(out: str, metric: str) -> Optional[Dict[str, Any]]:
+    """An unfinished run's progress: epochs, wall time and best validation so far (None before its
+    first validation)."""
+    history = read_history(out)
+    curve = [row for row in history if f"valid_{metric}" in row]
+    if not curve:
+        return None
+    best = max(curve, key=lambda row: row[f"valid_{metric}"])
+    return {
+        "epochs_done": history[-1]["epoch"],
+        "wall_s": round(sum(row["seconds"] + row.get("valid_seconds", 0.0) for row in history), 1),
+        f"valid_{metric}_best_so_far": round(best[f"valid_{metric}"], 4),
+        "at_epoch": best["epoch"],
+    }
+
+
 def one_run(out: str, metric: str) -> Optional[Dict[str, Any]]:
     """A finished run's test metrics, best validation and its validation curve against wall time."""
     path = os.path.join(out, "metrics.json")
@@ -103,44 +121,57 @@ def time_to(curve: List[List[float]], target: float) -> Optional[float]:
     return next((wall for wall, value in curve if value >= target), None)
 
 
-def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> List[Dict[str, Any]]:
-    rows = []
+def summarise_row(
+    dataset: str, row: str, config: str, done: Dict[int, Dict[str, Any]], paper: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """One row of the table from its finished runs (``one_run``, by seed); ``paper``: the paper
+    config's row of the dataset, for the tuned rows' ratios (None: no ratios)."""
+    runs = list(done.values())
+    entry: Dict[str, Any] = {
+        "dataset": dataset,
+        "row": row,
+        "config": f"configs/{dataset}/{config}",
+        "seeds": sorted(done),
+        "metrics": {name: _spread([run["test"][name] for run in runs]) for name in METRICS},
+        "valid_best": _spread([run["valid_best"] for run in runs]),
+        "wall_to_best_s": round(statistics.mean(run["wall_to_best_s"] for run in runs), 1),
+        "best_epoch": round(statistics.mean(run["best_epoch"] for run in runs), 1),
+    }
+    if paper is not None:
+        target = statistics.mean(run["valid_best"] for run in paper["runs"].values())  # unrounded
+        reach = [time_to(run["valid_curve"], target) for run in runs]
+        reached = statistics.mean(reach) if all(t is not None for t in reach) else None
+        entry["time_to_paper_valid_best_s"] = None if reached is None else round(reached, 1)
+        entry["seeds_reaching_paper_valid_best"] = sum(t is not None for t in reach)
+        if reached is not None:
+            entry["time_to_quality_ratio"] = round(reached / paper["wall_to_best_s"], 3)
+        ndcg = [statistics.mean(r["test"]["NDCG@10"] for r in rs) for rs in (runs, paper["runs"].values())]
+        entry["ndcg10_over_paper_config"] = round(ndcg[0] / ndcg[1], 3)
+    entry["runs"] = {str(seed): run for seed, run in done.items()}
+    return entry
+
+
+def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> Dict[str, List[Dict[str, Any]]]:
+    """The finished rows, and the runs not finished yet with their progress."""
+    rows, unfinished = [], []
     for dataset in args.datasets:
         paper: Optional[Dict[str, Any]] = None
         for row, config in ROWS:
-            runs = {seed: one_run(run_dir(args.runs_dir, dataset, row, seed), metric) for seed in args.seeds}
-            done = {seed: run for seed, run in runs.items() if run is not None}
+            done = {}
+            for seed in args.seeds:
+                out = run_dir(args.runs_dir, dataset, row, seed)
+                run = one_run(out, metric)
+                if run is not None:
+                    done[seed] = run
+                elif progress(out, metric) is not None:
+                    unfinished.append({"dataset": dataset, "row": row, "seed": seed, **progress(out, metric)})
             if not done:
                 continue
-            entry: Dict[str, Any] = {
-                "dataset": dataset,
-                "row": row,
-                "config": f"configs/{dataset}/{config}",
-                "seeds": sorted(done),
-                "metrics": {name: _spread([run["test"][name] for run in done.values()]) for name in METRICS},
-                "valid_best": _spread([run["valid_best"] for run in done.values()]),
-                "wall_to_best_s": round(statistics.mean(run["wall_to_best_s"] for run in done.values()), 1),
-                "best_epoch": round(statistics.mean(run["best_epoch"] for run in done.values()), 1),
-            }
-            if paper is None:
+            entry = summarise_row(dataset, row, config, done, None if row == ROWS[0][0] else paper)
+            if row == ROWS[0][0]:
                 paper = entry
-            else:
-                target = paper["valid_best"]["mean"]
-                reach = [time_to(run["valid_curve"], target) for run in done.values()]
-                entry["time_to_paper_valid_best_s"] = (
-                    round(statistics.mean(reach), 1) if all(t is not None for t in reach) else None
-                )
-                entry["seeds_reaching_paper_valid_best"] = sum(t is not None for t in reach)
-                if entry["time_to_paper_valid_best_s"] is not None:
-                    entry["time_to_quality_ratio"] = round(
-                        entry["time_to_paper_valid_best_s"] / paper["wall_to_best_s"], 3
-                    )
-                entry["ndcg10_over_paper_config"] = round(
-                    entry["metrics"]["NDCG@10"]["mean"] / paper["metrics"]["NDCG@10"]["mean"], 3
-                )
-            entry["runs"] = {str(seed): run for seed, run in done.items()}
             rows.append(entry)
-    return rows
+    return {"rows": rows, "unfinished": unfinished}
 
 
 def provenance(args: argparse.Namespace, argv: List[str]) -> Dict[str, Any]:
@@ -181,6 +212,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("pass --data-dir or set RECBLR_DATA_DIR")
+    for name in ("data_dir", "runs_dir", "out"):  # the runs start in the repo root
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     if args.parallel < 1:
         parser.error(f"--parallel {args.parallel} must be >= 1")
     failed, finished = run_pool(plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT)
@@ -190,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
         "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",
         "finished": finished and not failed and not plan(args),
-        "rows": summarise(args),
+        **summarise(args),
     }
     out = args.out or os.path.join(args.runs_dir, "recipe.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -11,9 +11,13 @@ GPUs at a time (small models share one well).
 
 Everything goes to ``<out>/tune.json``: the space, every trial's overrides, and per rung its
 validation curve (the metric after each validated epoch, with the seconds spent), best value and
-epoch; a trial that fails is left out of the ranking, its exit status and the end of its log kept. A call stops at ``--budget-minutes``; the next call with the same ``--out`` continues from
-the log (trials still running resume from their checkpoints). The best trial's overrides are
-printed and written to ``<out>/best.txt``, ready for ``--set``.
+epoch. A trial that exits with an error is run again (``--retries`` times, from its checkpoint);
+then it is left out of the ranking, its exit status and the end of its log kept. A call stops at
+``--budget-minutes``; the next call with the same ``--out`` continues from the log (trials still
+running resume from their checkpoints). The best trial's overrides are printed and written to
+``<out>/best.txt``, ready for ``--set``. Every search with the same ``--seed`` draws the same
+trials from a space of the same keys: give searches that should explore differently their own
+seeds.
 
     python scripts/tune.py --config configs/beauty/recblr-all-positions.yaml --data-dir DATA \\
         --out runs/tune/beauty-recblr --trials 27 --budgets 40 120 360 --eta 3 --parallel 9
@@ -35,7 +39,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -179,6 +183,12 @@ class Search:
             raise SystemExit(
                 f"{self.path} holds another search: {', '.join(differs)}; use another --out or the log's settings"
             )
+        kept = {"trials": len(self.log["trials"]), "eta": self.log["eta"], "seed": self.log["seed"]}
+        ignored = [
+            f"--{key} {getattr(self.args, key)}" for key, value in kept.items() if getattr(self.args, key) != value
+        ]
+        if ignored:
+            print(f"continuing {self.path}: its {', '.join(kept)} stand; {', '.join(ignored)} ignored", flush=True)
 
     def save(self) -> None:
         os.makedirs(self.args.out, exist_ok=True)
@@ -209,26 +219,41 @@ class Search:
             command += ["--set", item]
         return command
 
+    def _todo(self, rung: int) -> List[Dict[str, Any]]:
+        """The trials of ``rung`` without a result, failed ones while they have retries left."""
+        todo = []
+        for trial in self.alive(rung):
+            entry = trial["rungs"].get(str(rung))
+            if entry is None or ("failed" in entry and entry.get("attempts", 1) <= self.args.retries):
+                todo.append(trial)
+        return todo
+
     def run(self, deadline: float) -> bool:
         """Advances the search until ``deadline``; True when every rung is done."""
         for rung, budget in enumerate(self.log["budgets_s"]):
-            todo = [t for t in self.alive(rung) if str(rung) not in t["rungs"]]
-            by_id = {t["id"]: t for t in todo}
+            while True:
+                todo = self._todo(rung)
+                if not todo:
+                    break
+                by_id = {t["id"]: t for t in todo}
 
-            def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:
-                result = read_curve(run.out, self.log["metric"])
-                if code != 0:  # the search goes on without it; the log keeps why
-                    result = {"failed": code, "best": -1.0, "log_tail": _tail(os.path.join(run.out, "train.log"))}
-                if result is not None:
-                    by_id[run.name.split()[0]]["rungs"][str(rung)] = result
-                    self.save()
+                def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:
+                    trial = by_id[run.name.split()[0]]
+                    result = read_curve(run.out, self.log["metric"])
+                    if code != 0:  # run again while retries are left, then left out; the log keeps why
+                        attempts = trial["rungs"].get(str(rung), {}).get("attempts", 0) + 1
+                        tail = _tail(os.path.join(run.out, "train.log"))
+                        result = {"failed": code, "attempts": attempts, "best": -1.0, "log_tail": tail}
+                    if result is not None:
+                        trial["rungs"][str(rung)] = result
+                        self.save()
 
-            runs = [Run(f"{t['id']} rung {rung}", self.trial_dir(t), self.command(t, budget)) for t in todo]
-            failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record)
-            if failed:
-                print(f"trials failed (left out): {', '.join(failed)}; see train.log in their folders", flush=True)
-            if not finished:
-                return False
+                runs = [Run(f"{t['id']} rung {rung}", self.trial_dir(t), self.command(t, budget)) for t in todo]
+                failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record)
+                if failed:
+                    print(f"trials failed: {', '.join(failed)}; the end of each log is in {self.path}", flush=True)
+                if not finished:
+                    return False
             print(f"rung {rung} ({budget:g} s): {self.standings(rung)}", flush=True)
         return True
 
@@ -237,12 +262,12 @@ class Search:
         done.sort(key=lambda t: t["rungs"][str(rung)]["best"], reverse=True)
         return ", ".join(f"{t['id']} {t['rungs'][str(rung)]['best']:.4f}" for t in done[:5])
 
-    def best(self) -> Optional[Dict[str, Any]]:
-        """The trial with the best validation value in the last rung any trial reached."""
+    def best(self) -> Optional[Tuple[Dict[str, Any], int]]:
+        """The trial with the best validation value in the last rung any trial reached, and that rung."""
         for rung in reversed(range(len(self.log["budgets_s"]))):
             done = [t for t in self.log["trials"] if "curve" in t["rungs"].get(str(rung), {})]
             if done:
-                return max(done, key=lambda t: t["rungs"][str(rung)]["best"])
+                return max(done, key=lambda t: t["rungs"][str(rung)]["best"]), rung
         return None
 
 
@@ -260,20 +285,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
     add_overrides_argument(parser, "overrides of the base config for every trial")
+    parser.add_argument("--retries", type=int, default=1, help="runs of a failed trial again before it is left out")
     args = parser.parse_args(argv)
     for name in ("trials", "parallel", "eta"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be >= 1")
-    if sorted(args.budgets) != args.budgets or args.budgets[0] <= 0:
-        parser.error(f"--budgets {args.budgets} must be positive and rising")
+    rising = all(a < b for a, b in zip(args.budgets, args.budgets[1:]))
+    if not rising or args.budgets[0] <= 0 or args.retries < 0:
+        parser.error(f"--budgets {args.budgets} must be positive and strictly rising, --retries >= 0")
+    for name in ("config", "data_dir", "out", "space"):  # the trials run from the repo root
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     search = Search(args)
     finished = search.run(time.monotonic() + 60 * args.budget_minutes)
-    best = search.best()
-    if best is not None:
+    found = search.best()
+    if found is not None:
+        best, rung = found
         with open(os.path.join(args.out, "best.txt"), "w") as f:
             f.write(" ".join(best["overrides"]) + "\n")
-        top = max(best["rungs"], key=int)
-        print(f"best {best['id']}: valid {search.log['metric']} {best['rungs'][top]['best']:.4f} (rung {top})")
+        value = best["rungs"][str(rung)]["best"]
+        print(f"best {best['id']}: valid {search.log['metric']} {value:.4f} (rung {rung})")
         print("  --set " + " ".join(best["overrides"]))
     print("search finished" if finished else f"more to run: call again with --out {args.out}")
     return 0

@@ -38,7 +38,7 @@ def golden_path() -> str:
 
 @pytest.fixture
 def script():
-    """Loads a repo script (``scripts/NAME.py``) as a module: ``script("tune")``."""
+    """Loads one of the repo's scripts, by name, as a module: ``script("tune")``."""
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))

@@ -1,4 +1,6 @@
+import argparse
 import json
+import os
 
 
 def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tmp_path, data_dir, monkeypatch, script):
@@ -24,3 +26,15 @@ def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tm
     # the same seeds of the same config: the tuned row reaches the paper row's mean best validation
     assert tuned["seeds_reaching_paper_valid_best"] >= 1 and tuned["ndcg10_over_paper_config"] == 1.0
     assert table.main(args) == 0  # finished runs are not trained again
+    assert result["unfinished"] == []
+    # a paper-config run not finished yet: listed with its progress, and no row stands in for the paper config
+    for seed in (0, 1):
+        os.remove(tmp_path / "runs" / "ml-100k" / "paper-config" / f"seed{seed}" / "metrics.json")
+    namespace = argparse.Namespace(datasets=["ml-100k"], seeds=[0, 1], runs_dir=str(tmp_path / "runs"))
+    summary = table.summarise(namespace)
+    (tuned,) = summary["rows"]
+    assert tuned["row"] == "tuned RecBLR" and "time_to_quality_ratio" not in tuned
+    assert [(r["row"], r["seed"], r["epochs_done"]) for r in summary["unfinished"]] == [
+        ("paper config", 0, 2),
+        ("paper config", 1, 2),
+    ]

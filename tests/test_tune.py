@@ -72,5 +72,6 @@ def test_a_failed_trial_is_left_out_with_the_end_of_its_log(tmp_path, data_dir, 
         trials = json.load(f)["trials"]
     for trial in trials:
         failed = trial["rungs"]["0"]
-        assert failed["failed"] == 2 and "CUDA is not available" in "\n".join(failed["log_tail"])
+        assert failed["failed"] == 2 and failed["attempts"] == 2  # run once more, then left out
+        assert "CUDA is not available" in "\n".join(failed["log_tail"])
     assert not os.path.exists(os.path.join(out, "best.txt"))

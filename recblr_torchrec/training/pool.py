@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+TORCHRUN_VARIABLES = frozenset(
+    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK"}
+    | {"ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+)
+
 
 @dataclass
 class Run:
@@ -58,10 +63,28 @@ def run_pool(
 ) -> Tuple[List[str], bool]:
     """Runs ``runs``, ``parallel`` at a time, until ``deadline`` (``time.monotonic()``); none starts
     with less than ``min_start_s`` left. ``on_exit(run, returncode)`` is called as each ends.
-    Returns the names of the runs that failed and whether every run ended before the deadline."""
+    Returns the names of the runs that failed and whether every run ended before the deadline.
+    Paths in the commands must be absolute or relative to ``cwd``, where the runs start."""
     queue = list(runs)
     gpus = visible_gpus()
     running: Dict[str, Tuple[Run, subprocess.Popen, Optional[str], object]] = {}
+    try:
+        return _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s)
+    finally:  # an error or an interrupt here leaves no run behind
+        stop([process for _, process, _, _ in running.values() if process.poll() is None])
+
+
+def _child_env(gpu: Optional[str]) -> Dict[str, str]:
+    """This process's environment for a run, without torchrun's variables (a run started from a
+    rank of a torchrun job is a process of its own, not a rank of that job), on ``gpu``."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s) -> Tuple[List[str], bool]:
+    """:func:`run_pool`'s loop; ``running`` (name -> run, process, GPU, log) is the caller's to clean up."""
     failed: List[str] = []
     while queue or running:
         for name, (run, process, _, log) in list(running.items()):
@@ -81,16 +104,14 @@ def run_pool(
             return failed, False
         while queue and len(running) < parallel and deadline - time.monotonic() > min_start_s:
             run = queue.pop(0)
-            env = dict(os.environ)
             gpu = None
             if gpus:  # the GPU with the fewest of this pool's runs on it
                 load = {g: sum(1 for _, _, used, _ in running.values() if used == g) for g in gpus}
                 gpu = min(gpus, key=lambda g: load[g])
-                env["CUDA_VISIBLE_DEVICES"] = gpu
             os.makedirs(run.out, exist_ok=True)
             log = open(os.path.join(run.out, "train.log"), "a")
             print(f"[{run.name}] gpu {gpu}: {' '.join(run.command)}", flush=True)
-            process = subprocess.Popen(run.command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(run.command, cwd=cwd, env=_child_env(gpu), stdout=log, stderr=subprocess.STDOUT)
             running[run.name] = (run, process, gpu, log)
         if queue and not running and deadline - time.monotonic() <= min_start_s:
             return failed, False

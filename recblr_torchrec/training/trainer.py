@@ -515,8 +515,8 @@ class Trainer:
             return None
         with open(path) as f:
             summary = json.load(f)
-        if summary.get("epochs") != self.state["epoch"]:
-            return None
+        if summary.get("epochs") != self.state["epoch"] or (self.config.eval.test and "test" not in summary):
+            return None  # trained further, or finished without the test split that is now asked for
         if self.is_main:
             print(
                 f"{self.output_dir} is finished (best epoch {summary['best_epoch']} of {summary['epochs']}); "

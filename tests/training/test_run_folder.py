@@ -127,3 +127,11 @@ def test_checkpoint_every_resumes_a_one_process_run_mid_epoch(tmp_path, data_dir
     assert [row["train_loss"] for row in resumed.history] == [row["train_loss"] for row in straight.history]
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_run_finished_without_the_test_split_evaluates_it_when_asked(run, data_dir):
+    config, folder = run
+    summary = train(config("eval.test=false"), folder + "-valid-only", data_dir)
+    assert "test" not in summary and "valid" in summary
+    again = train(config(), folder + "-valid-only", data_dir)  # eval.test is not a learned setting
+    assert again["test"] and again["epochs"] == summary["epochs"]
