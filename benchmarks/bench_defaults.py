@@ -13,17 +13,18 @@ the run resolved; and the wall-time ratio shipped / fp32 eager.
 """
 
 import argparse
-import csv
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from recblr_torchrec.results import versions
+from recblr_torchrec.training.history import read_history, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"shipped": [], "fp32_eager": ["train.precision=fp32", "train.cuda_graphs=false"]}
@@ -48,11 +49,8 @@ def run_variant(config: str, data_dir: str, cache: str, settings: list, folder: 
     wall = time.perf_counter() - start
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    with open(os.path.join(folder, "metrics.json")) as f:
-        metrics = json.load(f)
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    validations = [float(row["valid_seconds"]) for row in rows if row.get("valid_seconds")]
+    metrics, rows = read_metrics(folder), read_history(folder)
+    validations = [row["valid_seconds"] for row in rows if row.get("valid_seconds")]
     return {
         "settings": settings,
         "process_wall_s": round(wall, 2),
@@ -64,8 +62,8 @@ def run_variant(config: str, data_dir: str, cache: str, settings: list, folder: 
         "test": metrics["test"],
         "precision": metrics["config"]["train"]["precision"],
         "cuda_graphs": metrics["config"]["train"]["cuda_graphs"],
-        "first_epoch_train_s": round(float(rows[0]["seconds"]), 2),
-        "later_epoch_train_s_median": round(sorted(float(row["seconds"]) for row in rows[1:])[len(rows[1:]) // 2], 3)
+        "first_epoch_train_s": round(rows[0]["seconds"], 2),
+        "later_epoch_train_s_median": round(sorted(row["seconds"] for row in rows[1:])[len(rows[1:]) // 2], 3)
         if len(rows) > 1
         else None,
         **marks,
@@ -97,7 +95,7 @@ def main() -> None:
         "what": "process wall time of a whole training run, start to metrics.json, each variant alone",
         "config": os.path.relpath(args.config, ROOT),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), **_versions()},
+        "versions": versions(),
         "commit": args.commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
@@ -115,16 +113,6 @@ def main() -> None:
             f"validations of {run['valid_s_mean']:.3f} s, {run['epochs']} epochs, test NDCG@10 "
             f"{run['test']['NDCG@10']:.4f} ({run['precision']}, CUDA graphs {run['cuda_graphs']})"
         )
-
-
-def _versions() -> dict:
-    found = {}
-    for name in ("triton", "torchrec", "fbgemm_gpu"):
-        try:
-            found[name] = __import__(name).__version__
-        except Exception:  # not installed, or no version attribute
-            pass
-    return found
 
 
 if __name__ == "__main__":

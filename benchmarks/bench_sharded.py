@@ -31,23 +31,23 @@ runs sharing the visible GPUs, ``--parallel`` at a time), and reports test NDCG@
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+from profile_train_loop import endless_batches, synchronize  # benchmarks/, this script's folder
 
 from recblr_torchrec.config import RunConfig, add_overrides_argument, load_config, resolve_data_dir
 from recblr_torchrec.distributed.env import launched_by_torchrun
+from recblr_torchrec.results import provenance, spread
+from recblr_torchrec.training.history import METRICS_JSON, read_metrics
 from recblr_torchrec.training.placement import LocalPlacement, resolve_device
 from recblr_torchrec.training.pool import Run, run_pool
 from recblr_torchrec.training.trainer import Trainer
@@ -93,22 +93,6 @@ def _join(stack: contextlib.ExitStack, config: RunConfig, torchrun: bool):
     return env
 
 
-def _endless(trainer: Trainer, counter: List[int]) -> Iterator:
-    """The trainer's batches epoch after epoch; ``counter[0]`` sums the global sequences handed out."""
-    epoch = 0
-    while True:
-        epoch += 1
-        trainer.train_batches.set_epoch(epoch)
-        for index, batch in enumerate(trainer.loader(trainer.train_batches)):
-            counter[0] += trainer.train_batches.global_batch_size(index)
-            yield batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _launches_per_step(stream: Iterator, device: torch.device, steps: int) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -116,7 +100,7 @@ def _launches_per_step(stream: Iterator, device: torch.device, steps: int) -> Op
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             next(stream)
-        _sync(device)
+        synchronize(device)
     return sum(1 for e in prof.events() if e.name in LAUNCH_EVENTS) / steps
 
 
@@ -127,12 +111,12 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
         trainer.module.train()
         device = trainer.device
         counter = [0]
-        stream = placement.steps(_endless(trainer, counter), trainer)
+        stream = placement.steps(endless_batches(trainer, counter), trainer)
         for _ in range(warmup):
             next(stream)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        synchronize(device)
         placement.barrier()
         first, host = counter[0], 0.0
         start = time.perf_counter()
@@ -140,7 +124,7 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
             t0 = time.perf_counter()
             next(stream)
             host += time.perf_counter() - t0
-        _sync(device)
+        synchronize(device)
         wall = time.perf_counter() - start
         sequences = counter[0] - first  # the pipeline's read-ahead is the same at both ends
         launches = _launches_per_step(stream, device, min(steps, 10))
@@ -193,7 +177,7 @@ def quality(args: argparse.Namespace, data_dir: str) -> List[Dict[str, Any]]:
         for seed in args.quality_seeds:
             out = os.path.join(args.runs_dir, row, f"seed{seed}")
             folders.setdefault(row, []).append(out)
-            if os.path.isfile(os.path.join(out, "metrics.json")):
+            if os.path.isfile(os.path.join(out, METRICS_JSON)):
                 continue
             command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", QUALITY_CONFIG]
             command += ["--data-dir", data_dir, "--output-dir", out, "--set", f"train.seed={seed}", *overrides]
@@ -203,12 +187,7 @@ def quality(args: argparse.Namespace, data_dir: str) -> List[Dict[str, Any]]:
         print(f"quality runs failed: {', '.join(failed)}; see train.log in their folders", flush=True)
     rows = []
     for row, outs in folders.items():
-        done = []
-        for out in outs:
-            path = os.path.join(out, "metrics.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    done.append(json.load(f))
+        done = [metrics for metrics in map(read_metrics, outs) if metrics is not None]
         if not done:
             continue
         entry: Dict[str, Any] = {
@@ -218,30 +197,10 @@ def quality(args: argparse.Namespace, data_dir: str) -> List[Dict[str, Any]]:
             "seeds": len(done),
         }
         for name in ("NDCG@10", "HR@10"):
-            values = [m["test"][name] for m in done]
-            spread = round(statistics.stdev(values), 4) if len(values) > 1 else None
-            entry[name] = {"mean": round(statistics.mean(values), 4), "std": spread}
+            entry[name] = spread(m["test"][name] for m in done)
         entry["train_seconds"] = round(statistics.mean(m["train_seconds"] for m in done), 1)
         rows.append(entry)
     return rows
-
-
-def provenance(argv: List[str]) -> Dict[str, Any]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "torchrec", "fbgemm_gpu"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # absent, or without a version attribute
-            pass
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    gpus = torch.cuda.device_count()
-    return {
-        "hardware": f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU ({os.cpu_count()} cores)",
-        "versions": versions,
-        "commit": commit or "unknown (no git metadata)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_sharded.py " + " ".join(argv),
-    }
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -263,7 +222,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data_dir = resolve_data_dir(args.data_dir)
     data_dir = data_dir and os.path.abspath(data_dir)  # the quality runs start in the repo root
     args.runs_dir = os.path.abspath(args.runs_dir)
-    result: Dict[str, Any] = {"provenance": provenance(argv), "cases": []}
+    gpus = torch.cuda.device_count()
+    hardware = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU ({os.cpu_count()} cores)"
+    command = "python benchmarks/bench_sharded.py " + " ".join(argv)
+    result: Dict[str, Any] = {"provenance": provenance(hardware, command, ROOT), "cases": []}
     torchrun = launched_by_torchrun()
     with contextlib.ExitStack() as stack:
         env = None

@@ -44,24 +44,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = tuple(os.path.join(ROOT, name) + os.sep for name in ("recblr_torchrec", "kernels"))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _batches(trainer: Trainer) -> Iterator:
-    """Training batches on the device, epoch after epoch, as ``Trainer.train_epoch`` feeds them."""
+def endless_batches(trainer: Trainer, counter: Optional[List[int]] = None) -> Iterator:
+    """Training batches, epoch after epoch, as ``Trainer.train_epoch`` feeds them; ``counter[0]``,
+    if given, sums the global sequences handed out."""
     epoch = 0
     while True:
         epoch += 1
         trainer.train_batches.set_epoch(epoch)
-        yield from trainer.loader(trainer.train_batches)
+        for index, batch in enumerate(trainer.loader(trainer.train_batches)):
+            if counter is not None:
+                counter[0] += trainer.train_batches.global_batch_size(index)
+            yield batch
 
 
 def _timed_steps(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, float]:
     """Runs ``steps`` steps; returns wall, loader-wait and host milliseconds per step."""
     device = trainer.device
-    _synchronize(device)
+    synchronize(device)
     wait = host = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -71,7 +75,7 @@ def _timed_steps(trainer: Trainer, batches: Iterator, steps: int) -> Dict[str, f
         trainer.train_step(batch)
         t2 = time.perf_counter()
         wait, host = wait + (t1 - t0), host + (t2 - t1)
-    _synchronize(device)
+    synchronize(device)
     wall = time.perf_counter() - start
     return {"wall_ms": 1e3 * wall / steps, "loader_wait_ms": 1e3 * wait / steps, "host_ms": 1e3 * host / steps}
 
@@ -165,7 +169,7 @@ def _profile(trainer: Trainer, batches: Iterator, steps: int, top: int) -> Dict:
     with _profiler(trainer.device) as prof:
         for _ in range(steps):
             trainer.train_step(next(batches))
-        _synchronize(trainer.device)
+        synchronize(trainer.device)
     events = prof.key_averages()
     host_ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     result = {
@@ -185,15 +189,15 @@ def profile_evaluation(trainer: Trainer, reps: int) -> Dict:
     """One validation pass (``Trainer.evaluate``, as after every epoch): its wall time over ``reps``
     passes after a first one, then one pass profiled (GPU busy time, operators, syncs)."""
     trainer.evaluate("valid")  # first pass: allocator, kernel compilation, the catalog cache
-    _synchronize(trainer.device)
+    synchronize(trainer.device)
     start = time.perf_counter()
     for _ in range(reps):
         trainer.evaluate("valid")
-    _synchronize(trainer.device)
+    synchronize(trainer.device)
     result = {"eval_wall_ms": 1e3 * (time.perf_counter() - start) / reps}
     with _profiler(trainer.device) as prof:
         trainer.evaluate("valid")
-        _synchronize(trainer.device)
+        synchronize(trainer.device)
     events = prof.key_averages()
     result["eval_ops"] = sum(e.count for e in events if e.key.startswith("aten::"))
     if trainer.device.type == "cuda":
@@ -208,7 +212,7 @@ def profile_loop(config, data_dir: Optional[str], warmup: int, steps: int, top: 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out, data_dir)
         trainer.model.train()
-        batches = _batches(trainer)
+        batches = endless_batches(trainer)
         for _ in range(warmup):
             trainer.train_step(next(batches))
         result = {"config": config.name, "device": str(trainer.device), "warmup": warmup, "steps": steps}

@@ -13,7 +13,6 @@ written to ``<runs-dir>/table.md`` after every call.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
+from recblr_torchrec.training.history import METRICS_JSON, read_metrics
 from recblr_torchrec.training.pool import Run, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Run]:
     for row, config, overrides in plan:
         for seed in args.seeds:
             out = run_dir(args.runs_dir, row, seed)
-            if os.path.isfile(os.path.join(out, "metrics.json")):
+            if os.path.isfile(os.path.join(out, METRICS_JSON)):
                 continue
             command = [sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", config]
             command += ["--data-dir", args.data_dir, "--output-dir", out, "--set", f"train.seed={seed}"]
@@ -150,12 +150,8 @@ def summarise(runs_dir: str, plan: Sequence, seeds: Sequence[int]) -> str:
         for model, values in rows.items():
             lines.append(f"| {dataset} {model} (paper) | - | " + " | ".join(f"{v:.4f}" for v in values) + " | - | - |")
     for row, _, _ in plan:
-        done: List[Dict] = []
-        for seed in seeds:
-            path = os.path.join(run_dir(runs_dir, row, seed), "metrics.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    done.append(json.load(f))
+        found = (read_metrics(run_dir(runs_dir, row, seed)) for seed in seeds)
+        done: List[Dict] = [metrics for metrics in found if metrics is not None]
         if not done:
             continue
         cells = [_cells([m["test"][name] for m in done]) for name in METRICS]

@@ -19,18 +19,16 @@ wall time, best validation so far).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
 from recblr_torchrec.config import add_overrides_argument
-from recblr_torchrec.training.history import read_history
+from recblr_torchrec.results import provenance, spread
+from recblr_torchrec.training.history import METRICS_JSON, read_history, read_metrics, wall_curve
 from recblr_torchrec.training.pool import Run, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +51,7 @@ def plan(args: argparse.Namespace) -> List[Run]:
         for row, config in ROWS:
             for seed in args.seeds:
                 out = run_dir(args.runs_dir, dataset, row, seed)
-                if os.path.isfile(os.path.join(out, "metrics.json")):
+                if os.path.isfile(os.path.join(out, METRICS_JSON)):
                     continue
                 command = [sys.executable, os.path.join(ROOT, "launchers", "train.py")]
                 command += ["--config", os.path.join("configs", dataset, config), "--data-dir", args.data_dir]
@@ -67,52 +65,36 @@ def plan(args: argparse.Namespace) -> List[Run]:
 def progress(out: str, metric: str) -> Optional[Dict[str, Any]]:
     """An unfinished run's progress: epochs, wall time and best validation so far (None before its
     first validation)."""
-    history = read_history(out)
-    curve = [row for row in history if f"valid_{metric}" in row]
-    if not curve:
+    curve = wall_curve(read_history(out), metric)
+    validated = [point for point in curve if point["value"] is not None]
+    if not validated:
         return None
-    best = max(curve, key=lambda row: row[f"valid_{metric}"])
+    best = max(validated, key=lambda point: point["value"])
     return {
-        "epochs_done": history[-1]["epoch"],
-        "wall_s": round(sum(row["seconds"] + row.get("valid_seconds", 0.0) for row in history), 1),
-        f"valid_{metric}_best_so_far": round(best[f"valid_{metric}"], 4),
+        "epochs_done": curve[-1]["epoch"],
+        "wall_s": round(curve[-1]["wall"], 1),
+        f"valid_{metric}_best_so_far": round(best["value"], 4),
         "at_epoch": best["epoch"],
     }
 
 
 def one_run(out: str, metric: str) -> Optional[Dict[str, Any]]:
     """A finished run's test metrics, best validation and its validation curve against wall time."""
-    path = os.path.join(out, "metrics.json")
-    if not os.path.isfile(path):
+    summary = read_metrics(out)
+    if summary is None:
         return None
-    with open(path) as f:
-        summary = json.load(f)
-    wall, curve = 0.0, []
-    for row in read_history(out):
-        wall += row["seconds"] + row.get("valid_seconds", 0.0)
-        if f"valid_{metric}" in row:
-            curve.append([round(wall, 2), row[f"valid_{metric}"]])
+    curve = wall_curve(read_history(out), metric)
     best_epoch = summary["best_epoch"]
-    wall_to_best = sum(
-        row["seconds"] + row.get("valid_seconds", 0.0) for row in read_history(out) if row["epoch"] <= best_epoch
-    )
     return {
         "test": summary["test"],
         "valid_best": summary["valid"][metric],
         "best_epoch": best_epoch,
         "epochs": summary["epochs"],
         "train_seconds": round(summary["train_seconds"], 1),
-        "wall_to_best_s": round(wall_to_best, 1),
-        "valid_curve": curve,
+        "wall_to_best_s": round(next(p["wall"] for p in curve if p["epoch"] == best_epoch), 1),
+        "valid_curve": [[round(p["wall"], 2), p["value"]] for p in curve if p["value"] is not None],
         "precision": summary["config"]["train"]["precision"],
         "cuda_graphs": summary["config"]["train"]["cuda_graphs"],
-    }
-
-
-def _spread(values: List[float]) -> Dict[str, Optional[float]]:
-    return {
-        "mean": round(statistics.mean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
     }
 
 
@@ -132,8 +114,8 @@ def summarise_row(
         "row": row,
         "config": f"configs/{dataset}/{config}",
         "seeds": sorted(done),
-        "metrics": {name: _spread([run["test"][name] for run in runs]) for name in METRICS},
-        "valid_best": _spread([run["valid_best"] for run in runs]),
+        "metrics": {name: spread([run["test"][name] for run in runs]) for name in METRICS},
+        "valid_best": spread([run["valid_best"] for run in runs]),
         "wall_to_best_s": round(statistics.mean(run["wall_to_best_s"] for run in runs), 1),
         "best_epoch": round(statistics.mean(run["best_epoch"] for run in runs), 1),
     }
@@ -163,8 +145,10 @@ def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> Dict[str, Li
                 run = one_run(out, metric)
                 if run is not None:
                     done[seed] = run
-                elif progress(out, metric) is not None:
-                    unfinished.append({"dataset": dataset, "row": row, "seed": seed, **progress(out, metric)})
+                    continue
+                so_far = progress(out, metric)
+                if so_far is not None:
+                    unfinished.append({"dataset": dataset, "row": row, "seed": seed, **so_far})
             if not done:
                 continue
             entry = summarise_row(dataset, row, config, done, None if row == ROWS[0][0] else paper)
@@ -174,27 +158,13 @@ def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> Dict[str, Li
     return {"rows": rows, "unfinished": unfinished}
 
 
-def provenance(args: argparse.Namespace, argv: List[str]) -> Dict[str, Any]:
+def hardware(parallel: int) -> str:
     import torch
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "torchrec", "fbgemm_gpu"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # absent, or fbgemm without a version attribute
-            pass
-    commit = (
-        args.commit
-        or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    )
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return {
-        "hardware": f"one {gpu}, {args.parallel} runs sharing it" if torch.cuda.is_available() else "CPU",
-        "versions": versions,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python scripts/recipe_table.py " + " ".join(argv),
-    }
+    if not torch.cuda.is_available():
+        return "CPU"
+    gpus = torch.cuda.device_count()
+    return f"{gpus} x {torch.cuda.get_device_name(0)}, up to {parallel} runs sharing each"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -219,7 +189,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--parallel {args.parallel} must be >= 1")
     failed, finished = run_pool(plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT)
     result = {
-        "provenance": provenance(args, argv),
+        "provenance": provenance(
+            hardware(args.parallel), "python scripts/recipe_table.py " + " ".join(argv), ROOT, args.commit
+        ),
         "what": "test metrics (full ranking) over seeds, paper config against the tuned recipe and the tuned "
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
         "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from recblr_torchrec.config import add_overrides_argument, dotted, load_config
-from recblr_torchrec.training.history import read_history
+from recblr_torchrec.training.history import read_history, wall_curve
 from recblr_torchrec.training.pool import Run, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,9 +114,9 @@ def read_curve(out: str, metric: str) -> Optional[Dict[str, Any]]:
     """A trial's validation curve from its per-epoch history (None before its first validation)."""
     history = read_history(out)
     curve = [
-        {"epoch": row["epoch"], "value": row[f"valid_{metric}"], "seconds": row["seconds"] + row["valid_seconds"]}
-        for row in history
-        if f"valid_{metric}" in row
+        {"epoch": p["epoch"], "value": p["value"], "seconds": p["seconds"]}
+        for p in wall_curve(history, metric)
+        if p["value"] is not None
     ]
     if not curve:
         return None

@@ -5,14 +5,12 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .. import __version__
 from ..checkpoint import TrainedModel, read_model
 from ..config import config_from_dict
 from ..data.ids import ITEM_IDS, find_item_ids, read_item_ids
@@ -21,6 +19,7 @@ from ..fields import plain
 from ..kernels import KernelBackend
 from ..modules import EncoderKind, SequenceRecommender, set_kernels
 from ..modules.recblr import RecBLRConfig
+from ..results import versions
 from .artifacts import RecBLRScorer, RecBLRStep
 from .ids import ItemIds
 
@@ -94,17 +93,6 @@ def sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def versions() -> Dict[str, str]:
-    found = {"recblr_torchrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import torchrec
-
-        found["torchrec"] = torchrec.__version__
-    except ImportError:
-        pass
-    return found
 
 
 def export(checkpoint: str, output_dir: str, aoti_batch: Optional[int] = None, aoti_k: int = 100) -> Dict[str, Any]:

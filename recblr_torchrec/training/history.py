@@ -1,11 +1,23 @@
-"""Per-epoch metrics to CSV, a PNG plot of the curves, and TensorBoard scalars."""
+"""A run folder's metrics: per epoch to CSV, a PNG plot of the curves and TensorBoard scalars,
+and the final ``metrics.json``; and reading them back."""
 
 import csv
+import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 HISTORY_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
+METRICS_JSON = "metrics.json"
+
+
+def read_metrics(output_dir: str) -> Optional[Dict[str, Any]]:
+    """A run folder's ``metrics.json`` (the final evaluation, written when the run finished), or None."""
+    path = os.path.join(output_dir, METRICS_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_history(rows: List[Dict[str, Any]], output_dir: str) -> None:
@@ -29,6 +41,17 @@ def read_history(output_dir: str) -> List[Dict[str, Any]]:
     return [
         {key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value} for row in rows
     ]
+
+
+def wall_curve(rows: List[Dict[str, Any]], metric: str) -> List[Dict[str, Any]]:
+    """Per epoch of a history: ``epoch``, ``value`` (``valid_<metric>``, None where it did not
+    validate), ``seconds`` (its training and validation) and ``wall`` (the seconds up to its end)."""
+    wall, curve = 0.0, []
+    for row in rows:
+        seconds = row["seconds"] + row.get("valid_seconds", 0.0)
+        wall += seconds
+        curve.append({"epoch": row["epoch"], "value": row.get(f"valid_{metric}"), "seconds": seconds, "wall": wall})
+    return curve
 
 
 def plot_history(rows: List[Dict[str, Any]], output_dir: str, valid_metrics: List[str]) -> None:

@@ -80,7 +80,9 @@ class RateSchedule:
         return rate
 
     def apply(self, step: int) -> None:
-        """Sets every group's rate for update ``step``."""
+        """Sets every group's rate for update ``step`` (nothing for the constant rate)."""
+        if not self.active:
+            return
         factor = self.factor(step)
         for group, base in zip(self.optimizer.param_groups, self.base):
             _set_group_lr(group, base * factor)

@@ -39,7 +39,7 @@ from ..errors import ConfigError, RunFolderError
 from ..evaluation import evaluate
 from ..modules import SequenceRecommender
 from .graphs import GraphedStep
-from .history import Board, plot_history, write_history
+from .history import METRICS_JSON, Board, plot_history, read_metrics, write_history
 from .optimizers import RateSchedule
 from .placement import LocalPlacement, placement_for, resolve_device, resolve_execution
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 from .seeding import restore_rng, rng_state, seed_everything
 from .task import NextItemTask
 
-METRICS_JSON = "metrics.json"
 RESOLVED_CONFIG_JSON = "resolved_config.json"
 FAIL_AT_STEP_ENV = "RECBLR_FAIL_AT_STEP"  # tests: crash rank 1 once at this global step
 
@@ -353,15 +352,13 @@ class Trainer:
             dynamic_ncols=True,
             disable=None if self.is_main else True,  # None: no bar when stderr is a file, not a terminal
         )
-        if self.schedule.active:
-            self.schedule.apply(s["step"])
+        self.schedule.apply(s["step"])
         for loss in self.placement.steps(bar, self):
             self.loss_sum += loss.double() / world  # summed on the device; read at log steps only
             s["examples"] += self.train_batches.global_batch_size(s["batch"])
             s["batch"] += 1
             s["step"] += 1
-            if self.schedule.active:
-                self.schedule.apply(s["step"])
+            self.schedule.apply(s["step"])
             s["seconds"] = time.perf_counter() - start
             if self.fail_at_step and s["step"] == self.fail_at_step and self.placement.rank == 1 and _first_attempt():
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: simulated crash of rank 1")
@@ -510,11 +507,9 @@ class Trainer:
     def finished_results(self) -> Optional[Dict[str, Any]]:
         """metrics.json of a run that was already finished when this process started (nothing
         trained now), printed again; None when it must be evaluated."""
-        path = os.path.join(self.output_dir, METRICS_JSON)
-        if self.epochs_trained or not os.path.isfile(path):
+        summary = None if self.epochs_trained else read_metrics(self.output_dir)
+        if summary is None:
             return None
-        with open(path) as f:
-            summary = json.load(f)
         if summary.get("epochs") != self.state["epoch"] or (self.config.eval.test and "test" not in summary):
             return None  # trained further, or finished without the test split that is now asked for
         if self.is_main:
