@@ -143,10 +143,13 @@ class TrainConfig:
     batch, fillers' ignored, so their target count varies inside a fixed shape. The quantum trades
     shapes for padding: 8,192 suits the paper's ML-1M prefix batches (~243k positions: 3 shapes,
     1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
-    3.6%). GPU only; single-process runs (RecBLR, or the SASRec-style encoder, whose padding is
-    then fixed at ``data.max_len``) with ``loss: full``, no micro-batches, and ``optimizer:
-    adam``/``adamw`` (built capturable: the learning rate is a tensor on the device, so setting
-    it between steps reaches the replays) or ``sgd`` (its learning rate is frozen into the graphs).
+    3.6%). A sampled candidate set is padded to a multiple of the quantum too. GPU only: one
+    process (RecBLR, or the SASRec-style encoder, whose padding is then fixed at
+    ``data.max_len``), or a sharded run's pipelined steps, whose dense part (everything after
+    the lookups) is captured (``recblr_torchrec/distributed/dense_step.py``); no micro-batches,
+    and ``optimizer: adam``/``adamw`` (built capturable: the learning rate is a tensor on the
+    device, so setting it between steps reaches the replays) or ``sgd`` (its learning rate is
+    frozen into the graphs).
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
@@ -231,7 +234,6 @@ class TrainConfig:
     def graph_blockers(self) -> List[str]:
         """Why these settings cannot capture a training step in CUDA graphs (empty: they can)."""
         reasons = {
-            "train.loss=sampled (its candidate count varies; use full)": self.loss is Loss.SAMPLED,
             f"train.micro_batch_size={self.micro_batch_size} (use 0)": self.micro_batch_size != 0,
             f"train.optimizer={self.optimizer} (use adam, adamw or sgd)": self.optimizer is Optimizer.ADAGRAD,
             "train.optimizer=sgd and a learning-rate schedule (its rate is frozen into the graphs; use adam)": (

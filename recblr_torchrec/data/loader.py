@@ -33,9 +33,11 @@ def make_batch(
     ``user_buckets`` > 0 adds the pooled context feature ``user_bucket`` (``batch.context``).
     ``pad = (quantum, longest)`` with quantum > 0 appends filler sequences (padding item 0, user -1,
     no targets; ``filler_lengths``, at most ``longest`` long) that round the position count up to
-    a multiple of ``quantum``. The model's sequences are independent, so the loss and its gradients
-    are the unpadded batch's. Padded all-positions batches list every position in ``target_rows``
-    (the fillers' targets are 0, which the loss ignores), so their row count is fixed by the shape.
+    a multiple of ``quantum``, and a sampled candidate set with padding ids 0 (log-Q +inf: no
+    part in the loss) to a multiple of ``quantum`` too. The model's sequences are independent, so
+    the loss and its gradients are the unpadded batch's. Padded all-positions batches list every
+    position in ``target_rows`` (the fillers' targets are 0, which the loss ignores), so their row
+    count is fixed by the shape.
     """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -62,13 +64,18 @@ def make_batch(
         targets = np.concatenate([targets, np.zeros(padding, dtype=targets.dtype)])
         users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
     context = user_bucket_features(users, user_buckets) if user_buckets else None
+    ids, log_q = (None, None) if candidates is None else candidates(targets[targets > 0], batch_number)
+    if pad[0] and log_q is not None:  # a sampled set: padding ids first, a multiple of the quantum in all
+        extra = -len(ids) % pad[0]
+        ids = np.concatenate([np.zeros(extra, dtype=np.int64), ids])
+        log_q = np.concatenate([np.full(extra, np.inf), log_q])
     filler_rows = 0
-    if samples.all_targets and pad[0] and candidates is None:  # every position: a fixed count per shape
+    if samples.all_targets and pad[0]:  # every position: a fixed count per shape
         rows = torch.arange(len(targets), dtype=torch.int64)
         filler_rows = padding
-    else:  # (the candidate losses take no padding targets)
+    else:
         rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
-    if candidates is None:
+    if ids is None:
         history = KeyedJaggedTensor(
             keys=[ITEM_HISTORY],
             values=torch.from_numpy(values),
@@ -84,8 +91,7 @@ def make_batch(
             target_rows=rows,
             filler_rows=filler_rows,
         )
-    ids, log_q = candidates(targets[targets > 0], batch_number)
-    bags = np.zeros(len(index), dtype=np.int64)
+    bags = np.zeros(len(lengths), dtype=np.int64)  # one bag per sequence, fillers included
     bags[0] = len(ids)
     history = KeyedJaggedTensor(
         keys=[ITEM_HISTORY, ITEM_CANDIDATES],
@@ -94,7 +100,8 @@ def make_batch(
         length_per_key=[len(values), len(ids)],
     )
     log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
-    return Batch(history, torch.from_numpy(targets), torch.from_numpy(users), log_q, context=context, target_rows=rows)
+    targets_t, users_t = torch.from_numpy(targets), torch.from_numpy(users)
+    return Batch(history, targets_t, users_t, log_q, context=context, target_rows=rows, filler_rows=filler_rows)
 
 
 class SampleBatches(Dataset):
@@ -109,7 +116,7 @@ class SampleBatches(Dataset):
     exactly the single-process batches. A rank whose share is empty gets one filler row, so that
     every rank runs the same number of steps (each step is a collective). ``candidates`` adds
     the loss's candidate set to every batch and ``user_buckets`` the pooled context feature
-    (see ``make_batch``). ``pad_quantum`` pads single-process batches with filler sequences
+    (see ``make_batch``). ``pad_quantum`` pads each rank's batches with filler sequences
     (``make_batch``), for CUDA graphs.
     """
 
@@ -178,7 +185,7 @@ class SampleBatches(Dataset):
         fillers = 0 if len(share) else 1
         share = share if len(share) else index[:1]
         key = self._key(number)
-        batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets)
+        batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets, self.pad)
         lengths = self.samples.lengths[index]
         batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
         return batch

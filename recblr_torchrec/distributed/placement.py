@@ -7,10 +7,12 @@ as the dense one would (``distributed.sharding.table_training``), replicated and
 dense optimizer. The dense part is replicated (DDP).
 Each rank takes its slice of every global batch, metrics are summed over the process group,
 checkpoints are DCP folders, and on GPU TrainPipelineSparseDist overlaps the next batches' copy
-and input all-to-all with the current step.
+and input all-to-all with the current step. A pipelined step runs its dense part (everything after
+the lookups, the dense update included) as one ``DenseStep``, replayed from CUDA graphs under
+``train.cuda_graphs`` (``dense_step.py``).
 """
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from ..config import Pipeline, RunConfig, TrainConfig
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..modules import SequenceRecommender
+from .dense_step import DenseStep, TablesOnly
 from .env import DistEnv, init_distributed
 from .sharding import build_optimizer, shard_model, table_training
 
@@ -32,7 +35,6 @@ class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
     loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
-    captures_steps = False  # train.cuda_graphs: auto is off here (check refuses on)
 
     def __init__(self, env: DistEnv, config: RunConfig):
         self.env = env
@@ -49,6 +51,9 @@ class ShardedPlacement:
         pipeline = config.distributed.pipeline
         wanted = pipeline is Pipeline.SPARSE_DIST or (pipeline is Pipeline.AUTO and env.device.type == "cuda")
         self.use_pipeline = wanted and self.tables.sharded  # it overlaps the sharded lookups' input distribution
+        # train.cuda_graphs captures the dense part of a pipelined step (distributed/dense_step.py)
+        self.captures_steps = self.use_pipeline and env.device.type == "cuda"
+        self.dense_step: Optional[DenseStep] = None  # built at the first epoch, its graphs kept for the next
 
     @classmethod
     def join(cls, config: RunConfig) -> "ShardedPlacement":
@@ -56,18 +61,18 @@ class ShardedPlacement:
         dc = config.distributed
         return cls(init_distributed(dc.backend.value, dc.timeout_s, config.train.device), config)
 
-    @staticmethod
-    def check(config: RunConfig) -> None:
+    def check(self, config: RunConfig) -> None:
         """Refuses what a sharded run cannot do, naming the fix."""
         if config.train.micro_batch_size:
             raise ConfigError(
                 "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
-        if config.train.cuda_graphs == "on":
+        if config.train.cuda_graphs == "on" and not self.captures_steps:
             raise ConfigError(
-                "train.cuda_graphs=on is for one-process runs (a sharded step's collectives and input "
-                "distribution are not captured here); set train.cuda_graphs=auto or off"
+                "train.cuda_graphs=on captures the dense part of a pipelined sharded step on a GPU, but this run "
+                f"has {'no pipeline' if self.device.type == 'cuda' else 'no GPU'} ({self.notice}); "
+                "set train.cuda_graphs=auto or off"
             )
 
     def wrap(self, task: nn.Module, config: RunConfig) -> nn.Module:
@@ -102,14 +107,23 @@ class ShardedPlacement:
 
     def steps(self, loader: Iterable[Batch], trainer: "Trainer") -> Iterator[Tensor]:
         """Each step's loss on this rank (``world_size`` times its share of the global mean):
-        plain steps, or TrainPipelineSparseDist's."""
+        plain steps, or TrainPipelineSparseDist's with the dense part as one ``DenseStep``."""
         if not self.use_pipeline:
             for batch in loader:
                 yield trainer.train_step(batch)
             return
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-        pipeline = TrainPipelineSparseDist(trainer.module, trainer.optimizer, self.device)
+        task = trainer.module.module  # past DDP: the dense step averages the dense gradients itself
+        if self.dense_step is None:
+            graphed = trainer.config.train.cuda_graphs == "on"
+            self.dense_step = DenseStep(
+                task, trainer.optimizer, self.world_size, trainer.autocast, graphed, self.process_group
+            )
+        task.dense_step = self.dense_step
+        pipeline = TrainPipelineSparseDist(
+            trainer.module, TablesOnly(trainer.optimizer), self.device, custom_model_fwd=task
+        )
         iterator = iter(loader)
         try:
             while True:
@@ -121,6 +135,7 @@ class ShardedPlacement:
                 yield stats[0]
         finally:
             pipeline.detach()  # the sharded modules' own forwards back, for evaluation
+            task.dense_step = None
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor)  # NCCL reduces GPU tensors: the trainer's sums live on the device

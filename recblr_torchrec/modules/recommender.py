@@ -200,10 +200,29 @@ class SequenceRecommender(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """The dense part on the lookups' outputs: ([N, d] hidden vectors, or [M, d] at packed
         ``rows``; [C, d] candidate embeddings, None when the features carry no candidates)."""
-        history = embedded[ITEM_HISTORY]
-        hidden = self._encode_with(history.values().to(self.dtype), history.offsets(), self._project(pooled), rows)
-        candidates = embedded.get(ITEM_CANDIDATES)
-        return hidden, None if candidates is None else candidates.values().to(self.dtype)
+        history, candidates = embedded[ITEM_HISTORY], embedded.get(ITEM_CANDIDATES)
+        return self.dense_forward(
+            history.values(),
+            history.offsets(),
+            None if candidates is None else candidates.values(),
+            None if pooled is None else pooled.values(),
+            rows,
+        )
+
+    def dense_forward(
+        self,
+        history: Tensor,
+        offsets: Tensor,
+        candidates: Optional[Tensor] = None,
+        pooled: Optional[Tensor] = None,
+        rows: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`after_lookup` on the lookups' tensors: [N, d] history rows and their [B+1]
+        offsets, [C, d] candidate rows, [B, w] pooled context (what a CUDA graph of the sharded
+        step's dense part reads, ``recblr_torchrec/distributed/dense_step.py``)."""
+        vectors = None if pooled is None else self.context_proj(pooled.to(self.dtype))
+        hidden = self._encode_with(history.to(self.dtype), offsets, vectors, rows)
+        return hidden, None if candidates is None else candidates.to(self.dtype)
 
     def _encode_with(
         self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor], rows: Optional[Tensor] = None

@@ -9,8 +9,10 @@ replays them with one launch. That needs a step without host syncs (the trainer'
 batch's target count varies inside a shape: its padded batches take the loss at every position and
 the loss ignores the fillers' padding targets (``full_softmax_loss(..., ignore_padding=True)``).
 
-``GraphedStep(step)`` wraps ``step(batch) -> loss`` (zero_grad, forward, backward and
-``optimizer.step()``; the optimizer built with ``capturable=True``). For a batch of a new shape it
+``GraphedStep(step)`` wraps ``step(batch, *tensors) -> loss`` (zero_grad, forward, backward and
+``optimizer.step()``; the optimizer built with ``capturable=True``); ``tensors`` are further inputs
+(the sharded step's looked-up rows, ``distributed.dense_step``) and the result may be a tuple of
+tensors. Each replay's results are copies (the next replay overwrites the graph's). For a batch of a new shape it
 runs ``step`` eagerly ``warmup`` times (real updates, on a side stream as CUDA graphs require);
 at the next batch of that shape it captures ``step`` on a copy of the batch and replays it. Later
 batches of that shape are copied into the captured copy and replayed. Shapes beyond
@@ -37,7 +39,7 @@ Example::
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -45,7 +47,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..data.batch import Batch
 
-StepFn = Callable[[Batch], Tensor]
+StepFn = Callable[..., Union[Tensor, Tuple[Tensor, ...]]]
 
 
 def _kjt_tensors(kjt: Optional[KeyedJaggedTensor]) -> List[Tensor]:
@@ -104,17 +106,25 @@ def copy_batch(batch: Batch) -> Batch:
     )
 
 
+def _signature(batch: Batch, tensors: Sequence[Tensor]) -> Hashable:
+    return batch_signature(batch), tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
 @dataclass
 class _Captured:
     graph: Any  # torch.cuda.CUDAGraph
     inputs: Batch  # the captured copy: replays read it
-    loss: Tensor  # written by each replay
+    tensors: List[Tensor]  # copies of the further inputs, read likewise
+    result: Union[Tensor, Tuple[Tensor, ...]]  # written by each replay
 
-    def replay(self, batch: Batch) -> Tensor:
-        for static, new in zip(batch_tensors(self.inputs), batch_tensors(batch)):
+    @torch.no_grad()
+    def replay(self, batch: Batch, tensors: Sequence[Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:
+        for static, new in zip(batch_tensors(self.inputs) + self.tensors, batch_tensors(batch) + list(tensors)):
             static.copy_(new, non_blocking=True)
         self.graph.replay()
-        return self.loss.clone()  # the next replay overwrites self.loss
+        if isinstance(self.result, Tensor):  # the next replay overwrites the results
+            return self.result.clone()
+        return tuple(t.clone() for t in self.result)
 
 
 class GraphedStep:
@@ -137,42 +147,46 @@ class GraphedStep:
         self._stream: Optional[torch.cuda.Stream] = None
         self._pool: Optional[Tuple[int, int]] = None
 
-    def __call__(self, batch: Batch) -> Tensor:
-        key = batch_signature(batch)
+    def __call__(self, batch: Batch, *tensors: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
+        key = _signature(batch, tensors)
         captured = self.graphs.get(key)
         if captured is not None:
             self.replays += 1
-            return captured.replay(batch)
+            return captured.replay(batch, tensors)
         self.seen[key] = self.seen.get(key, 0) + 1
         can_capture = self.failure is None and len(self.graphs) < self.max_graphs
         if can_capture and self.seen[key] > self.warmup:
-            captured = self._capture(batch)
+            captured = self._capture(batch, tensors)
             if captured is not None:
                 self.graphs[key] = captured
                 self.replays += 1
-                return captured.replay(batch)
+                return captured.replay(batch, tensors)
         self.eager_steps += 1
         if not can_capture:
-            return self.step(batch)
-        return self._on_side_stream(lambda: self.step(batch))
+            return self.step(batch, *tensors)
+        return self._on_side_stream(lambda: self.step(batch, *tensors))
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         return self._stream
 
-    def _on_side_stream(self, fn: Callable[[], Tensor]) -> Tensor:
+    def _on_side_stream(self, fn: Callable[[], Any]) -> Any:
         """``fn`` on the side stream that captures use (their warm-up must run there), ordered
-        after the current stream's work and before its next."""
+        after the current stream's work and before its next; its results marked as used by the
+        current stream (their memory is not reused on the side stream before that is done)."""
         side, current = self._side_stream(), torch.cuda.current_stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
             out = fn()
         current.wait_stream(side)
+        for tensor in [out] if isinstance(out, Tensor) else out:
+            tensor.record_stream(current)
         return out
 
-    def _capture(self, batch: Batch) -> Optional[_Captured]:
+    def _capture(self, batch: Batch, tensors: Sequence[Tensor]) -> Optional[_Captured]:
         inputs = copy_batch(batch)
+        statics = [t.detach().clone() for t in tensors]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()  # the copy and earlier steps done before capture
         try:
@@ -180,7 +194,7 @@ class GraphedStep:
             with torch.cuda.graph(
                 graph, pool=self._pool, stream=self._side_stream(), capture_error_mode="thread_local"
             ):
-                loss = self.step(inputs)
+                result = self.step(inputs, *statics)
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(f"CUDA graph capture failed, training steps stay eager: {self.failure}", stacklevel=3)
@@ -189,7 +203,7 @@ class GraphedStep:
         self.captures += 1
         if self._pool is None:
             self._pool = graph.pool()
-        return _Captured(graph, inputs, loss)
+        return _Captured(graph, inputs, statics, result)
 
     def stats(self) -> Dict[str, Any]:
         return {

@@ -107,6 +107,7 @@ def sampled_softmax_loss(
     candidates: Tensor,
     log_q: Tensor,
     check_targets: bool = True,
+    ignore_padding: bool = False,
 ) -> Tensor:
     """Mean sampled-softmax cross-entropy with log-Q correction and accidental hits masked.
 
@@ -117,18 +118,30 @@ def sampled_softmax_loss(
     Args:
         hidden: [M, d] user vectors at positions with a target.
         targets: [M] item ids, each present in ``candidate_ids``.
-        candidate_ids: [C] distinct item ids; candidates [C, d] their embeddings.
+        candidate_ids: [C] item ids, ascending, distinct except for leading padding ids 0 whose
+            ``log_q`` is +inf (they take no part: a batch padded to a fixed candidate count for
+            CUDA graphs, ``data.loader.make_batch``); candidates [C, d] their embeddings.
         log_q: [C] log expected count of each candidate in the sampled set.
         check_targets: raise a ValueError when a target is not in ``candidate_ids`` (one host
             sync on GPU); a caller whose sampler adds every target may skip it.
+        ignore_padding: rows whose target is the padding id 0 carry no loss and the mean is
+            over the others (0 when every row is padding), as in :func:`full_softmax_loss`.
     """
     if hidden.shape[0] == 0:
         raise ValueError("no positions carry a target in this batch")
-    order = torch.searchsorted(candidate_ids, targets)
-    order = order.clamp(max=candidate_ids.numel() - 1)
-    if check_targets and not bool((candidate_ids[order] == targets).all()):
-        raise ValueError("every target must be in the candidate set (the sampler adds the batch's targets)")
+    order = torch.searchsorted(candidate_ids, targets, right=True) - 1  # the last match: past the padding ids
+    order = order.clamp(min=0)
+    valid = targets > 0 if ignore_padding else None
+    if check_targets:
+        found = candidate_ids[order] == targets
+        if not bool(found.all() if valid is None else (found | ~valid).all()):
+            raise ValueError("every target must be in the candidate set (the sampler adds the batch's targets)")
     logits = (hidden @ candidates.T).float() - log_q[None, :].float()
     positive = logits.gather(1, order[:, None])
+    if valid is not None:  # a padding row's "positive" is a padding candidate at -inf: keep its row finite
+        positive = positive.masked_fill(~valid[:, None], 0.0)
     negatives = logits.masked_fill(candidate_ids[None, :] == targets[:, None], float("-inf"))
-    return (torch.logsumexp(torch.cat([positive, negatives], dim=1), dim=1) - positive[:, 0]).mean()
+    per_row = torch.logsumexp(torch.cat([positive, negatives], dim=1), dim=1) - positive[:, 0]
+    if valid is None:
+        return per_row.mean()
+    return (per_row * valid).sum() / valid.sum().clamp(min=1)

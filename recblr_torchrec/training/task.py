@@ -12,13 +12,14 @@ TrainPipelineSparseDist drives. The candidate set decides the loss:
   accidental hits masked (``losses.sampled_softmax_loss``).
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from ..data.batch import Batch
+from ..data.features import ITEM_CANDIDATES, ITEM_HISTORY
 from ..modules import SequenceRecommender
 from .losses import full_softmax_loss, sampled_softmax_loss
 
@@ -55,32 +56,57 @@ def encoded_loss(
     presence among the candidates; a trainer whose table was sized from its data and whose
     sampler adds every target may skip it. ``label_smoothing``: full softmax only.
     """
-    if candidates is None:  # one process: the catalog straight from the table
-        every = encoder_rows(batch, rows) is None  # all positions: the fillers of a graphed batch carry target 0
-        targets = batch.targets if every else batch.targets[rows]
+    every = encoder_rows(batch, rows) is None  # all positions: the fillers of a graphed batch carry target 0
+    if candidates is None or batch.candidate_log_q is None:  # the full softmax
+        if candidates is None:  # one process: the catalog straight from the table
+            catalog = model.item_table()
+        elif candidates.shape[0] != model.num_embeddings - 1:
+            raise ValueError(
+                f"full-softmax batches carry items 1..{model.num_embeddings - 1}, got {candidates.shape[0]} candidates"
+            )
+        else:  # looked up with the histories (sharded); row 0: padding, masked
+            catalog = torch.cat([candidates.new_zeros(1, candidates.shape[1]), candidates])
         return full_softmax_loss(
             hidden,
-            targets,
-            model.item_table(),
+            batch.targets if every else batch.targets[rows],
+            catalog,
             check_targets=check_targets,
             ignore_padding=every,
             label_smoothing=label_smoothing,
         )
-    targets = batch.targets[rows]
-    if batch.candidate_log_q is None:
-        if candidates.shape[0] != model.num_embeddings - 1:
-            raise ValueError(
-                f"full-softmax batches carry items 1..{model.num_embeddings - 1}, got {candidates.shape[0]} candidates"
-            )
-        catalog = torch.cat([candidates.new_zeros(1, candidates.shape[1]), candidates])  # row 0: padding, masked
-        return full_softmax_loss(hidden, targets, catalog, check_targets=check_targets, label_smoothing=label_smoothing)
+    targets = batch.targets if every else batch.targets[rows]
     if label_smoothing:
         raise ValueError(
             f"label_smoothing={label_smoothing} needs the full softmax, but this batch carries sampled candidates: "
             "set train.loss=full or train.label_smoothing=0"
         )
     ids, log_q = batch.candidates(), batch.candidate_log_q
-    return sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets=check_targets)
+    return sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets, ignore_padding=every)
+
+
+def dense_loss(
+    task: "NextItemTask",
+    batch: Batch,
+    history: Tensor,
+    offsets: Tensor,
+    candidates: Optional[Tensor] = None,
+    pooled: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Everything after the lookups, from their tensors (``SequenceRecommender.dense_forward``):
+    the task's ``(loss, stats)`` (see :class:`NextItemTask`)."""
+    model = task.model
+    rows = target_rows(batch)
+    hidden, candidates = model.dense_forward(history, offsets, candidates, pooled, encoder_rows(batch, rows))
+    # real targets (a graphed batch lists its fillers' positions too); host ints, so a replayed
+    # graph reports its capture's count in the stats (the trainer reads only the loss)
+    count = rows.numel() - batch.filler_rows
+    if count == 0:  # a filler row: zero loss that still touches every parameter (same collectives)
+        loss = hidden.sum() * 0.0 + (0.0 if candidates is None else candidates.sum() * 0.0)
+    else:
+        loss = encoded_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
+    scaled = loss * (count * task.world_size / batch.num_targets)
+    count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
+    return scaled, torch.stack([scaled.detach().float(), count_t])
 
 
 class _AfterLookup(nn.Module):
@@ -89,6 +115,8 @@ class _AfterLookup(nn.Module):
     TrainPipelineSparseDist fx-traces the model to find the sharded modules' inputs; modules
     without sharded children are leaves, so this keeps the data-dependent loss code out of the
     trace. It refers to its task without registering it (the parameters stay the recommender's).
+    When the task has a ``dense_step`` (the sharded step with its dense part graphed), that runs
+    the part instead.
     """
 
     def __init__(self, task: "NextItemTask"):
@@ -97,19 +125,16 @@ class _AfterLookup(nn.Module):
 
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
         task: NextItemTask = self.__dict__["task"]
-        model = task.model
-        rows = target_rows(batch)
-        hidden, candidates = model.after_lookup(embedded, pooled, encoder_rows(batch, rows))
-        # real targets (a graphed batch lists its fillers' positions too); host ints, so a replayed
-        # graph reports its capture's count in the stats (the trainer reads only the loss)
-        count = rows.numel() - batch.filler_rows
-        if count == 0:  # a filler row: zero loss that still touches every parameter (same collectives)
-            loss = hidden.sum() * 0.0 + (0.0 if candidates is None else candidates.sum() * 0.0)
-        else:
-            loss = encoded_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
-        scaled = loss * (count * task.world_size / batch.num_targets)
-        count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
-        return scaled, torch.stack([scaled.detach().float(), count_t])
+        history, candidates = embedded[ITEM_HISTORY], embedded.get(ITEM_CANDIDATES)
+        tensors = (
+            history.values(),
+            history.offsets(),
+            None if candidates is None else candidates.values(),
+            None if pooled is None else pooled.values(),
+        )
+        if task.dense_step is not None:
+            return task.dense_step(batch, *tensors)
+        return dense_loss(task, batch, *tensors)
 
 
 class NextItemTask(nn.Module):
@@ -139,6 +164,7 @@ class NextItemTask(nn.Module):
         self.check_targets = check_targets
         self.label_smoothing = label_smoothing
         self.dense = _AfterLookup(self)
+        self.dense_step: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None  # distributed/dense_step.py
 
     def forward(self, batch: Batch) -> Tuple[Tensor, Tensor]:
         embedded = self.model.item_embeddings(batch.item_history)

@@ -9,6 +9,7 @@ import pytest
 from .spawn import run_on_ranks
 from .workers import (
     kill_and_resume,
+    pipelined_dense_step,
     resume_on_fewer_ranks,
     sampled_softmax_step,
     sharded_equals_local,
@@ -154,3 +155,13 @@ def test_two_process_tiny_run_reaches_its_recorded_values_and_resumes_past_a_los
         assert result["losses"] == pytest.approx(recorded["train_loss"], rel=1e-6, abs=0)
         assert result["resumed_from"] == result["older"]  # the newest lost a shard file: the one before
         assert result["again"] == result["losses"]  # epoch 3 trained again, to the same loss
+
+
+def test_the_pipelined_step_with_its_dense_part_apart_equals_the_plain_sharded_step(tmp_path, data_dir, cache):
+    # two ranks: the dense gradients averaged by the dense step itself, not by DDP
+    for result in run_on_ranks(pipelined_dense_step, tmp_path, data_dir, cache):
+        plain, piped = result["losses"][:2], result["losses"][2:]
+        assert piped == pytest.approx(plain, rel=1e-6)
+        assert min(result["moved"].values()) > 0  # every dense tensor was updated ...
+        assert max(result["dense"].values()) < 1e-6, result["dense"]  # ... to the same values
+        assert max(result["tables"].values()) < 1e-6, result["tables"]

@@ -1,5 +1,6 @@
 """Functions run on each of 2 gloo ranks by the distributed tests (module level, so spawn can pickle them)."""
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Dict
@@ -298,3 +299,67 @@ def tiny_parity(rank: int, world: int, data_dir: str, cache: str, out: str, epoc
         "valid": [row["valid_NDCG@10"] for row in run.history],
         "test": summary["test"]["NDCG@10"],
     }
+
+
+def pipelined_dense_step(rank: int, world: int, data_dir: str, cache: str) -> Dict[str, Any]:
+    """Two steps through TrainPipelineSparseDist with the dense part as one DenseStep (called past
+    DDP, its gradients averaged by the step) against two plain DMP steps from the same weights."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from recblr_torchrec.distributed.dense_step import DenseStep, TablesOnly
+    from recblr_torchrec.distributed.sharding import build_optimizer, copy_into_sharded, shard_model
+
+    config = load_config(TINY, SMALL + [f"data.cache_dir={cache}", "model.recblr.dropout=0.0", "train.lr=0.05"])
+    data = load_data(config, data_dir)
+    num_embeddings = data.num_items + 1
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"), "gloo")
+    samples = training_samples(data, config.data.max_len, config.train.protocol)
+    mine = SampleBatches(
+        data, samples, 16, True, 7, rank, world, candidates=FullCatalog(num_embeddings), user_buckets=13
+    )
+    mine.set_epoch(1)
+    batches = [mine[0], mine[1]]
+    torch.manual_seed(0)
+    reference = SequenceRecommender(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
+    full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    config.train.optimizer = "adagrad"
+    dc = DistributedConfig(
+        sharding_types={"item": "row_wise", "context_user": "table_wise"}, sparse_optimizer="adagrad"
+    )
+    models, losses = [], []
+    for pipelined in (False, True):
+        meta = SequenceRecommender(num_embeddings, config.model, torch.device("meta"), True, CONTEXT)
+        dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
+        copy_into_sharded(dmp, full_state)
+        optimizer = build_optimizer(dmp, config.train)
+        if not pipelined:
+            for batch in batches:
+                optimizer.zero_grad()
+                share, stats = dmp(batch)
+                share.backward()
+                optimizer.step()
+                losses.append(float(stats[0]))
+        else:
+            task = dmp.module
+            task.dense_step = DenseStep(task, optimizer, world, contextlib.nullcontext, False)
+            pipeline = TrainPipelineSparseDist(dmp, TablesOnly(optimizer), env.device, custom_model_fwd=task)
+            stream = iter(batches)
+            losses += [float(pipeline.progress(stream)[0]) for _ in batches]
+            pipeline.detach()
+        models.append(dmp)
+    plain, piped = models
+    dense = {
+        name: float((value - piped.module.model.state_dict()[name]).abs().max())
+        for name, value in plain.module.model.state_dict().items()
+        if "embeddings" not in name
+    }
+    moved = {
+        name: float((value - reference.state_dict()[name]).abs().max())
+        for name, value in plain.module.model.state_dict().items()
+        if "embeddings" not in name
+    }
+    tables = {}
+    for key in (ITEM_WEIGHT, CONTEXT_WEIGHT):
+        a, b = _table(plain, key), _table(piped, key)
+        tables[key] = max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)  # table-wise: one rank
+    return {"losses": losses, "dense": dense, "moved": moved, "tables": tables}

@@ -40,9 +40,13 @@ def test_fillers_round_up_to_the_quantum_with_a_fixed_count_of_short_sequences()
         filler_lengths(10, 8, 1)
 
 
-@pytest.mark.parametrize("protocol", ["prefixes", "all_positions"])
-def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol):
-    plain = trainer(tmp_path, "a", data_dir, "model.recblr.dropout=0.0", f"train.protocol={protocol}")
+@pytest.mark.parametrize(
+    "protocol, loss",
+    [("prefixes", "full"), ("all_positions", "full"), ("prefixes", "sampled"), ("all_positions", "sampled")],
+)
+def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol, loss):
+    extra = [f"train.protocol={protocol}", f"train.loss={loss}", "train.num_negatives=300"]
+    plain = trainer(tmp_path, "a", data_dir, "model.recblr.dropout=0.0", *extra)
     plain.train_batches.set_epoch(1)
     batch = plain.train_batches[0]
     padded_batches = copy.copy(plain.train_batches)
@@ -59,6 +63,11 @@ def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir,
         assert torch.equal(padded.target_rows, torch.arange(padded.targets.numel()))
         assert batch.num_targets == positions == int(padded.targets.count_nonzero())
         assert padded.to(plain.device).num_targets == positions  # counted on the host, moved or not
+    if loss == "sampled":  # the candidate set padded with ids 0 in front, to a multiple of the quantum
+        ids, padded_ids = batch.candidates(), padded.candidates()
+        assert padded_ids.numel() % 512 == 0 and padded_ids.numel() > ids.numel()
+        assert torch.equal(padded_ids[-ids.numel() :], ids) and not padded_ids[: -ids.numel()].any()
+        assert torch.isinf(padded.candidate_log_q[: -ids.numel()]).all()
     losses, grads = [], []
     for b in (batch.to(plain.device), padded.to(plain.device)):
         plain.model.zero_grad(set_to_none=True)
@@ -89,7 +98,6 @@ def test_padded_epoch_has_few_shapes_and_copies_refill_in_order(tmp_path, data_d
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.loss=sampled", "train.loss=sampled"),
         ("train.micro_batch_size=8", "train.micro_batch_size=8"),
         ("train.optimizer=adagrad", "train.optimizer=adagrad"),
         ("train.graph_quantum=0", "train.graph_quantum=0"),
@@ -99,7 +107,7 @@ def test_steps_that_cannot_be_captured_are_refused_by_name(override, message):
     base = ["train.cuda_graphs=true", "train.protocol=prefixes"]
     with pytest.raises(ValueError, match=message):
         load_config(TINY, base + [override])
-    for allowed in ("model.encoder=sasrec", "train.optimizer=adamw"):  # padded to a bound; capturable
+    for allowed in ("model.encoder=sasrec", "train.optimizer=adamw", "train.loss=sampled"):  # padded to bounds
         load_config(TINY, base + [allowed])
 
 
@@ -115,24 +123,29 @@ def test_precision_and_cuda_graphs_default_to_auto_resolved_where_the_run_execut
     assert (resolved.precision, resolved.cuda_graphs) == ("bf16", "on")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
     assert resolve_execution(config, cuda).train.precision == "fp32"
-    for blocker in ("train.loss=sampled", "train.micro_batch_size=8", "train.optimizer=adagrad"):
+    for blocker in ("train.micro_batch_size=8", "train.optimizer=adagrad"):
         assert resolve_execution(load_config(TINY, [blocker]), cuda).train.cuda_graphs == "off", blocker
     pinned = resolve_execution(load_config(TINY, ["train.precision=fp32", "train.cuda_graphs=false"]), cuda).train
     assert (pinned.precision, pinned.cuda_graphs) == ("fp32", "off")  # the fp32 eager measurement
     assert load_config(TINY, ["train.cuda_graphs=true"]).train.cuda_graphs == "on"  # YAML booleans still read
 
 
-def test_sharded_runs_resolve_cuda_graphs_off():
+def test_sharded_runs_capture_the_dense_part_of_pipelined_gpu_steps_and_refuse_graphs_elsewhere():
+    from recblr_torchrec.distributed.env import DistEnv
     from recblr_torchrec.distributed.placement import ShardedPlacement
 
-    assert ShardedPlacement.captures_steps is False and LocalPlacement.captures_steps is True
+    def placement(device: str, *overrides: str):
+        config = load_config(TINY, ["train.precision=fp32", *overrides])
+        return ShardedPlacement(DistEnv(0, 1, 0, 1, torch.device(device), "gloo"), config), config
 
-
-def test_distributed_runs_refuse_cuda_graphs():
-    from recblr_torchrec.distributed.placement import ShardedPlacement
-
-    with pytest.raises(ValueError, match="one-process runs"):
-        ShardedPlacement.check(load_config(TINY, ["train.cuda_graphs=true", "train.protocol=prefixes"]))
+    gpu, config = placement("cuda")  # fused Adam shards the tables; the pipeline runs on GPU by default
+    assert gpu.captures_steps and resolve_execution(config, gpu).train.cuda_graphs == "on"
+    gpu.check(resolve_execution(config, gpu))
+    for device, overrides, reason in [("cpu", [], "no GPU"), ("cuda", ["distributed.pipeline=none"], "no pipeline")]:
+        other, config = placement(device, *overrides)
+        assert not other.captures_steps and resolve_execution(config, other).train.cuda_graphs == "off"
+        with pytest.raises(ValueError, match=reason):
+            other.check(load_config(TINY, ["train.cuda_graphs=true", *overrides]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -247,3 +260,44 @@ def test_graphs_of_two_shapes_sharing_a_pool_update_as_eager_steps_do(tmp_path, 
     assert len(shapes) >= 2 and len(shapes[1]) >= 4
     alternating = [batch for pair in zip(shapes[0][:4], shapes[1][:4]) for batch in pair]  # A, B, A, B, ...
     assert_same_updates(eager, graphed, alternating, {"graphs": 2, "captures": 2, "replays": 4, "eager_steps": 4})
+
+
+@GPU
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_the_sharded_steps_dense_part_replays_as_it_runs_eagerly(tmp_path, data_dir, monkeypatch, loss):
+    import itertools
+    import socket
+
+    import torch.distributed as dist
+
+    from recblr_torchrec.distributed.env import init_distributed
+    from recblr_torchrec.distributed.placement import ShardedPlacement
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    env = init_distributed("nccl", 60, "cuda")  # DMP on one GPU, its pipeline and fused Adam
+    losses, weights = {}, {}
+    try:
+        for graphs in ("false", "true"):  # 64 prefixes of <= 50 items padded to one shape of 8,192 positions
+            extra = [f"train.cuda_graphs={graphs}", "train.graph_quantum=8192", "model.recblr.dropout=0.0"]
+            extra += [f"train.loss={loss}", "train.num_negatives=300"]  # sampled: padded to 8,192 candidates
+            config = load_config(TINY, PREFIXES + [f"data.cache_dir={tmp_path / 'cache'}", *extra])
+            placement = ShardedPlacement(env, config)
+            run = Trainer(config, str(tmp_path / graphs), data_dir, placement)
+            run.module.train()
+            run.train_batches.set_epoch(1)
+            steps = placement.steps(run.loader(run.train_batches), run)
+            losses[graphs] = torch.stack([loss.float() for loss in itertools.islice(steps, 6)])
+            steps.close()
+            weights[graphs] = {k: v.detach().clone() for k, v in run.model.encoder.state_dict().items()}
+        stats = placement.dense_step.stats()
+    finally:
+        dist.destroy_process_group()
+    assert stats == {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2, "failure": None}
+    torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-4, atol=1e-6)
+    for name, want in weights["false"].items():
+        torch.testing.assert_close(weights["true"][name], want, rtol=1e-3, atol=1e-4, msg=name)

@@ -107,6 +107,30 @@ def test_sampled_loss_over_the_whole_catalog_without_correction_is_the_full_loss
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_padding_candidates_and_padding_rows_take_no_part_in_the_sampled_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    ids, log_q = torch.tensor([2, 3, 5, 8, 9]), torch.rand(5, dtype=torch.float64)
+    targets = torch.tensor([3, 9, 0, 2, 0, 3])  # rows 2 and 4: fillers' padding targets
+    real = targets > 0
+    want = sampled_softmax_loss(hidden[real], targets[real], ids, candidates, log_q)
+    padded_ids = torch.cat([torch.zeros(3, dtype=torch.int64), ids])  # a fixed candidate count for CUDA graphs
+    padded_rows = torch.cat([torch.zeros(3, 4, dtype=torch.float64), candidates])
+    padded_log_q = torch.cat([torch.full((3,), float("inf"), dtype=torch.float64), log_q])
+    got = sampled_softmax_loss(hidden, targets, padded_ids, padded_rows, padded_log_q, ignore_padding=True)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (hidden, candidates)), torch.autograd.grad(want, (hidden, candidates))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    assert (
+        float(
+            sampled_softmax_loss(hidden, torch.zeros(6, dtype=torch.int64), ids, candidates, log_q, ignore_padding=True)
+        )
+        == 0.0
+    )
+
+
 def test_log_q_correction_lowers_the_logits_of_frequently_sampled_candidates():
     hidden = torch.ones(1, 2)
     candidates = torch.ones(3, 2)  # equal raw logits

@@ -1,0 +1,143 @@
+"""The sharded training step with its dense part replayed from a CUDA graph.
+
+TorchRec's sharded lookups cannot be captured: the input distribution reads the batch's lengths on
+the host to size its all-to-all, and TrainPipelineSparseDist runs it for the next batch on a side
+stream while the current one trains. Everything after the lookups can: the encoder, the loss, their
+backward to the looked-up rows and to the dense parameters, the dense gradients' all-reduce and the
+dense optimizer, about a thousand kernel launches a step that the host otherwise issues one by one.
+So a sharded step has three parts:
+
+1. the lookups, eager, driven by the pipeline (its input distribution overlapped as before);
+2. :class:`DenseStep`: from the looked-up rows to their gradients, the dense update included,
+   one replay of a CUDA graph per batch shape (``training.graphs.GraphedStep``), or eager;
+3. the lookups' backward, eager: the rows' gradients go back through the output all-to-all into
+   FBGEMM's fused optimizer, which updates the tables.
+
+Parts 2 and 3 meet in an autograd function whose forward runs part 2 and whose backward hands its
+row gradients to the lookups, so the pipeline's own ``backward()`` runs part 3 unchanged. The model
+is called past DistributedDataParallel (whose gradient hooks stay idle when its forward is not
+called); the dense gradients are summed over the ranks in one flat all-reduce and divided by the
+world size, as DDP averages them. The pipeline's optimizer is :class:`TablesOnly`: the fused table
+optimizer's ``zero_grad``/``step`` (they set its learning rate), the dense update being in part 2.
+"""
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..data.batch import Batch
+from ..training.graphs import GraphedStep
+from ..training.task import NextItemTask, dense_loss
+
+
+def split_optimizer(optimizer) -> Tuple[object, torch.optim.Optimizer]:
+    """(the fused table optimizer, the dense one) of ``sharding.build_optimizer``'s CombinedOptimizer."""
+    optimizers = dict(optimizer._optims)
+    return optimizers["sparse"], optimizers["dense"]
+
+
+class TablesOnly:
+    """The optimizer TrainPipelineSparseDist drives when the dense update is part of the dense step:
+    only the fused table optimizer's ``zero_grad`` and ``step`` (they read its learning rate; the
+    tables themselves are updated in backward)."""
+
+    def __init__(self, optimizer):
+        self.tables, _ = split_optimizer(optimizer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.tables.zero_grad()
+
+    def step(self, closure: Optional[Callable] = None) -> None:
+        self.tables.step()
+
+
+class _Handover(torch.autograd.Function):
+    """Forward: the dense step (its own forward and backward); backward: the rows' gradients it
+    computed, to the lookups (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, step: "DenseStep", batch: Batch, offsets: Tensor, *rows: Tensor):
+        loss, stats, *grads = step.run(batch, offsets, *rows)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_stats: Optional[Tensor]):
+        grads = [grad * grad_loss for grad in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, *grads)
+
+
+class DenseStep:
+    """Part 2 of the sharded step (module docstring) for ``task``, with ``optimizer``'s dense half.
+
+    Call it as ``_AfterLookup`` does (``task.dense_step``): ``(batch, history rows, offsets,
+    candidate rows or None, pooled context or None) -> (loss, stats)``, the loss differentiable
+    with respect to the looked-up rows only. ``graphed``: replay from CUDA graphs
+    (``train.cuda_graphs``); else the same step runs eagerly. ``autocast``: the run's autocast
+    context factory.
+    """
+
+    def __init__(
+        self,
+        task: NextItemTask,
+        optimizer,
+        world_size: int,
+        autocast: Callable,
+        graphed: bool,
+        process_group: Optional[dist.ProcessGroup] = None,
+    ):
+        self.task = task
+        _, self.dense = split_optimizer(optimizer)
+        self.params: List[Tensor] = [p for group in self.dense.param_groups for p in group["params"]]
+        self.world_size = world_size
+        self.process_group = process_group
+        self.autocast = autocast
+        self.graphed = GraphedStep(self._step) if graphed else None
+        self.layout: Tuple[bool, bool] = (False, False)  # which optional inputs this model's steps carry
+
+    def __call__(
+        self, batch: Batch, history: Tensor, offsets: Tensor, candidates: Optional[Tensor], pooled: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        self.layout = (candidates is not None, pooled is not None)
+        rows = [t for t in (history, candidates, pooled) if t is not None]
+        return _Handover.apply(self, batch, offsets, *rows)
+
+    def run(self, batch: Batch, offsets: Tensor, *rows: Tensor) -> Tuple[Tensor, ...]:
+        return self._step(batch, offsets, *rows) if self.graphed is None else self.graphed(batch, offsets, *rows)
+
+    def _step(self, batch: Batch, offsets: Tensor, *rows: Tensor) -> Tuple[Tensor, ...]:
+        """(loss, stats, gradient of each of ``rows``), the dense parameters updated."""
+        with torch.enable_grad():  # an autograd function's forward runs without
+            leaves = [row.detach().requires_grad_() for row in rows]
+            history, *rest = leaves
+            candidates = rest.pop(0) if self.layout[0] else None
+            pooled = rest.pop(0) if self.layout[1] else None
+            for param in self.params:
+                param.grad = None
+            with self.autocast():
+                loss, stats = dense_loss(self.task, batch, history, offsets, candidates, pooled)
+            loss.backward()
+        self._average_gradients()
+        self.dense.step()
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+        return (loss.detach(), stats, *grads)
+
+    def _average_gradients(self) -> None:
+        """The dense gradients summed over the ranks and divided by their number (DDP's average)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.process_group)
+        flat.div_(self.world_size)
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+    def stats(self) -> dict:
+        """The graphs' counters (``GraphedStep.stats``); empty when eager."""
+        return {} if self.graphed is None else self.graphed.stats()
