@@ -36,6 +36,9 @@ class Batch(Pipelineable):
             graphs lists every position, fillers included (their targets are 0).
         filler_rows: how many entries of ``target_rows`` are such filler positions (host side,
             so that ``num_targets`` needs no device read; not part of a graph's signature).
+        target_total: ``global_targets`` as a 0-dim float32 tensor, set for a rank's share of a
+            distributed batch: the loss scales by it on the device, so a step replayed from a
+            CUDA graph scales by this batch's count, not its capture's.
     """
 
     item_history: KeyedJaggedTensor
@@ -46,6 +49,7 @@ class Batch(Pipelineable):
     context: Optional[KeyedJaggedTensor] = None
     target_rows: Optional[Tensor] = None
     filler_rows: int = 0
+    target_total: Optional[Tensor] = None
 
     @property
     def offsets(self) -> Tensor:
@@ -59,39 +63,43 @@ class Batch(Pipelineable):
         return self.targets[self.offsets[1:] - 1]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        log_q, context, rows = self.candidate_log_q, self.context, self.target_rows
+        def move(value):
+            return None if value is None else value.to(device=device, non_blocking=non_blocking)
+
         return Batch(
             item_history=self.item_history.to(device=device, non_blocking=non_blocking),
             targets=self.targets.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
-            candidate_log_q=None if log_q is None else log_q.to(device=device, non_blocking=non_blocking),
+            candidate_log_q=move(self.candidate_log_q),
             global_targets=self.global_targets,
-            context=None if context is None else context.to(device=device, non_blocking=non_blocking),
-            target_rows=None if rows is None else rows.to(device=device, non_blocking=non_blocking),
+            context=move(self.context),
+            target_rows=move(self.target_rows),
             filler_rows=self.filler_rows,
+            target_total=move(self.target_total),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.item_history.record_stream(stream)
         self.targets.record_stream(stream)
         self.user_ids.record_stream(stream)
-        for optional in (self.candidate_log_q, self.context, self.target_rows):
+        for optional in (self.candidate_log_q, self.context, self.target_rows, self.target_total):
             if optional is not None:
                 optional.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        log_q = None if self.candidate_log_q is None else self.candidate_log_q.pin_memory()
-        context = None if self.context is None else self.context.pin_memory()
-        rows = None if self.target_rows is None else self.target_rows.pin_memory()
+        def pin(value):
+            return None if value is None else value.pin_memory()
+
         return Batch(
             self.item_history.pin_memory(),
             self.targets.pin_memory(),
             self.user_ids.pin_memory(),
-            log_q,
+            pin(self.candidate_log_q),
             self.global_targets,
-            context,
-            rows,
+            pin(self.context),
+            pin(self.target_rows),
             self.filler_rows,
+            pin(self.target_total),
         )
 
     @property

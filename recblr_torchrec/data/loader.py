@@ -14,6 +14,9 @@ from .samples import Samples
 from .sequences import SequenceData
 
 CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]]]
+# A graphed run's sampled candidate sets are padded to a multiple of this: a few shapes per run,
+# without the position quantum's thousands of padding rows (which could outnumber a small catalog).
+CANDIDATE_QUANTUM = 1024
 
 
 def make_batch(
@@ -34,7 +37,7 @@ def make_batch(
     ``pad = (quantum, longest)`` with quantum > 0 appends filler sequences (padding item 0, user -1,
     no targets; ``filler_lengths``, at most ``longest`` long) that round the position count up to
     a multiple of ``quantum``, and a sampled candidate set with padding ids 0 (log-Q +inf: no
-    part in the loss) to a multiple of ``quantum`` too. The model's sequences are independent, so
+    part in the loss) to a multiple of ``CANDIDATE_QUANTUM``. The model's sequences are independent, so
     the loss and its gradients are the unpadded batch's. Padded all-positions batches list every
     position in ``target_rows`` (the fillers' targets are 0, which the loss ignores), so their row
     count is fixed by the shape.
@@ -66,13 +69,13 @@ def make_batch(
     context = user_bucket_features(users, user_buckets) if user_buckets else None
     ids, log_q = (None, None) if candidates is None else candidates(targets[targets > 0], batch_number)
     if pad[0] and log_q is not None:  # a sampled set: padding ids first, a multiple of the quantum in all
-        extra = -len(ids) % pad[0]
+        extra = -len(ids) % CANDIDATE_QUANTUM
         ids = np.concatenate([np.zeros(extra, dtype=np.int64), ids])
         log_q = np.concatenate([np.full(extra, np.inf), log_q])
     filler_rows = 0
     if samples.all_targets and pad[0]:  # every position: a fixed count per shape
         rows = torch.arange(len(targets), dtype=torch.int64)
-        filler_rows = padding
+        filler_rows = padding + (int(offsets[len(index)] - offsets[len(index) - fillers]) if fillers else 0)
     else:
         rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
     if ids is None:
@@ -188,6 +191,7 @@ class SampleBatches(Dataset):
         batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets, self.pad)
         lengths = self.samples.lengths[index]
         batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
+        batch.target_total = torch.tensor(float(batch.global_targets))
         return batch
 
     def _key(self, number: int) -> int:

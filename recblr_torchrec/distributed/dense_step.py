@@ -17,8 +17,11 @@ Parts 2 and 3 meet in an autograd function whose forward runs part 2 and whose b
 row gradients to the lookups, so the pipeline's own ``backward()`` runs part 3 unchanged. The model
 is called past DistributedDataParallel (whose gradient hooks stay idle when its forward is not
 called); the dense gradients are summed over the ranks in one flat all-reduce and divided by the
-world size, as DDP averages them. The pipeline's optimizer is :class:`TablesOnly`: the fused table
-optimizer's ``zero_grad``/``step`` (they set its learning rate), the dense update being in part 2.
+world size, as DDP averages them, in a process group of their own (a captured all-reduce never
+meets the pipeline's all-to-alls on one communicator). The pipeline's optimizer is
+:class:`TablesOnly`: the fused table optimizer's ``zero_grad``/``step`` (they set its learning
+rate), the dense update being in part 2. Tables the dense optimizer trains (``data_parallel``)
+would get their gradients after it ran: such a model keeps the whole pipelined step.
 """
 
 from typing import Callable, List, Optional, Tuple
@@ -31,6 +34,17 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ..data.batch import Batch
 from ..training.graphs import GraphedStep
 from ..training.task import NextItemTask, dense_loss
+
+
+def tables_trained_densely(task: NextItemTask, optimizer) -> List[Tensor]:
+    """The lookup tables' parameters that ``optimizer``'s dense half trains (replicated tables:
+    ``data_parallel``, or a ``dense`` compute kernel); empty when FBGEMM's fused optimizer trains
+    every table, as the dense step needs."""
+    model = task.model
+    lookups = [m for m in (model.item_embeddings, model.context_embeddings) if m is not None]
+    in_lookups = {id(p) for module in lookups for p in module.parameters()}
+    _, dense = split_optimizer(optimizer)
+    return [p for group in dense.param_groups for p in group["params"] if id(p) in in_lookups]
 
 
 def split_optimizer(optimizer) -> Tuple[object, torch.optim.Optimizer]:
@@ -94,6 +108,11 @@ class DenseStep:
         self.task = task
         _, self.dense = split_optimizer(optimizer)
         self.params: List[Tensor] = [p for group in self.dense.param_groups for p in group["params"]]
+        if tables_trained_densely(task, optimizer):
+            raise ValueError(
+                "the dense optimizer trains lookup tables (data_parallel or a dense compute kernel): their gradients "
+                "arrive after the dense step; run such a model through its whole pipelined step instead"
+            )
         self.world_size = world_size
         self.process_group = process_group
         self.autocast = autocast
@@ -131,12 +150,14 @@ class DenseStep:
         """The dense gradients summed over the ranks and divided by their number (DDP's average)."""
         if self.world_size == 1:
             return
-        grads = [p.grad for p in self.params if p.grad is not None]
+        # zeros for a parameter without a gradient: every rank reduces the same buffer
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.process_group)
         flat.div_(self.world_size)
-        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(reduced)
+        for param, reduced in zip(self.params, _unflatten_dense_tensors(flat, grads)):
+            if param.grad is not None:
+                param.grad.copy_(reduced)
 
     def stats(self) -> dict:
         """The graphs' counters (``GraphedStep.stats``); empty when eager."""

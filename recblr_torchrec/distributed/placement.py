@@ -23,7 +23,7 @@ from ..config import Pipeline, RunConfig, TrainConfig
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..modules import SequenceRecommender
-from .dense_step import DenseStep, TablesOnly
+from .dense_step import DenseStep, TablesOnly, tables_trained_densely
 from .env import DistEnv, init_distributed
 from .sharding import build_optimizer, shard_model, table_training
 
@@ -51,9 +51,16 @@ class ShardedPlacement:
         pipeline = config.distributed.pipeline
         wanted = pipeline is Pipeline.SPARSE_DIST or (pipeline is Pipeline.AUTO and env.device.type == "cuda")
         self.use_pipeline = wanted and self.tables.sharded  # it overlaps the sharded lookups' input distribution
-        # train.cuda_graphs captures the dense part of a pipelined step (distributed/dense_step.py)
-        self.captures_steps = self.use_pipeline and env.device.type == "cuda"
+        # train.cuda_graphs captures the dense part of a pipelined step (distributed/dense_step.py), whose
+        # tables all train in FBGEMM's fused optimizer (a replicated one trains with the dense optimizer)
+        dc = config.distributed
+        replicated = "data_parallel" in dc.sharding_types.values() or "dense" in dc.compute_kernels.values()
+        self.captures_steps = self.use_pipeline and env.device.type == "cuda" and not replicated
         self.dense_step: Optional[DenseStep] = None  # built at the first epoch, its graphs kept for the next
+        self.whole_steps = replicated  # the pipeline runs whole steps (through DDP and the whole optimizer)
+        self.dense_group = None  # the dense step's all-reduce, apart from the pipeline's collectives
+        if self.use_pipeline and not replicated and self.world_size > 1:
+            self.dense_group = dist.new_group(backend=env.backend)
 
     @classmethod
     def join(cls, config: RunConfig) -> "ShardedPlacement":
@@ -115,15 +122,27 @@ class ShardedPlacement:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         task = trainer.module.module  # past DDP: the dense step averages the dense gradients itself
-        if self.dense_step is None:
-            graphed = trainer.config.train.cuda_graphs == "on"
-            self.dense_step = DenseStep(
-                task, trainer.optimizer, self.world_size, trainer.autocast, graphed, self.process_group
+        if self.dense_step is None and not self.whole_steps:
+            if tables_trained_densely(task, trainer.optimizer):  # the planner replicated a table
+                self.whole_steps = True
+                if self.is_main:
+                    print(
+                        "a table is replicated (data_parallel) and trains with the dense optimizer: the pipelined "
+                        "steps run whole, eagerly (train.cuda_graphs has no effect)",
+                        flush=True,
+                    )
+            else:
+                graphed = trainer.config.train.cuda_graphs == "on"
+                self.dense_step = DenseStep(
+                    task, trainer.optimizer, self.world_size, trainer.autocast, graphed, self.dense_group
+                )
+        if self.whole_steps:
+            pipeline = TrainPipelineSparseDist(trainer.module, trainer.optimizer, self.device)
+        else:
+            task.dense_step = self.dense_step
+            pipeline = TrainPipelineSparseDist(
+                trainer.module, TablesOnly(trainer.optimizer), self.device, custom_model_fwd=task
             )
-        task.dense_step = self.dense_step
-        pipeline = TrainPipelineSparseDist(
-            trainer.module, TablesOnly(trainer.optimizer), self.device, custom_model_fwd=task
-        )
         iterator = iter(loader)
         try:
             while True:

@@ -62,12 +62,13 @@ def _kjt_tensors(kjt: Optional[KeyedJaggedTensor]) -> List[Tensor]:
 def batch_tensors(batch: Batch) -> List[Tensor]:
     """Every tensor of ``batch`` in a fixed order (a captured copy is refilled in this order)."""
     tensors = _kjt_tensors(batch.item_history) + [batch.targets, batch.user_ids] + _kjt_tensors(batch.context)
-    return tensors + [t for t in (batch.candidate_log_q, batch.target_rows) if t is not None]
+    return tensors + [t for t in (batch.candidate_log_q, batch.target_rows, batch.target_total) if t is not None]
 
 
 def batch_signature(batch: Batch) -> Hashable:
     """What a captured graph depends on: every tensor's shape and dtype, and the host-side ints and
-    keys the step reads (the KeyedJaggedTensors' keys and per-key lengths, the global target count)."""
+    keys the step reads (the KeyedJaggedTensors' keys and per-key lengths; the global target count
+    unless the batch carries it as a tensor, ``Batch.target_total``)."""
     tensors = tuple((tuple(t.shape), t.dtype, t.device) for t in batch_tensors(batch))
     kjts = tuple(
         (tuple(k.keys()), tuple(k.length_per_key()), k.weights_or_none() is None)
@@ -75,7 +76,8 @@ def batch_signature(batch: Batch) -> Hashable:
         if k is not None
     )
     flags = (batch.candidate_log_q is None, batch.target_rows is None, batch.context is None)
-    return tensors, kjts, flags, batch.global_targets
+    total = batch.global_targets if batch.target_total is None else None
+    return tensors, kjts, flags, total
 
 
 def _copy_kjt(kjt: Optional[KeyedJaggedTensor]) -> Optional[KeyedJaggedTensor]:
@@ -103,6 +105,7 @@ def copy_batch(batch: Batch) -> Batch:
         context=_copy_kjt(batch.context),
         target_rows=None if batch.target_rows is None else batch.target_rows.clone(),
         filler_rows=batch.filler_rows,
+        target_total=None if batch.target_total is None else batch.target_total.clone(),
     )
 
 

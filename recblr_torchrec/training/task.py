@@ -104,7 +104,11 @@ def dense_loss(
         loss = hidden.sum() * 0.0 + (0.0 if candidates is None else candidates.sum() * 0.0)
     else:
         loss = encoded_loss(model, batch, hidden, candidates, rows, task.check_targets, task.label_smoothing)
-    scaled = loss * (count * task.world_size / batch.num_targets)
+    if batch.target_total is None:
+        scaled = loss * (count * task.world_size / batch.num_targets)
+    else:  # a rank's share: its real targets counted on the device (a replay reads this batch's, not its capture's)
+        real = (batch.targets if rows.numel() == batch.targets.numel() else batch.targets[rows]).count_nonzero()
+        scaled = loss * (real * task.world_size / batch.target_total)
     count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
     return scaled, torch.stack([scaled.detach().float(), count_t])
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recblr_torchrec.config import load_config
+from recblr_torchrec.data.loader import CANDIDATE_QUANTUM
 from recblr_torchrec.data.padding import filler_lengths
 from recblr_torchrec.training import NextItemTask, Trainer
 from recblr_torchrec.training.graphs import GraphedStep, batch_signature, batch_tensors, copy_batch
@@ -65,7 +66,7 @@ def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir,
         assert padded.to(plain.device).num_targets == positions  # counted on the host, moved or not
     if loss == "sampled":  # the candidate set padded with ids 0 in front, to a multiple of the quantum
         ids, padded_ids = batch.candidates(), padded.candidates()
-        assert padded_ids.numel() % 512 == 0 and padded_ids.numel() > ids.numel()
+        assert padded_ids.numel() % CANDIDATE_QUANTUM == 0 and padded_ids.numel() > ids.numel()
         assert torch.equal(padded_ids[-ids.numel() :], ids) and not padded_ids[: -ids.numel()].any()
         assert torch.isinf(padded.candidate_log_q[: -ids.numel()]).all()
     losses, grads = [], []
