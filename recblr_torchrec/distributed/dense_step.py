@@ -136,15 +136,17 @@ class DenseStep:
             history, *rest = leaves
             candidates = rest.pop(0) if self.layout[0] else None
             pooled = rest.pop(0) if self.layout[1] else None
-            for param in self.params:
-                param.grad = None
             with self.autocast():
                 loss, stats = dense_loss(self.task, batch, history, offsets, candidates, pooled)
-            loss.backward()
+            # autograd.grad, not backward(): DDP keeps each parameter's gradient accumulator alive, made on
+            # the default stream, which a capture may not touch; the gradients are set here instead
+            grads = torch.autograd.grad(loss, self.params + leaves, allow_unused=True)
+        for param, grad in zip(self.params, grads):
+            param.grad = grad
         self._average_gradients()
         self.dense.step()
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        return (loss.detach(), stats, *grads)
+        rows_grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads[len(self.params) :])]
+        return (loss.detach(), stats, *rows_grads)
 
     def _average_gradients(self) -> None:
         """The dense gradients summed over the ranks and divided by their number (DDP's average)."""
