@@ -108,6 +108,8 @@ class DenseStep:
         self.task = task
         _, self.dense = split_optimizer(optimizer)
         self.params: List[Tensor] = [p for group in self.dense.param_groups for p in group["params"]]
+        owners = {id(p): (module, name) for module in task.model.modules() for name, p in module._parameters.items()}
+        self.slots = [owners[id(p)] for p in self.params]  # where each dense parameter is registered
         if tables_trained_densely(task, optimizer):
             raise ValueError(
                 "the dense optimizer trains lookup tables (data_parallel or a dense compute kernel): their gradients "
@@ -136,11 +138,19 @@ class DenseStep:
             history, *rest = leaves
             candidates = rest.pop(0) if self.layout[0] else None
             pooled = rest.pop(0) if self.layout[1] else None
-            with self.autocast():
-                loss, stats = dense_loss(self.task, batch, history, offsets, candidates, pooled)
-            # autograd.grad, not backward(): DDP keeps each parameter's gradient accumulator alive, made on
-            # the default stream, which a capture may not touch; the gradients are set here instead
-            grads = torch.autograd.grad(loss, self.params + leaves, allow_unused=True)
+            # The forward reads aliases of the dense parameters (same storage, fresh autograd leaves): DDP
+            # keeps each parameter's gradient accumulator alive, made on the default stream, which a capture
+            # may not make wait on it; the gradients reach the parameters below instead
+            aliases = [param.detach().requires_grad_() for param in self.params]
+            for (module, name), alias in zip(self.slots, aliases):
+                module._parameters[name] = alias
+            try:
+                with self.autocast():
+                    loss, stats = dense_loss(self.task, batch, history, offsets, candidates, pooled)
+            finally:
+                for (module, name), param in zip(self.slots, self.params):
+                    module._parameters[name] = param
+            grads = torch.autograd.grad(loss, aliases + leaves, allow_unused=True)
         for param, grad in zip(self.params, grads):
             param.grad = grad
         self._average_gradients()
