@@ -14,7 +14,8 @@ DistributedModelParallel and, on GPU, ``TrainPipelineSparseDist``) over ``--step
 
 Per case: sequences/s (global), wall and host milliseconds per step (host: the time the loop
 spends issuing a step), kernel launches per step on GPU (``cudaLaunchKernel`` and graph launches,
-counted by ``torch.profiler`` over 10 steps) and each rank's peak GPU memory.
+counted by ``torch.profiler`` over 10 steps), each rank's peak GPU memory, and the CUDA graphs'
+counters (the whole local step's, or the sharded step's dense part's).
 
 Run as a plain process, the sharded cases form a process group of one (DMP on one device); under
 ``torchrun --nproc_per_node N`` the same script measures the sharded cases on N devices (the
@@ -131,6 +132,8 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
         t = trainer.config.train
         gathered = placement.gather(peak)
+        graphed = getattr(placement, "dense_step", None) or trainer.graphed  # sharded: the dense part's graphs
+        graphs = graphed.stats() if graphed is not None else {}
         del stream, trainer  # the next case's peak memory starts from nothing of this one
         gc.collect()
         if device.type == "cuda":
@@ -150,6 +153,7 @@ def measure(config: RunConfig, data_dir: Optional[str], placement, warmup: int, 
             "step_ms": round(1e3 * wall / steps, 3),
             "host_ms": round(1e3 * host / steps, 3),
             "launches_per_step": launches,
+            "graphs": graphs,
             "peak_gpu_mb_per_rank": gathered,
         }
 
