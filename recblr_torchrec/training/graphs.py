@@ -37,7 +37,6 @@ Example::
     ...     total += graphed(batch.to("cuda", non_blocking=True))
 """
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -193,26 +192,19 @@ class GraphedStep:
         statics = [t.detach().clone() for t in tensors]
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()  # the copy and earlier steps done before capture
-        if os.environ.get("RECBLR_CAPTURE_SYNC"):
-            torch.cuda.synchronize()
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                for group in [dist.group.WORLD] + [g for g in dist.distributed_c10d._world.pg_map]:
-                    if hasattr(group, "_wait_for_pending_works"):
-                        group._wait_for_pending_works()
         generator = torch.cuda.default_generators[torch.cuda.current_device()]
         saved = generator.clone_state() if hasattr(generator, "clone_state") else None
         try:
             # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures
-            mode = os.environ.get("RECBLR_CAPTURE_MODE", "thread_local")
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._side_stream(), capture_error_mode=mode):
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._side_stream(), capture_error_mode="thread_local"
+            ):
                 result = self.step(inputs, *statics)
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.failure = f"{type(error).__name__}: {error}"
             warnings.warn(f"CUDA graph capture failed, training steps stay eager: {self.failure}", stacklevel=3)
             torch.cuda.synchronize()
-            if saved is not None:  # the failed capture left the generator mid-capture: its state before
+            if saved is not None:  # a failed capture leaves the generator mid-capture: its state before it
                 generator.graphsafe_set_state(saved)
             return None
         self.captures += 1
