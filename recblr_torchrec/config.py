@@ -145,8 +145,9 @@ class TrainConfig:
     1.7% padding), 1,024 all-positions batches of 128 ML-1M windows (~14.5k positions: 6 shapes,
     3.6%). A sampled candidate set is padded to a multiple of the quantum too. GPU only: one
     process (RecBLR, or the SASRec-style encoder, whose padding is then fixed at
-    ``data.max_len``), or a sharded run's pipelined steps, whose dense part (everything after
-    the lookups) is captured (``recblr_torchrec/distributed/dense_step.py``); no micro-batches,
+    ``data.max_len``), or, with ``on`` only (``auto`` keeps them eager), a sharded run's pipelined
+    steps, whose dense part (everything after the lookups) is captured
+    (``recblr_torchrec/distributed/dense_step.py``); no micro-batches,
     and ``optimizer: adam``/``adamw`` (built capturable: the learning rate is a tensor on the
     device, so setting it between steps reaches the replays) or ``sgd`` (its learning rate is
     frozen into the graphs).

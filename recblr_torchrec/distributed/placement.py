@@ -55,7 +55,8 @@ class ShardedPlacement:
         # tables all train in FBGEMM's fused optimizer (a replicated one trains with the dense optimizer)
         dc = config.distributed
         replicated = "data_parallel" in dc.sharding_types.values() or "dense" in dc.compute_kernels.values()
-        self.captures_steps = self.use_pipeline and env.device.type == "cuda" and not replicated
+        self.can_capture = self.use_pipeline and env.device.type == "cuda" and not replicated
+        self.captures_steps = False  # train.cuda_graphs: auto stays eager here; on captures (can_capture)
         self.dense_step: Optional[DenseStep] = None  # built at the first epoch, its graphs kept for the next
         self.whole_steps = replicated  # the pipeline runs whole steps (through DDP and the whole optimizer)
         self.dense_group = None  # the dense step's all-reduce, apart from the pipeline's collectives
@@ -75,7 +76,7 @@ class ShardedPlacement:
                 "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
-        if config.train.cuda_graphs == "on" and not self.captures_steps:
+        if config.train.cuda_graphs == "on" and not self.can_capture:
             raise ConfigError(
                 "train.cuda_graphs=on captures the dense part of a pipelined sharded step on a GPU, but this run "
                 f"has {'no pipeline' if self.device.type == 'cuda' else 'no GPU'} ({self.notice}); "
