@@ -119,12 +119,12 @@ class DenseStep:
         self.process_group = process_group
         self.autocast = autocast
         self.graphed = GraphedStep(self._step) if graphed else None
-        self.layout: Tuple[bool, bool] = (False, False)  # which optional inputs this model's steps carry
+        # which optional rows this model's lookups return: candidates, pooled context
+        self.layout = (task.model.candidate_feature, task.model.context_embeddings is not None)
 
     def __call__(
         self, batch: Batch, history: Tensor, offsets: Tensor, candidates: Optional[Tensor], pooled: Optional[Tensor]
     ) -> Tuple[Tensor, Tensor]:
-        self.layout = (candidates is not None, pooled is not None)
         rows = [t for t in (history, candidates, pooled) if t is not None]
         return _Handover.apply(self, batch, offsets, *rows)
 

@@ -23,7 +23,7 @@ from ..config import Pipeline, RunConfig, TrainConfig
 from ..data.batch import Batch
 from ..errors import ConfigError
 from ..modules import SequenceRecommender
-from .dense_step import DenseStep, TablesOnly, tables_trained_densely
+from .dense_step import DenseStep, TablesOnly, split_optimizer, tables_trained_densely
 from .env import DistEnv, init_distributed
 from .sharding import build_optimizer, shard_model, table_training
 
@@ -35,6 +35,7 @@ class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
     loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
+    captures_steps = False  # train.cuda_graphs: auto stays eager here; on captures (can_capture)
 
     def __init__(self, env: DistEnv, config: RunConfig):
         self.env = env
@@ -56,7 +57,6 @@ class ShardedPlacement:
         dc = config.distributed
         replicated = "data_parallel" in dc.sharding_types.values() or "dense" in dc.compute_kernels.values()
         self.can_capture = self.use_pipeline and env.device.type == "cuda" and not replicated
-        self.captures_steps = False  # train.cuda_graphs: auto stays eager here; on captures (can_capture)
         self.dense_step: Optional[DenseStep] = None  # built at the first epoch, its graphs kept for the next
         self.whole_steps = replicated  # the pipeline runs whole steps (through DDP and the whole optimizer)
         self.dense_group = None  # the dense step's all-reduce, apart from the pipeline's collectives
@@ -100,7 +100,7 @@ class ShardedPlacement:
 
     def optimizer_template(self, optimizer) -> Dict[str, Any]:
         """The optimizers' state to load a checkpoint into (DCP loads in place)."""
-        dense = optimizer._optims[1][1]  # the dense optimizer's state exists only after a step
+        _, dense = split_optimizer(optimizer)  # the dense optimizer's state exists only after a step
         if not dense.state:
             dense.init_state()  # a zero-gradient step: creates the state, leaves the weights as they are
         return optimizer.state_dict()

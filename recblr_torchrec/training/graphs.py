@@ -116,13 +116,12 @@ def _signature(batch: Batch, tensors: Sequence[Tensor]) -> Hashable:
 @dataclass
 class _Captured:
     graph: Any  # torch.cuda.CUDAGraph
-    inputs: Batch  # the captured copy: replays read it
-    tensors: List[Tensor]  # copies of the further inputs, read likewise
+    statics: List[Tensor]  # the captured copy's tensors and the further inputs', in the order replays refill them
     result: Union[Tensor, Tuple[Tensor, ...]]  # written by each replay
 
     @torch.no_grad()
     def replay(self, batch: Batch, tensors: Sequence[Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:
-        for static, new in zip(batch_tensors(self.inputs) + self.tensors, batch_tensors(batch) + list(tensors)):
+        for static, new in zip(self.statics, batch_tensors(batch) + list(tensors)):
             static.copy_(new, non_blocking=True)
         self.graph.replay()
         if isinstance(self.result, Tensor):  # the next replay overwrites the results
@@ -210,7 +209,7 @@ class GraphedStep:
         self.captures += 1
         if self._pool is None:
             self._pool = graph.pool()
-        return _Captured(graph, inputs, statics, result)
+        return _Captured(graph, batch_tensors(inputs) + statics, result)
 
     def stats(self) -> Dict[str, Any]:
         return {

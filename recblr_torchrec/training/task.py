@@ -96,7 +96,8 @@ def dense_loss(
     the task's ``(loss, stats)`` (see :class:`NextItemTask`)."""
     model = task.model
     rows = target_rows(batch)
-    hidden, candidates = model.dense_forward(history, offsets, candidates, pooled, encoder_rows(batch, rows))
+    selected = encoder_rows(batch, rows)  # None: every position
+    hidden, candidates = model.dense_forward(history, offsets, candidates, pooled, selected)
     # real targets (a graphed batch lists its fillers' positions too); host ints, so a replayed
     # graph reports its capture's count in the stats (the trainer reads only the loss)
     count = rows.numel() - batch.filler_rows
@@ -107,7 +108,7 @@ def dense_loss(
     if batch.target_total is None:
         scaled = loss * (count * task.world_size / batch.num_targets)
     else:  # a rank's share: its real targets counted on the device (a replay reads this batch's, not its capture's)
-        real = (batch.targets if rows.numel() == batch.targets.numel() else batch.targets[rows]).count_nonzero()
+        real = (batch.targets if selected is None else batch.targets[rows]).count_nonzero()
         scaled = loss * (real * task.world_size / batch.target_total)
     count_t = torch.full((), float(count), dtype=torch.float32, device=scaled.device)  # no host copy
     return scaled, torch.stack([scaled.detach().float(), count_t])
