@@ -1,7 +1,11 @@
 """Times the fused BD-LRU layer (gates + scan + output gate) on the GPU.
 
-Compares, in one run, at [B, T, D] = [2048, 200, 128] and [256, 2048, 128], fp32 and bf16:
-  fused      - ``bdlru(..., backend=TRITON)``: one kernel forward, one backward;
+Compares, in one run, at [B, T, D] = [2048, 200, 128], [256, 2048, 128] and [32, 8192, 128], fp32
+and bf16:
+  fused      - ``bdlru(..., backend=TRITON)``: one kernel forward, one backward (each after a
+               summary kernel where the sequences are cut into segments, ``tuning._segment``);
+  whole      - the same kernels with every sequence one segment (one program per sequence and
+               channel block, as before segments: 128 programs at 32 x 8,192 x 128);
   unfused    - the same math as separate torch ops around the Triton linear scan;
   reference  - ``bdlru(..., backend=PYTORCH)``: torch ops around the sequential PyTorch scan.
 Reports forward and forward+backward milliseconds (median, ``triton.testing.do_bench``) and the
@@ -13,6 +17,7 @@ Usage (GPU): python benchmarks/bench_bdlru.py --out results.json
 """
 
 import argparse
+import contextlib
 import json
 from typing import Callable, Dict, List
 
@@ -21,9 +26,20 @@ import torch.nn.functional as F
 from bench_linear_scan import copy_bandwidth
 
 from recblr_torchrec import KernelBackend, linear_scan
-from recblr_torchrec.kernels.bdlru import bdlru, bdlru_gates
+from recblr_torchrec.kernels.bdlru import bdlru, bdlru_gates, tuning
 
-SHAPES = [(2048, 200, 128), (256, 2048, 128)]
+SHAPES = [(2048, 200, 128), (256, 2048, 128), (32, 8192, 128)]
+
+
+@contextlib.contextmanager
+def whole_sequences():
+    """Every sequence one segment (``tuning._segment`` never cuts) while inside."""
+    saved = tuning.BUSY_PROGRAMS
+    tuning.BUSY_PROGRAMS = 0
+    try:
+        yield
+    finally:
+        tuning.BUSY_PROGRAMS = saved
 
 
 def unfused(c, gate_logits, z, decay):
@@ -34,6 +50,7 @@ def unfused(c, gate_logits, z, decay):
 
 VARIANTS: Dict[str, Callable] = {
     "fused": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),
+    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside whole_sequences()
     "unfused": unfused,
     "reference": lambda *a: bdlru(*a, backend=KernelBackend.PYTORCH),
 }
@@ -67,15 +84,16 @@ def main(argv: List[str] = None) -> None:
             for name, fn in VARIANTS.items():
                 if name == "reference" and shape[1] > 1000 and args.skip_reference_long:
                     continue
-                out = fn(*inputs)
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                fwd = do_bench(lambda fn=fn, x=inputs: fn(*x), warmup=25, rep=100, return_mode="median")
-                both = do_bench(
-                    lambda fn=fn, x=inputs, g=grad: torch.autograd.grad(fn(*x), x, g),
-                    warmup=25,
-                    rep=100,
-                    return_mode="median",
-                )
+                with whole_sequences() if name == "whole" else contextlib.nullcontext():
+                    out = fn(*inputs)
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    fwd = do_bench(lambda fn=fn, x=inputs: fn(*x), warmup=25, rep=100, return_mode="median")
+                    both = do_bench(
+                        lambda fn=fn, x=inputs, g=grad: torch.autograd.grad(fn(*x), x, g),
+                        warmup=25,
+                        rep=100,
+                        return_mode="median",
+                    )
                 row = {
                     "shape": list(shape),
                     "dtype": str(dtype).replace("torch.", ""),

@@ -8,7 +8,7 @@ DistributedModelParallel and, on GPU, ``TrainPipelineSparseDist``) over ``--step
 
 - ``local``: ``configs/ml-1m/recblr-paper.yaml`` in one process;
 - ``dmp``: the same config through DistributedModelParallel, on a GPU the dense part of each
-  step replayed from CUDA graphs (``train.cuda_graphs=on``; ``--set train.cuda_graphs=off`` for
+  step replayed from CUDA graphs (``train.cuda_graphs: auto``; ``--set train.cuda_graphs=off`` for
   the eager step);
 - ``synthetic``: ``configs/synthetic-10m.yaml`` as shipped (10M items, the item table row-wise
   sharded, batches of 1,024, sampled softmax with in-batch targets and 4,096 uniform negatives)
@@ -56,12 +56,10 @@ from recblr_torchrec.training.pool import Run, run_pool
 from recblr_torchrec.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# on a GPU, the dense part of each pipelined sharded step replayed from CUDA graphs (auto stays eager there)
-GRAPHED = ["train.cuda_graphs=on"] if torch.cuda.is_available() else []
-CASES = {
+CASES = {  # config, overrides
     "local": ("configs/ml-1m/recblr-paper.yaml", []),
-    "dmp": ("configs/ml-1m/recblr-paper.yaml", GRAPHED),
-    "synthetic": ("configs/synthetic-10m.yaml", GRAPHED),
+    "dmp": ("configs/ml-1m/recblr-paper.yaml", []),
+    "synthetic": ("configs/synthetic-10m.yaml", []),
 }
 QUALITY_CONFIG = "configs/ml-1m/recblr-all-positions.yaml"
 QUALITY_ROWS = {"full": ["train.loss=full"], "sampled": ["train.loss=sampled", "train.num_negatives=4096"]}

@@ -1,21 +1,22 @@
 """Which implementation runs each sequence kernel: the one choice, and the one table of fallbacks.
 
-RecBLR has four sequence kernels (:class:`Kernel`), each a Triton kernel with a PyTorch reference
-beside it. A model picks their implementation with one :class:`KernelBackend`, set explicitly on
-its modules (``set_kernels`` in ``recblr_torchrec.modules``). While a graph is being recorded some
+RecBLR has four sequence kernels and the loss's softmax (:class:`Kernel`), each a Triton kernel
+with a PyTorch reference beside it. A model picks their implementation with one
+:class:`KernelBackend`, set explicitly on its modules (``set_kernels`` in
+``recblr_torchrec.modules``; the loss takes ``AUTO``). While a graph is being recorded some
 kernels cannot run as Triton launches; :func:`implementation` is where those fallbacks are
 declared, for every kernel and every way of recording, and :func:`kernel_table` lays them out for a
 run's resolved config:
 
-================  ===========  ======  ===========  =============
-recording         linear_scan  bdlru   causal_conv  residual_norm
-================  ===========  ======  ===========  =============
-eager             backend      backend backend      backend
-torch.compile     backend      backend pytorch      pytorch
-torch.export      pytorch      pytorch pytorch      pytorch
-torch.jit.trace   pytorch      pytorch pytorch      pytorch
-torch.jit.script  pytorch      pytorch pytorch      pytorch
-================  ===========  ======  ===========  =============
+================  ===========  ======  ===========  =============  ==========
+recording         linear_scan  bdlru   causal_conv  residual_norm  softmax_ce
+================  ===========  ======  ===========  =============  ==========
+eager             backend      backend backend      backend        backend
+torch.compile     backend      backend pytorch      pytorch        pytorch
+torch.export      pytorch      pytorch pytorch      pytorch        pytorch
+torch.jit.trace   pytorch      pytorch pytorch      pytorch        pytorch
+torch.jit.script  pytorch      pytorch pytorch      pytorch        pytorch
+================  ===========  ======  ===========  =============  ==========
 
 Under torch.compile the scan and the BD-LRU stay Triton kernels (registered custom ops, one opaque
 node each) and the conv and the norm take their references, which Inductor fuses with the ops
@@ -61,12 +62,13 @@ class KernelBackend(str, Enum):
 
 
 class Kernel(str, Enum):
-    """RecBLR's sequence kernels, each in its own folder of this package."""
+    """RecBLR's sequence kernels and the loss's softmax, each in its own folder of this package."""
 
     LINEAR_SCAN = "linear_scan"
     BDLRU = "bdlru"
     CAUSAL_CONV = "causal_conv"
     RESIDUAL_NORM = "residual_norm"
+    SOFTMAX_CE = "softmax_ce"
 
 
 class Recording(str, Enum):

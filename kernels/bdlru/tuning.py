@@ -18,3 +18,20 @@ def _tile(channels: int, backward: bool) -> Tuple[int, int, int]:
     x 4 stays, within 0-4% of each shape's best cell (the best differs by shape and dtype)."""
     block_d = min(32, triton.next_power_of_2(channels))
     return (8, block_d, 2) if backward else (16, block_d, 4)
+
+
+# Programs that keep a GPU's SMs busy: below this many (sequence, channel block) programs, the
+# sequences are cut into segments (a few long sequences: 32 x 8,192 x 128 has 128 programs).
+BUSY_PROGRAMS = 1024
+MIN_SEGMENT = 256  # rows: shorter segments spend more on their summaries than they gain
+
+
+def _segment(programs: int, longest: int, mean: int) -> int:
+    """Rows per segment (``triton.py``'s docstring): ``longest`` (one segment per sequence) when
+    ``programs`` fill the GPU, else the mean length cut into as many parts as fill it, at least
+    MIN_SEGMENT rows. ``longest`` bounds every sequence (T dense, the row count packed), ``mean``
+    is the rows per sequence."""
+    if programs >= BUSY_PROGRAMS or mean <= MIN_SEGMENT:
+        return max(longest, 1)
+    parts = -(-BUSY_PROGRAMS // max(programs, 1))
+    return max(MIN_SEGMENT, -(-mean // parts))

@@ -18,9 +18,9 @@ class Batch(Pipelineable):
     Attributes:
         item_history: KeyedJaggedTensor with key ``item_history``: values [N] item ids,
             lengths [B] (one sequence per sample).
-            Optionally key ``item_candidates``: the loss's candidate item ids [C], all in the
-            first sample's bag (the other samples' bags are empty), so one lookup through the
-            (sharded) table serves both the histories and the candidate set.
+            Optionally key ``item_candidates``: the loss's candidate item ids [C], in order,
+            spread evenly over the samples' bags (C // B or one more each), so one lookup
+            through the (sharded) table serves both the histories and the candidate set.
         targets: [N] the next item at each position, 0 (padding id) where no loss is taken.
         user_ids: [B] the user row of each sequence; -1 marks a filler row (a rank whose slice
             of the last global batch is empty gets one, without targets, so that every rank

@@ -94,8 +94,10 @@ def make_batch(
             target_rows=rows,
             filler_rows=filler_rows,
         )
-    bags = np.zeros(len(lengths), dtype=np.int64)  # one bag per sequence, fillers included
-    bags[0] = len(ids)
+    # spread over one bag per sequence (fillers included): TorchRec's bucketing and FBGEMM's
+    # sequence lookup give each bag one thread group, so a single bag of all candidates runs serially
+    bags = np.full(len(lengths), len(ids) // len(lengths), dtype=np.int64)
+    bags[: len(ids) % len(lengths)] += 1
     history = KeyedJaggedTensor(
         keys=[ITEM_HISTORY, ITEM_CANDIDATES],
         values=torch.from_numpy(np.concatenate([values, ids.astype(np.int64)])),
@@ -178,6 +180,8 @@ class SampleBatches(Dataset):
         return filler_count(*self.pad) if self.pad[0] else 0
 
     def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < len(self):  # also ends a plain ``for batch in dataset`` loop
+            raise IndexError(f"batch {i} of an epoch of {len(self)}")
         number = i + self.start_batch
         first = number * self.batch_size
         index = self.order[first : first + self.batch_size]

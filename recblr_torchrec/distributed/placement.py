@@ -35,7 +35,6 @@ class ShardedPlacement:
     """One rank of a DistributedModelParallel run (module docstring)."""
 
     loss_dtype = torch.float64  # the ranks' shares of each step, summed exactly enough to all-reduce
-    captures_steps = False  # train.cuda_graphs: auto stays eager here; on captures (can_capture)
 
     def __init__(self, env: DistEnv, config: RunConfig):
         self.env = env
@@ -52,11 +51,11 @@ class ShardedPlacement:
         pipeline = config.distributed.pipeline
         wanted = pipeline is Pipeline.SPARSE_DIST or (pipeline is Pipeline.AUTO and env.device.type == "cuda")
         self.use_pipeline = wanted and self.tables.sharded  # it overlaps the sharded lookups' input distribution
-        # train.cuda_graphs captures the dense part of a pipelined step (distributed/dense_step.py), whose
-        # tables all train in FBGEMM's fused optimizer (a replicated one trains with the dense optimizer)
+        # train.cuda_graphs (auto or on) captures the dense part of a pipelined step (distributed/dense_step.py),
+        # whose tables all train in FBGEMM's fused optimizer (a replicated one trains with the dense optimizer)
         dc = config.distributed
         replicated = "data_parallel" in dc.sharding_types.values() or "dense" in dc.compute_kernels.values()
-        self.can_capture = self.use_pipeline and env.device.type == "cuda" and not replicated
+        self.captures_steps = self.use_pipeline and env.device.type == "cuda" and not replicated
         self.dense_step: Optional[DenseStep] = None  # built at the first epoch, its graphs kept for the next
         self.whole_steps = replicated  # the pipeline runs whole steps (through DDP and the whole optimizer)
         self.dense_group = None  # the dense step's all-reduce, apart from the pipeline's collectives
@@ -76,7 +75,7 @@ class ShardedPlacement:
                 "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
-        if config.train.cuda_graphs == "on" and not self.can_capture:
+        if config.train.cuda_graphs == "on" and not self.captures_steps:
             raise ConfigError(
                 "train.cuda_graphs=on captures the dense part of a pipelined sharded step on a GPU, but this run "
                 f"has {'no pipeline' if self.device.type == 'cuda' else 'no GPU'} ({self.notice}); "

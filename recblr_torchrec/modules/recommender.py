@@ -18,6 +18,7 @@ from .recblr import RecBLRConfig, RecBLREncoder, kernels_in_use, set_kernels
 from .sasrec import SASRecConfig, SASRecEncoder
 
 ITEM_TABLE = "item"
+LOOKUP_BAGS = 1024  # bags a plain id lookup (``lookup``) spreads its ids over
 CONTEXT_USER_TABLE = "context_user"
 
 
@@ -270,7 +271,11 @@ class SequenceRecommender(nn.Module):
 
     def lookup(self, ids: Tensor) -> Tensor:
         """[M, d] embeddings of item ids [M], through the (possibly sharded) collection."""
-        lengths = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)  # one bag, made on the device
+        # the ids spread over up to LOOKUP_BAGS bags made on the device: TorchRec's bucketing and
+        # FBGEMM's sequence lookup give each bag one thread group (one bag of a catalog runs serially)
+        count, bags = ids.numel(), max(1, min(ids.numel(), LOOKUP_BAGS))
+        lengths = torch.full((bags,), count // bags, dtype=torch.int64, device=ids.device)
+        lengths[: count % bags] += 1
         return self.item_embeddings(self.history_features(ids, lengths))[ITEM_HISTORY].values().to(self.dtype)
 
     def set_kernels(self, backend: "KernelBackend | str", device: Optional[torch.device] = None) -> None:

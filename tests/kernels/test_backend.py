@@ -12,9 +12,10 @@ CUDA = torch.device("cuda")  # a device object only: nothing runs on it
 def test_the_table_of_fallbacks_while_torch_records_a_graph():
     table = kernel_table({kernel: KernelBackend.TRITON for kernel in Kernel}, CUDA)
     assert table["eager"] == {kernel.value: "triton" for kernel in Kernel}
-    # the scan and the BD-LRU are registered custom ops; Inductor fuses the conv's and the norm's references
+    # the scan and the BD-LRU are registered custom ops; Inductor fuses the conv's, the norm's and the loss's references
     assert table["torch.compile"] == {"linear_scan": "triton", "bdlru": "triton", "causal_conv": "pytorch"} | {
-        "residual_norm": "pytorch"
+        "residual_norm": "pytorch",
+        "softmax_ce": "pytorch",
     }
     for mode in ("torch.export", "torch.jit.trace", "torch.jit.script"):
         assert set(table[mode].values()) == {"pytorch"}, mode

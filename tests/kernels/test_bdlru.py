@@ -144,3 +144,21 @@ def test_a_layer_using_the_fused_kernel_compiles_without_graph_breaks(device):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("segment", [3, 24])
+def test_sequences_cut_into_segments_match_reference(device, monkeypatch, segment):
+    # segments shorter than a tile, ragged against both directions' tiles, and spanning several tiles
+    monkeypatch.setattr(bdlru_tuning, "_segment", lambda programs, longest, mean: segment)
+    lengths = [0, 3, 1, 40, 17, 33]
+    offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
+    compare(inputs((sum(lengths), 40), device, seed=5), offsets, atol=2e-5)  # 2 channel blocks, the second partial
+    compare(inputs((2, 37, 5), device, seed=6), None, atol=2e-5)
+
+
+def test_segments_only_where_the_programs_leave_the_gpu_idle():
+    busy, least = bdlru_tuning.BUSY_PROGRAMS, bdlru_tuning.MIN_SEGMENT
+    assert bdlru_tuning._segment(256 * 4, 2048, 2048) == 2048  # 256 x 2048 x 128: enough programs, whole sequences
+    assert bdlru_tuning._segment(32 * 4, 8192, 8192) == 8192 // (busy // 128)  # 32 x 8192: 8 segments each
+    assert bdlru_tuning._segment(4, 300, 300) == least  # never shorter than MIN_SEGMENT rows
+    assert bdlru_tuning._segment(4, 4 * 200, 200) == 4 * 200  # short sequences stay whole

@@ -131,7 +131,7 @@ def test_precision_and_cuda_graphs_default_to_auto_resolved_where_the_run_execut
     assert load_config(TINY, ["train.cuda_graphs=true"]).train.cuda_graphs == "on"  # YAML booleans still read
 
 
-def test_sharded_runs_capture_the_dense_part_of_pipelined_gpu_steps_when_asked_and_refuse_graphs_elsewhere():
+def test_sharded_runs_capture_the_dense_part_of_pipelined_gpu_steps_and_refuse_graphs_elsewhere():
     from recblr_torchrec.distributed.env import DistEnv
     from recblr_torchrec.distributed.placement import ShardedPlacement
 
@@ -140,11 +140,11 @@ def test_sharded_runs_capture_the_dense_part_of_pipelined_gpu_steps_when_asked_a
         return ShardedPlacement(DistEnv(0, 1, 0, 1, torch.device(device), "gloo"), config), config
 
     gpu, config = placement("cuda")  # fused Adam shards the tables; the pipeline runs on GPU by default
-    assert gpu.can_capture and resolve_execution(config, gpu).train.cuda_graphs == "off"  # auto: eager
-    gpu.check(load_config(TINY, ["train.cuda_graphs=true"]))  # on: the dense part is captured
+    assert gpu.captures_steps and resolve_execution(config, gpu).train.cuda_graphs == "on"  # auto: captured
+    gpu.check(load_config(TINY, ["train.cuda_graphs=true"]))
     for device, overrides, reason in [("cpu", [], "no GPU"), ("cuda", ["distributed.pipeline=none"], "no pipeline")]:
         other, config = placement(device, *overrides)
-        assert not other.can_capture and resolve_execution(config, other).train.cuda_graphs == "off"
+        assert not other.captures_steps and resolve_execution(config, other).train.cuda_graphs == "off"
         with pytest.raises(ValueError, match=reason):
             other.check(load_config(TINY, ["train.cuda_graphs=true", *overrides]))
 
