@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["softmax_cross_entropy_triton"]
 
-NEG_INF = float("-inf")
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 
 @triton.jit
