@@ -60,7 +60,7 @@ MODELS = {
 }
 PEERS = ("sasrec", "sasrec-compiled")
 SHAPES = [(2048, 200), (256, 2048)]
-SWEEP_LENGTHS = [200, 512, 1024, 2048, 4096]
+SWEEP_LENGTHS = [200, 512, 1024, 2048, 4096, 8192, 16384]
 
 
 def build(model_name: str, steps: int, device: torch.device):
@@ -150,10 +150,10 @@ def measure(model_name: str, batch: int, steps: int, precision: str, reps: int, 
     result: Dict = {"model": model_name, "batch": batch, "length": steps, "precision": precision}
     for name, fn, mode in (("train", train_step, model.train), ("infer", inference, model.eval)):
         mode()
-        fn()  # compile kernels and allocate before the memory baseline
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         try:
+            fn()  # compile kernels and allocate before the memory baseline
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             ms = median_ms(fn, reps)
         except torch.OutOfMemoryError:
             result[f"{name}_error"] = "out of memory"
