@@ -110,6 +110,25 @@ def _bounds(seq, offsets_ptr, T, IS_PACKED: tl.constexpr):
 
 
 @triton.jit
+def _pair_at(seq, part, num_parts, D, cols):
+    """Offsets of segment ``part``'s channels in the [S, P, D] per-segment buffers."""
+    return (seq.to(tl.int64) * num_parts + part) * D + cols
+
+
+@triton.jit
+def _apply_pair(decay_ptr, value_ptr, at, col_ok, carry):
+    """The carried value after a segment with pair (decay, value): decay * carry + value."""
+    decay = tl.load(decay_ptr + at, mask=col_ok, other=1.0)
+    return decay * carry + tl.load(value_ptr + at, mask=col_ok, other=0.0)
+
+
+@triton.jit
+def _store_pair(decay_ptr, value_ptr, at, col_ok, decay, value):
+    tl.store(decay_ptr + at, decay, mask=col_ok)
+    tl.store(value_ptr + at, value, mask=col_ok)
+
+
+@triton.jit
 def _forward_tile(c, r, i, mask, rate, carry):
     """(h, a_cum): a tile's states from the state ``carry`` before it, and the running product of alpha."""
     sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
@@ -133,10 +152,7 @@ def _bdlru_forward_kernel(
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for earlier in range(0, tl.where(part < parts, part, 0)):  # the state entering this segment
-        at = (seq.to(tl.int64) * num_parts + earlier) * D + cols
-        carry = tl.load(decay_ptr + at, mask=col_ok, other=1.0) * carry + tl.load(
-            state_ptr + at, mask=col_ok, other=0.0
-        )
+        carry = _apply_pair(decay_ptr, state_ptr, _pair_at(seq, earlier, num_parts, D, cols), col_ok, carry)
     for k in range(0, tl.cdiv(tl.maximum(last - first, 0), CHUNK)):
         rows = first + k * CHUNK + steps
         mask = (rows < last)[:, None] & col_ok[None, :]
@@ -168,9 +184,7 @@ def _forward_summary_kernel(
         h, a_cum = _forward_tile(c, r, i, mask, rate, carry)
         carry = _last_row(h, steps, CHUNK)
         decay *= _last_row(a_cum, steps, CHUNK)
-    at = (seq.to(tl.int64) * num_parts + part) * D + cols
-    tl.store(decay_ptr + at, decay, mask=col_ok)
-    tl.store(state_ptr + at, carry, mask=col_ok)
+    _store_pair(decay_ptr, state_ptr, _pair_at(seq, part, num_parts, D, cols), col_ok, decay, carry)
 
 
 @triton.jit
@@ -212,10 +226,8 @@ def _bdlru_backward_kernel(
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # delta of the first row of the later tile
     for later in range(0, parts - 1 - part):  # delta at the first row of the next segment
-        at = (seq.to(tl.int64) * num_parts + parts - 1 - later) * D + cols
-        carry = tl.load(decay_ptr + at, mask=col_ok, other=1.0) * carry + tl.load(
-            delta_ptr + at, mask=col_ok, other=0.0
-        )
+        at = _pair_at(seq, parts - 1 - later, num_parts, D, cols)
+        carry = _apply_pair(decay_ptr, delta_ptr, at, col_ok, carry)
     drate = tl.zeros([BLOCK_D], dtype=tl.float32)
     num_chunks = tl.cdiv(tl.maximum(last - first, 0), CHUNK)
     for k in range(0, num_chunks):
@@ -245,7 +257,7 @@ def _bdlru_backward_kernel(
         tl.store(dg_ptr + at_gate, d_r.to(dg_ptr.dtype.element_ty), mask=mask)
         tl.store(dg_ptr + at_gate + D, d_i.to(dg_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptr + at, d_z.to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(drate_ptr + (seq.to(tl.int64) * num_parts + part) * D + cols, drate, mask=col_ok)
+    tl.store(drate_ptr + _pair_at(seq, part, num_parts, D, cols), drate, mask=col_ok)
 
 
 @triton.jit
@@ -272,6 +284,4 @@ def _backward_summary_kernel(
         a_cum, delta_local = tl.associative_scan((alpha_next, g), axis=0, combine_fn=_pair_combine)
         carry = _last_row(a_cum * carry[None, :] + delta_local, steps, CHUNK)
         decay *= _last_row(a_cum, steps, CHUNK)
-    at = (seq.to(tl.int64) * num_parts + part) * D + cols
-    tl.store(decay_ptr + at, decay, mask=col_ok)
-    tl.store(delta_ptr + at, carry, mask=col_ok)
+    _store_pair(decay_ptr, delta_ptr, _pair_at(seq, part, num_parts, D, cols), col_ok, decay, carry)

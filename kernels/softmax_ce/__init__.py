@@ -73,9 +73,9 @@ def softmax_cross_entropy(
         raise ValueError(f"{want}; got {tuple(bias.shape)} and {tuple(targets.shape)}")
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label smoothing {smoothing} must be in [0, 1)")
-    real = bias > float("-inf")
-    # eps / (real column count), on the device: no host sync, and a CUDA graph replays it
-    spread = smoothing / real.sum().clamp(min=1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    # eps / (real column count), counted on the device (no host sync: a CUDA graph replays it)
+    spread = smoothing / _real(bias).sum().clamp(min=1).to(acc).reshape(1) if smoothing else None
     if _kernel_fits(hidden, candidates, backend):
         from .triton import softmax_cross_entropy_triton  # lazily: the reference needs no Triton
 
@@ -83,9 +83,14 @@ def softmax_cross_entropy(
         if torch.is_autocast_enabled(hidden.device.type):
             dtype = torch.get_autocast_dtype(hidden.device.type)
         return softmax_cross_entropy_triton(
-            hidden.to(dtype), candidates.to(dtype), bias.float(), targets, float(smoothing), spread.reshape(1)
+            hidden.to(dtype), candidates.to(dtype), bias.float(), targets, float(smoothing), spread
         )
-    return _ChunkedReference.apply(hidden, candidates, bias, targets, real, float(smoothing), spread, chunk)
+    return _ChunkedReference.apply(hidden, candidates, bias, targets, float(smoothing), spread, chunk)
+
+
+def _real(bias: Tensor) -> Tensor:
+    """The columns that take part in the softmax."""
+    return bias > float("-inf")
 
 
 def _kernel_fits(hidden: Tensor, candidates: Tensor, backend: "KernelBackend | str") -> bool:
@@ -106,7 +111,7 @@ def _chunk_logits(hidden: Tensor, candidates: Tensor, bias: Tensor, acc: torch.d
 
 class _ChunkedReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, candidates, bias, targets, real, smoothing, spread, chunk):
+    def forward(ctx, hidden, candidates, bias, targets, smoothing, spread, chunk):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # bf16 inputs: fp32 sums
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         loss = torch.empty_like(lse)
@@ -118,14 +123,14 @@ class _ChunkedReference(torch.autograd.Function):
             picked = logits.gather(1, target.clamp(min=0)[:, None])[:, 0].masked_fill(target < 0, 0.0)
             loss[part] = lse[part] - (1.0 - smoothing) * picked
             if smoothing:
-                loss[part] -= torch.where(real, logits, 0.0).sum(dim=-1) * spread
+                loss[part] -= torch.where(_real(bias), logits, 0.0).sum(dim=-1) * spread
         ctx.chunk, ctx.smoothing = chunk, smoothing
-        ctx.save_for_backward(hidden, candidates, bias, targets, real, spread, lse)
+        ctx.save_for_backward(hidden, candidates, bias, targets, spread, lse)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        hidden, candidates, bias, targets, real, spread, lse = ctx.saved_tensors
+        hidden, candidates, bias, targets, spread, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -133,13 +138,13 @@ class _ChunkedReference(torch.autograd.Function):
             h = hidden[part]
             probs = _dlogits(_chunk_logits(h, candidates, bias, lse.dtype), lse[part], targets[part], ctx.smoothing)
             if ctx.smoothing:
-                probs -= torch.where(real, spread, 0.0)
+                probs -= torch.where(_real(bias), spread, 0.0)
             probs = (probs * grad_loss[part, None].to(probs.dtype)).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[part] = probs @ candidates
             if grad_candidates is not None:
                 grad_candidates.addmm_(probs.T, h)
-        return grad_hidden, grad_candidates, None, None, None, None, None, None
+        return grad_hidden, grad_candidates, None, None, None, None, None
 
 
 def _dlogits(logits: Tensor, lse: Tensor, targets: Tensor, smoothing: float) -> Tensor:

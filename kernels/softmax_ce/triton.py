@@ -15,7 +15,7 @@ attention's backward does; float32 inputs multiply in TF32 when torch allows it 
 """
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,6 +42,12 @@ def _dot(a, b, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D):
+    """A block of candidates' vectors and biases (-inf past the end: no part in the softmax)."""
+    return _rows(c_ptr, cols, dims, stride_c, N, D), tl.load(bias_ptr + cols, mask=cols < N, other=NEG_INF)
 
 
 @triton.jit
@@ -76,8 +82,7 @@ def _forward_kernel(
     real_sum = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        c = _rows(c_ptr, cols, dims, stride_c, N, D)
-        bias = tl.load(bias_ptr + cols, mask=cols < N, other=NEG_INF)
+        c, bias = _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D)
         s = _logits(h, c, bias, PRECISION)
         picked += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
         if SMOOTH:
@@ -95,6 +100,16 @@ def _forward_kernel(
 
 
 @triton.jit
+def _row_block(h_ptr, target_ptr, lse_ptr, g_ptr, rows, dims, stride_h, M, D):
+    """A block of rows' vectors, target columns, log-sum-exps and loss gradients (what backward reads)."""
+    h = _rows(h_ptr, rows, dims, stride_h, M, D)
+    target = tl.load(target_ptr + rows, mask=rows < M, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rows < M, other=0.0)
+    return h, target, lse, g
+
+
+@triton.jit
 def _grad_hidden_kernel(
     h_ptr, c_ptr, bias_ptr, target_ptr, spread_ptr, lse_ptr, g_ptr, dh_ptr, M, N, D, stride_h, stride_c, smoothing,
     SMOOTH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -102,16 +117,12 @@ def _grad_hidden_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    h = _rows(h_ptr, rows, dims, stride_h, M, D)
-    target = tl.load(target_ptr + rows, mask=rows < M, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
-    g = tl.load(g_ptr + rows, mask=rows < M, other=0.0)
+    h, target, lse, g = _row_block(h_ptr, target_ptr, lse_ptr, g_ptr, rows, dims, stride_h, M, D)
     spread = tl.load(spread_ptr)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        c = _rows(c_ptr, cols, dims, stride_c, N, D)
-        bias = tl.load(bias_ptr + cols, mask=cols < N, other=NEG_INF)
+        c, bias = _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D)
         ds = _dlogits(_logits(h, c, bias, PRECISION), bias, cols, target, lse, g, smoothing, spread, SMOOTH)
         acc += _dot(ds.to(c.dtype), c, PRECISION)
     ok = (rows < M)[:, None] & (dims < D)[None, :]
@@ -126,16 +137,12 @@ def _grad_candidates_kernel(
 ):  # fmt: skip
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    c = _rows(c_ptr, cols, dims, stride_c, N, D)
-    bias = tl.load(bias_ptr + cols, mask=cols < N, other=NEG_INF)
+    c, bias = _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D)
     spread = tl.load(spread_ptr)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, M, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        h = _rows(h_ptr, rows, dims, stride_h, M, D)
-        target = tl.load(target_ptr + rows, mask=rows < M, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
-        g = tl.load(g_ptr + rows, mask=rows < M, other=0.0)
+        h, target, lse, g = _row_block(h_ptr, target_ptr, lse_ptr, g_ptr, rows, dims, stride_h, M, D)
         ds = _dlogits(_logits(h, c, bias, PRECISION), bias, cols, target, lse, g, smoothing, spread, SMOOTH)
         acc += _dot(tl.trans(ds.to(h.dtype)), h, PRECISION)
     ok = (cols < N)[:, None] & (dims < D)[None, :]
@@ -195,8 +202,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
 
 def softmax_cross_entropy_triton(
-    hidden: Tensor, candidates: Tensor, bias: Tensor, targets: Tensor, smoothing: float, spread: Tensor
+    hidden: Tensor, candidates: Tensor, bias: Tensor, targets: Tensor, smoothing: float, spread: Optional[Tensor]
 ) -> Tensor:
     """Per-row float32 loss; ``bias`` float32 [C], ``targets`` int64 [M] (-1: none), ``spread``
-    the one-element float32 eps / (real column count) (see the package's docstring)."""
+    the one-element float32 eps / (real column count), None without smoothing (see the package's
+    docstring)."""
+    spread = bias[:1] if spread is None else spread  # unread without smoothing: any float32 pointer
     return _SoftmaxCrossEntropy.apply(hidden, candidates, bias, targets, smoothing, spread)

@@ -191,23 +191,31 @@ class SequenceRecommender(nn.Module):
 
     def context_vectors(self, context: Optional[KeyedJaggedTensor]) -> Optional[Tensor]:
         """[B, d] the pooled context of each sequence, projected; None for a model without context."""
-        return self._project(self.pool_context(context))
+        pooled = self.pool_context(context)
+        return self._project(None if pooled is None else pooled.values())
 
-    def _project(self, pooled: Optional[KeyedTensor]) -> Optional[Tensor]:
-        return None if pooled is None else self.context_proj(pooled.values().to(self.dtype))
+    def _project(self, pooled: Optional[Tensor]) -> Optional[Tensor]:
+        return None if pooled is None else self.context_proj(pooled.to(self.dtype))
 
     def after_lookup(
         self, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None, rows: Optional[Tensor] = None
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """The dense part on the lookups' outputs: ([N, d] hidden vectors, or [M, d] at packed
         ``rows``; [C, d] candidate embeddings, None when the features carry no candidates)."""
+        return self.dense_forward(*self.lookup_tensors(embedded, pooled), rows)
+
+    @staticmethod
+    def lookup_tensors(
+        embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor] = None
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The lookups' outputs as :meth:`dense_forward` takes them: history rows, their offsets,
+        candidate rows and pooled context (None where absent)."""
         history, candidates = embedded[ITEM_HISTORY], embedded.get(ITEM_CANDIDATES)
-        return self.dense_forward(
+        return (
             history.values(),
             history.offsets(),
             None if candidates is None else candidates.values(),
             None if pooled is None else pooled.values(),
-            rows,
         )
 
     def dense_forward(
@@ -221,8 +229,7 @@ class SequenceRecommender(nn.Module):
         """:meth:`after_lookup` on the lookups' tensors: [N, d] history rows and their [B+1]
         offsets, [C, d] candidate rows, [B, w] pooled context (what a CUDA graph of the sharded
         step's dense part reads, ``recblr_torchrec/distributed/dense_step.py``)."""
-        vectors = None if pooled is None else self.context_proj(pooled.to(self.dtype))
-        hidden = self._encode_with(history.to(self.dtype), offsets, vectors, rows)
+        hidden = self._encode_with(history.to(self.dtype), offsets, self._project(pooled), rows)
         return hidden, None if candidates is None else candidates.to(self.dtype)
 
     def _encode_with(

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from ..data.batch import Batch
-from ..data.features import ITEM_CANDIDATES, ITEM_HISTORY
 from ..modules import SequenceRecommender
 from .losses import full_softmax_loss, sampled_softmax_loss
 
@@ -130,13 +129,7 @@ class _AfterLookup(nn.Module):
 
     def forward(self, batch: Batch, embedded: Dict[str, JaggedTensor], pooled: Optional[KeyedTensor]):
         task: NextItemTask = self.__dict__["task"]
-        history, candidates = embedded[ITEM_HISTORY], embedded.get(ITEM_CANDIDATES)
-        tensors = (
-            history.values(),
-            history.offsets(),
-            None if candidates is None else candidates.values(),
-            None if pooled is None else pooled.values(),
-        )
+        tensors = task.model.lookup_tensors(embedded, pooled)
         if task.dense_step is not None:
             return task.dense_step(batch, *tensors)
         return dense_loss(task, batch, *tensors)
