@@ -6,6 +6,8 @@ and bf16:
                summary kernel where the sequences are cut into segments, ``tuning._segment``);
   whole      - the same kernels with every sequence one segment (one program per sequence and
                channel block, as before segments: 128 programs at 32 x 8,192 x 128);
+  busy<N>    - fused with ``tuning.BUSY_PROGRAMS = N`` (``--busy-programs N ...``): cut into
+               segments until N programs run;
   unfused    - the same math as separate torch ops around the Triton linear scan;
   reference  - ``bdlru(..., backend=PYTORCH)``: torch ops around the sequential PyTorch scan.
 Reports forward and forward+backward milliseconds (median, ``triton.testing.do_bench``) and the
@@ -32,10 +34,11 @@ SHAPES = [(2048, 200, 128), (256, 2048, 128), (32, 8192, 128)]
 
 
 @contextlib.contextmanager
-def whole_sequences():
-    """Every sequence one segment (``tuning._segment`` never cuts) while inside."""
+def busy_programs(programs: int):
+    """``tuning.BUSY_PROGRAMS`` set to ``programs`` while inside (0: every sequence one segment,
+    ``tuning._segment`` never cuts)."""
     saved = tuning.BUSY_PROGRAMS
-    tuning.BUSY_PROGRAMS = 0
+    tuning.BUSY_PROGRAMS = programs
     try:
         yield
     finally:
@@ -50,7 +53,7 @@ def unfused(c, gate_logits, z, decay):
 
 VARIANTS: Dict[str, Callable] = {
     "fused": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),
-    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside whole_sequences()
+    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside busy_programs(0)
     "unfused": unfused,
     "reference": lambda *a: bdlru(*a, backend=KernelBackend.PYTORCH),
 }
@@ -71,6 +74,13 @@ def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-reference-long", action="store_true", help="skip the slow sequential T=2048 case")
+    parser.add_argument(
+        "--busy-programs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the fused kernels with tuning.BUSY_PROGRAMS at each of these values (variant busy<N>)",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
@@ -81,10 +91,12 @@ def main(argv: List[str] = None) -> None:
             grad = torch.randn(shape, device=device, dtype=dtype)
             ref = VARIANTS["unfused"](*inputs)
             units = shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=dtype).element_size()
-            for name, fn in VARIANTS.items():
+            variants = dict(VARIANTS, **{f"busy{n}": VARIANTS["fused"] for n in args.busy_programs})
+            for name, fn in variants.items():
                 if name == "reference" and shape[1] > 1000 and args.skip_reference_long:
                     continue
-                with whole_sequences() if name == "whole" else contextlib.nullcontext():
+                programs = 0 if name == "whole" else int(name[4:]) if name.startswith("busy") else tuning.BUSY_PROGRAMS
+                with busy_programs(programs):
                     out = fn(*inputs)
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     fwd = do_bench(lambda fn=fn, x=inputs: fn(*x), warmup=25, rep=100, return_mode="median")

@@ -10,12 +10,15 @@ Shapes (rows M x candidates C, d = 64):
 Per shape and precision (bf16: inputs in bfloat16; fp32: TF32 off, full float32 products):
 median milliseconds of loss + backward (``triton.testing.do_bench``), peak memory above the
 inputs, the kernel's loss and gradients against the reference's (largest relative difference),
-and the kernel's speedup.
+and the kernel's speedup. ``--tiles 128x64x8 64x128x4 ...`` also times the kernel with each
+(BLOCK_M x BLOCK_N x warps) logit tile in place of ``kernels/softmax_ce``'s ``_config`` (rows
+``triton BMxBNxW``).
 
 Usage (GPU): python benchmarks/bench_softmax_ce.py --out softmax_ce.json
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +28,7 @@ import torch
 
 from recblr_torchrec import KernelBackend
 from recblr_torchrec.kernels.softmax_ce import softmax_cross_entropy
+from recblr_torchrec.kernels.softmax_ce import triton as softmax_triton
 from recblr_torchrec.results import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,35 +52,62 @@ def make_inputs(kind: str, dtype: torch.dtype, device: torch.device):
     return hidden, candidates, bias, targets
 
 
-def measure(kind: str, dtype: torch.dtype, device: torch.device) -> List[Dict]:
+@contextlib.contextmanager
+def tile(spec: Optional[str]):
+    """``kernels/softmax_ce``'s tile set to ``spec`` (BMxBNxW) while inside; None: its own."""
+    saved = softmax_triton._config
+    if spec is not None:
+        block_m, block_n, warps = (int(v) for v in spec.split("x"))
+
+        def config(dtype, width):
+            _, _, block_d, _, precision = saved(dtype, width)
+            return block_m, block_n, block_d, warps, precision
+
+        softmax_triton._config = config
+    try:
+        yield
+    finally:
+        softmax_triton._config = saved
+
+
+def measure(kind: str, dtype: torch.dtype, device: torch.device, tiles: List[str]) -> List[Dict]:
     from triton.testing import do_bench
 
     inputs = make_inputs(kind, dtype, device)
     grad = torch.full((inputs[0].shape[0],), 1.0 / inputs[0].shape[0], device=device)
     rows, results = [], {}
-    for backend in (KernelBackend.TRITON, KernelBackend.PYTORCH):
+    variants = [(KernelBackend.TRITON, None), (KernelBackend.PYTORCH, None)]
+    variants += [(KernelBackend.TRITON, spec) for spec in tiles]
+    for backend, spec in variants:
 
         def step(backend=backend):
             loss = softmax_cross_entropy(*inputs, backend=backend)
             return (loss, *torch.autograd.grad(loss, inputs[:2], grad))
 
-        results[backend] = [t.float() for t in step()]
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+        with tile(spec):
+            outputs = [t.float() for t in step()]
+            results[backend] = outputs
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+        name = backend.value if spec is None else f"{backend.value} {spec}"
         rows.append({"shape": kind, "rows": SHAPES[kind][0], "candidates": SHAPES[kind][1], "width": WIDTH})
-        rows[-1].update(precision=_name(dtype), backend=backend.value, ms=ms, extra_mib=extra_mib)
-    kernel, reference = results[KernelBackend.TRITON], results[KernelBackend.PYTORCH]
-    differences = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(kernel, reference)]
-    rows[0]["max_rel_difference"] = dict(zip(("loss", "grad_hidden", "grad_candidates"), differences))
+        rows[-1].update(precision=_name(dtype), backend=name, ms=ms, extra_mib=extra_mib)
+        if backend == KernelBackend.TRITON:
+            rows[-1]["outputs"] = outputs
+    reference = results[KernelBackend.PYTORCH]
+    for row in rows:
+        if "outputs" in row:
+            differences = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(row.pop("outputs"), reference)]
+            row["max_rel_difference"] = dict(zip(("loss", "grad_hidden", "grad_candidates"), differences))
     rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]
     for row in rows:
-        print(f"{kind:8} {row['precision']:5} {row['backend']:8} {row['ms']:8.2f} ms  +{row['extra_mib']:8.1f} MiB")
-    print(f"{kind:8} {_name(dtype):5} kernel {rows[0]['speedup']:.2f}x the reference; differences {differences}")
+        print(f"{kind:8} {row['precision']:5} {row['backend']:16} {row['ms']:8.2f} ms  +{row['extra_mib']:8.1f} MiB")
+    print(f"{kind:8} {_name(dtype):5} kernel {rows[0]['speedup']:.2f}x the reference; {rows[0]['max_rel_difference']}")
     return rows
 
 
@@ -89,13 +120,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--tiles", nargs="*", default=[], help="kernel tiles BMxBNxW to time as well")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for kind in args.shapes:
         for precision in args.precisions:
-            rows += measure(kind, torch.bfloat16 if precision == "bf16" else torch.float32, device)
+            rows += measure(kind, torch.bfloat16 if precision == "bf16" else torch.float32, device, args.tiles)
             torch.cuda.empty_cache()
     command = "python benchmarks/bench_softmax_ce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"rows": rows, "provenance": provenance(torch.cuda.get_device_name(), command.strip(), ROOT)}
