@@ -8,6 +8,8 @@ and bf16:
                channel block, as before segments: 128 programs at 32 x 8,192 x 128);
   busy<N>    - fused with ``tuning.BUSY_PROGRAMS = N`` (``--busy-programs N ...``): cut into
                segments until N programs run;
+  stages<N>  - fused with ``tuning.LOOP_STAGES = N`` (``--stages N ...``): the loops over tiles
+               software-pipelined into N stages;
   unfused    - the same math as separate torch ops around the Triton linear scan;
   reference  - ``bdlru(..., backend=PYTORCH)``: torch ops around the sequential PyTorch scan.
 Reports forward and forward+backward milliseconds (median, ``triton.testing.do_bench``) and the
@@ -34,15 +36,17 @@ SHAPES = [(2048, 200, 128), (256, 2048, 128), (32, 8192, 128)]
 
 
 @contextlib.contextmanager
-def busy_programs(programs: int):
-    """``tuning.BUSY_PROGRAMS`` set to ``programs`` while inside (0: every sequence one segment,
-    ``tuning._segment`` never cuts)."""
-    saved = tuning.BUSY_PROGRAMS
-    tuning.BUSY_PROGRAMS = programs
+def tuned(**values):
+    """``tuning``'s constants set to ``values`` while inside (``BUSY_PROGRAMS=0``: every sequence
+    one segment, ``tuning._segment`` never cuts)."""
+    saved = {name: getattr(tuning, name) for name in values}
+    for name, value in values.items():
+        setattr(tuning, name, value)
     try:
         yield
     finally:
-        tuning.BUSY_PROGRAMS = saved
+        for name, value in saved.items():
+            setattr(tuning, name, value)
 
 
 def unfused(c, gate_logits, z, decay):
@@ -53,7 +57,7 @@ def unfused(c, gate_logits, z, decay):
 
 VARIANTS: Dict[str, Callable] = {
     "fused": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),
-    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside busy_programs(0)
+    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside tuned(BUSY_PROGRAMS=0)
     "unfused": unfused,
     "reference": lambda *a: bdlru(*a, backend=KernelBackend.PYTORCH),
 }
@@ -81,6 +85,13 @@ def main(argv: List[str] = None) -> None:
         default=[],
         help="also time the fused kernels with tuning.BUSY_PROGRAMS at each of these values (variant busy<N>)",
     )
+    parser.add_argument(
+        "--stages",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the fused kernels with tuning.LOOP_STAGES at each of these values (variant stages<N>)",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
@@ -92,11 +103,15 @@ def main(argv: List[str] = None) -> None:
             ref = VARIANTS["unfused"](*inputs)
             units = shape[0] * shape[1] * shape[2] * torch.tensor([], dtype=dtype).element_size()
             variants = dict(VARIANTS, **{f"busy{n}": VARIANTS["fused"] for n in args.busy_programs})
+            variants.update({f"stages{n}": VARIANTS["fused"] for n in args.stages})
             for name, fn in variants.items():
                 if name == "reference" and shape[1] > 1000 and args.skip_reference_long:
                     continue
-                programs = 0 if name == "whole" else int(name[4:]) if name.startswith("busy") else tuning.BUSY_PROGRAMS
-                with busy_programs(programs):
+                values = {"BUSY_PROGRAMS": 0} if name == "whole" else {}
+                for prefix, constant in (("busy", "BUSY_PROGRAMS"), ("stages", "LOOP_STAGES")):
+                    if name.startswith(prefix):
+                        values[constant] = int(name[len(prefix) :])
+                with tuned(**values):
                     out = fn(*inputs)
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     fwd = do_bench(lambda fn=fn, x=inputs: fn(*x), warmup=25, rep=100, return_mode="median")

@@ -41,23 +41,29 @@ _MIN_BETA_SQUARE: tl.constexpr = tl.constexpr(MIN_BETA_SQUARE)
 
 
 @triton.jit
-def _one_minus_exp(x):
-    # -expm1(x) for x <= 0 without cancellation: a Taylor series where |x| is small
-    # (relative error < 2e-8 at |x| = 0.1), 1 - exp(x) elsewhere (relative error < 1e-6).
-    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x / 120.0))))
-    return tl.where(x > -_SERIES_BELOW, series, 1.0 - tl.exp(x))
+def _one_minus_square(x, alpha):
+    # 1 - alpha^2 for alpha = exp(-x), x >= 0, without cancellation: where 2x is small, a Taylor
+    # series of -expm1(-2x) (relative error < 2e-8 at 2x = 0.1); elsewhere 1 - alpha^2, from the
+    # alpha at hand (no second exp: the special-function unit bounds these kernels).
+    y = -2.0 * x
+    series = -y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0)))))
+    return tl.where(y > -_SERIES_BELOW, series, 1.0 - alpha * alpha)
 
 
 @triton.jit
 def _gates(r, i, rate):
-    """alpha, beta and the pieces backward needs, all fp32 [CHUNK, BLOCK_D]."""
+    """alpha, beta and the pieces backward needs (q = sqrt(1 - alpha^2) and alpha / q), all fp32
+    [CHUNK, BLOCK_D]."""
     sig_r = tl.sigmoid(r)
-    alpha = tl.exp(-rate[None, :] * sig_r)
-    one_minus_sq = _one_minus_exp(-2.0 * rate[None, :] * sig_r)
+    x = rate[None, :] * sig_r
+    alpha = tl.exp(-x)
+    one_minus_sq = _one_minus_square(x, alpha)
     clamped = one_minus_sq < _MIN_BETA_SQUARE
-    q = tl.sqrt(tl.maximum(one_minus_sq, _MIN_BETA_SQUARE))
+    held = tl.maximum(one_minus_sq, _MIN_BETA_SQUARE)
+    inv_q = tl.math.rsqrt(held)  # one special-function op gives q and alpha / q
+    q = held * inv_q
     sig_i = tl.sigmoid(i)
-    return sig_r, alpha, q, clamped, sig_i, q * sig_i
+    return sig_r, alpha, q, alpha * inv_q, clamped, sig_i, q * sig_i
 
 
 @triton.jit
@@ -131,7 +137,7 @@ def _store_pair(decay_ptr, value_ptr, at, col_ok, decay, value):
 @triton.jit
 def _forward_tile(c, r, i, mask, rate, carry):
     """(h, a_cum): a tile's states from the state ``carry`` before it, and the running product of alpha."""
-    sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
+    _, alpha, _, _, _, _, beta = _gates(r, i, rate)
     a = tl.where(mask, alpha, 1.0)  # rows past the end carry the state unchanged
     b = tl.where(mask, beta * c, 0.0)
     a_cum, h_local = tl.associative_scan((a, b), axis=0, combine_fn=_pair_combine)
@@ -144,7 +150,7 @@ def _bdlru_forward_kernel(
     out_ptr, h_ptr,  # outputs
     decay_ptr, state_ptr,  # per segment: the decay over it and its end state from 0 (_forward_summary_kernel)
     offsets_ptr, T, D, z_stride, segment, num_parts,
-    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     seq, cols, col_ok, start, end, first, last, part, parts, rate = _program_setup(
         offsets_ptr, rate_ptr, T, D, segment, IS_PACKED, BLOCK_D
@@ -153,7 +159,7 @@ def _bdlru_forward_kernel(
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     for earlier in range(0, tl.where(part < parts, part, 0)):  # the state entering this segment
         carry = _apply_pair(decay_ptr, state_ptr, _pair_at(seq, earlier, num_parts, D, cols), col_ok, carry)
-    for k in range(0, tl.cdiv(tl.maximum(last - first, 0), CHUNK)):
+    for k in tl.range(0, tl.cdiv(tl.maximum(last - first, 0), CHUNK), num_stages=STAGES):
         rows = first + k * CHUNK + steps
         mask = (rows < last)[:, None] & col_ok[None, :]
         at, _, c, r, i, z = _load_tile(c_ptr, g_ptr, z_ptr, rows, cols, mask, D, z_stride)
@@ -169,7 +175,7 @@ def _forward_summary_kernel(
     c_ptr, g_ptr, rate_ptr,  # inputs
     decay_ptr, state_ptr,  # outputs [S, P, D]: prod alpha over the segment, its end state from 0
     offsets_ptr, T, D, segment, num_parts,
-    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     seq, cols, col_ok, start, end, first, last, part, parts, rate = _program_setup(
         offsets_ptr, rate_ptr, T, D, segment, IS_PACKED, BLOCK_D
@@ -177,7 +183,7 @@ def _forward_summary_kernel(
     steps = tl.arange(0, CHUNK)
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     decay = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
-    for k in range(0, tl.cdiv(tl.maximum(last - first, 0), CHUNK)):
+    for k in tl.range(0, tl.cdiv(tl.maximum(last - first, 0), CHUNK), num_stages=STAGES):
         rows = first + k * CHUNK + steps
         mask = (rows < last)[:, None] & col_ok[None, :]
         _, _, c, r, i = _load_gate_inputs(c_ptr, g_ptr, rows, cols, mask, D)
@@ -218,7 +224,7 @@ def _bdlru_backward_kernel(
     dc_ptr, dg_ptr, dz_ptr, drate_ptr,  # outputs
     decay_ptr, delta_ptr,  # per segment: prod alpha_{t+1} over it and its first delta from 0 (_backward_summary_kernel)
     offsets_ptr, T, D, z_stride, segment, num_parts,
-    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     seq, cols, col_ok, start, end, first, last, part, parts, rate = _program_setup(
         offsets_ptr, rate_ptr, T, D, segment, IS_PACKED, BLOCK_D
@@ -230,7 +236,7 @@ def _bdlru_backward_kernel(
         carry = _apply_pair(decay_ptr, delta_ptr, at, col_ok, carry)
     drate = tl.zeros([BLOCK_D], dtype=tl.float32)
     num_chunks = tl.cdiv(tl.maximum(last - first, 0), CHUNK)
-    for k in range(0, num_chunks):
+    for k in tl.range(0, num_chunks, num_stages=STAGES):
         rows, row_ok = _backward_tile_rows(first, last, k, num_chunks, steps, CHUNK)
         mask = row_ok[:, None] & col_ok[None, :]
         at, at_gate, c, r, i = _load_gate_inputs(c_ptr, g_ptr, rows, cols, mask, D)
@@ -241,14 +247,14 @@ def _bdlru_backward_kernel(
         has_prev = mask & (rows > start)[:, None]
         h_prev = tl.load(h_ptr + at - D, mask=has_prev, other=0.0)
 
-        sig_r, alpha, q, clamped, sig_i, beta = _gates(r, i, rate)
+        sig_r, alpha, q, alpha_over_q, clamped, sig_i, beta = _gates(r, i, rate)
         a_cum, delta_local = tl.associative_scan((alpha_next, g), axis=0, combine_fn=_pair_combine)
         delta = a_cum * carry[None, :] + delta_local
         carry = _last_row(delta, steps, CHUNK)
 
         d_beta = delta * c
         d_q = d_beta * sig_i
-        d_alpha = delta * h_prev + tl.where(clamped, 0.0, -d_q * alpha / q)
+        d_alpha = delta * h_prev + tl.where(clamped, 0.0, -d_q * alpha_over_q)
         d_r = d_alpha * (-rate[None, :] * alpha) * sig_r * (1.0 - sig_r)
         d_i = d_q * q * (1.0 - sig_i)
         d_z = dout * h * sig_z * (1.0 + z * (1.0 - sig_z))
@@ -265,7 +271,7 @@ def _backward_summary_kernel(
     g_ptr, z_ptr, rate_ptr, dout_ptr,  # inputs
     decay_ptr, delta_ptr,  # outputs [S, P, D]: prod alpha_{t+1} over the segment, its first delta from 0
     offsets_ptr, T, D, z_stride, segment, num_parts,
-    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_PACKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     seq, cols, col_ok, start, end, first, last, part, parts, rate = _program_setup(
         offsets_ptr, rate_ptr, T, D, segment, IS_PACKED, BLOCK_D
@@ -274,7 +280,7 @@ def _backward_summary_kernel(
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     decay = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
     num_chunks = tl.cdiv(tl.maximum(last - first, 0), CHUNK)
-    for k in range(0, num_chunks):
+    for k in tl.range(0, num_chunks, num_stages=STAGES):
         rows, row_ok = _backward_tile_rows(first, last, k, num_chunks, steps, CHUNK)
         at = rows[:, None] * D + cols[None, :]
         at_gate = rows[:, None] * (2 * D) + cols[None, :]

@@ -30,10 +30,13 @@ def _bdlru_kernels():
     from recblr_torchrec.kernels.bdlru import triton as bdlru
 
     t, shape = "*bf16", {"offsets_ptr": "*i64", "T": "i32", "D": "i32"}
-    flags = {"IS_PACKED": "constexpr", "CHUNK": "constexpr", "BLOCK_D": "constexpr"}
+    flags = {"IS_PACKED": "constexpr", "CHUNK": "constexpr", "BLOCK_D": "constexpr", "STAGES": "constexpr"}
     segments = {"segment": "i32", "num_parts": "i32"}
     pair = {"decay_ptr": "*fp32", "state_ptr": "*fp32"}
-    forward, backward = {"IS_PACKED": True, "CHUNK": 16, "BLOCK_D": 32}, {"IS_PACKED": True, "CHUNK": 8, "BLOCK_D": 32}
+    forward, backward = (
+        {"IS_PACKED": True, "CHUNK": 16, "BLOCK_D": 32, "STAGES": 2},
+        {"IS_PACKED": True, "CHUNK": 8, "BLOCK_D": 32, "STAGES": 2},
+    )
     inputs = {"c_ptr": t, "g_ptr": t, "z_ptr": t, "rate_ptr": "*fp32"}
     yield (
         bdlru._bdlru_forward_kernel,
