@@ -23,7 +23,7 @@ def _tile(channels: int, backward: bool) -> Tuple[int, int, int]:
 # Software-pipeline stages of the kernels' loops over tiles (``tl.range(num_stages=...)``): 1 loads
 # each tile when its turn comes; 2 or more issue the next tiles' loads while a tile is scanned
 # (where Triton's pipeliner takes the loop). ``bench_bdlru.py --stages`` times the choices.
-LOOP_STAGES = 1
+LOOP_STAGES = 2
 
 # Programs that keep a GPU's SMs busy: below this many (sequence, channel block) programs, the
 # sequences are cut into segments (a few long sequences: 32 x 8,192 x 128 has 128 programs).

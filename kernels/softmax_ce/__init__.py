@@ -60,7 +60,8 @@ def softmax_cross_entropy(
         targets: [M] int64 column of each row's target in [0, C), or -1 for none.
         smoothing: label smoothing epsilon in [0, 1), spread over the real columns.
         chunk: rows per chunk of the reference.
-        backend: ``TRITON``, ``PYTORCH`` or ``AUTO`` (the kernel for CUDA tensors). Under autocast
+        backend: ``TRITON``, ``PYTORCH`` or ``AUTO`` (the kernel for CUDA tensors, except float32
+            products with TF32 off, which the reference's cuBLAS matmuls take faster). Under autocast
             the kernel takes both inputs in autocast's dtype, as the reference's matmul does.
 
     Gradients flow to ``hidden`` and ``candidates``.
@@ -96,6 +97,8 @@ def _real(bias: Tensor) -> Tensor:
 def _kernel_fits(hidden: Tensor, candidates: Tensor, backend: "KernelBackend | str") -> bool:
     if implementation(Kernel.SOFTMAX_CE, backend, hidden.device) is not KernelBackend.TRITON:
         return False
+    if KernelBackend(backend) is KernelBackend.AUTO and _strict_float32(hidden, candidates):
+        return False  # full float32 products: cuBLAS's SGEMM far outruns the kernel's FMA dots
     return (
         0 < hidden.shape[1] <= MAX_WIDTH
         and hidden.shape[0] > 0
@@ -103,6 +106,14 @@ def _kernel_fits(hidden: Tensor, candidates: Tensor, backend: "KernelBackend | s
         and hidden.dtype in _FLOATS
         and candidates.dtype in _FLOATS
     )
+
+
+def _strict_float32(hidden: Tensor, candidates: Tensor) -> bool:
+    """The products would be full float32: float32 inputs, no autocast, TF32 matmuls off."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return False
+    dtype = torch.promote_types(hidden.dtype, candidates.dtype)
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _chunk_logits(hidden: Tensor, candidates: Tensor, bias: Tensor, acc: torch.dtype) -> Tensor:

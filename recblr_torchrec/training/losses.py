@@ -57,7 +57,7 @@ def full_softmax_loss(
     if check_targets and bool(((targets < low) | (targets >= catalog.shape[0])).any()):  # one sync, both bounds
         raise ValueError(f"targets must be item ids in [{low}, {catalog.shape[0]}), got min {int(targets.min())}")
     bias = torch.zeros(catalog.shape[0], dtype=torch.float32, device=catalog.device)
-    bias[0] = float("-inf")  # padding is never a candidate
+    bias[:1].fill_(float("-inf"))  # padding is never a candidate (a device fill: no host copy under capture)
     valid = targets > 0 if ignore_padding else None
     columns = targets if valid is None else torch.where(valid, targets, -1)
     per_row = softmax_cross_entropy(hidden, catalog, bias, columns, float(label_smoothing), chunk)
