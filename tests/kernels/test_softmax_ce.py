@@ -80,3 +80,23 @@ def test_bad_shapes_and_smoothing_are_refused_by_name():
         softmax_cross_entropy(hidden, candidates, bias[:3], targets)
     with pytest.raises(ValueError, match="label smoothing 1.0"):
         softmax_cross_entropy(hidden, candidates, bias, targets, smoothing=1.0)
+
+
+def test_auto_leaves_full_float32_products_to_cublas(monkeypatch):
+    from recblr_torchrec.kernels import softmax_ce
+
+    monkeypatch.setattr(softmax_ce, "implementation", lambda *args: KernelBackend.TRITON)  # as on a GPU
+    h32, c32 = torch.zeros(4, 8), torch.zeros(6, 8)
+    h16, c16 = h32.bfloat16(), c32.bfloat16()
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not softmax_ce._kernel_fits(h32, c32, KernelBackend.AUTO)  # FMA dots: the reference's SGEMM
+        assert softmax_ce._kernel_fits(h32, c32, KernelBackend.TRITON)  # asked for by name
+        assert softmax_ce._kernel_fits(h16, c16, KernelBackend.AUTO)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert softmax_ce._kernel_fits(h32, c32, KernelBackend.AUTO)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert softmax_ce._kernel_fits(h32, c32, KernelBackend.AUTO)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
