@@ -28,6 +28,16 @@ def no_candidates(targets: np.ndarray, key: int) -> Tuple[np.ndarray, Optional[n
     return np.empty(0, dtype=np.int64), None
 
 
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """``np.unique(ids)``: a sort and a neighbour comparison, about 4x faster than NumPy 2's
+    hash-based unique plus its sort at a batch's ~35,000 ids (the loader builds one per step)."""
+    ids = np.sort(ids)
+    keep = np.empty(len(ids), dtype=bool)
+    keep[:1] = True
+    np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+    return ids[keep]
+
+
 class FullCatalog:
     """Every item id 1..V-1 as the candidate set (the paper's full softmax); no log-Q."""
 
@@ -75,7 +85,7 @@ class SampledCandidates:
 
     def __call__(self, targets: np.ndarray, key: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         negatives = self._draw(np.random.default_rng([self.seed, key]))
-        ids = np.unique(np.concatenate([targets, negatives]))
+        ids = _sorted_unique(np.concatenate([targets, negatives]))
         if self._cdf is None:
             sample_probability = np.full(len(ids), 1.0 / (self.num_embeddings - 1))
         else:

@@ -24,6 +24,8 @@ def test_sampled_candidates_hold_every_target_once_and_repeat_for_the_same_key(d
     ids, log_q = sampler(targets, key=7)
     assert np.all(np.diff(ids) > 0) and set(targets) <= set(ids.tolist())
     assert ids.min() >= 1 and ids.max() <= data.num_items and np.isfinite(log_q).all()
+    negatives = sampler._draw(np.random.default_rng([1, 7]))  # the set is exactly np.unique of both
+    assert np.array_equal(ids, np.unique(np.concatenate([targets, negatives])))
     again, _ = sampler(targets, key=7)
     assert np.array_equal(ids, again)
     uniform_ids, uniform_q = SampledCandidates(item_frequencies(data), 16, "uniform", seed=1)(targets, key=7)
