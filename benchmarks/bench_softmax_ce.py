@@ -2,9 +2,11 @@
 chunked PyTorch reference, forward + backward, in one run.
 
 Shapes (rows M x candidates C, d = 64):
-  sampled  - 32,768 x 35,840: an all-positions batch of ``configs/synthetic-10m.yaml`` (1,024
-             histories of ~30 positions) against its in-batch targets and 4,096 uniform
-             negatives, padded to the 1,024 candidate quantum (about 1,000 padding columns);
+  sampled  - 32,768 x 35,840: the rows of an all-positions batch of ``configs/synthetic-10m.yaml``
+             (1,024 histories of ~30 positions, padded) against the most candidates such a
+             batch can have, every target distinct plus 4,096 uniform negatives, padded to the
+             1,024 candidate quantum (the shipped data's batches have 19,456: its popular items
+             repeat; ``bench_loader.py`` prints the count);
   full     - 409,600 x 3,417: ML-1M's all-positions batch (2,048 histories of 200) against the
              whole catalog (the padding column out).
 Per shape and precision (bf16: inputs in bfloat16; fp32: TF32 off, full float32 products):
