@@ -156,3 +156,14 @@ def test_the_sharded_benchmark_times_the_local_and_dmp_steps_and_the_sampled_sof
     assert abs(local["sequences_per_s"] * local["step_ms"] * 3 / 1e3 - 96) < 1
     quality = {row["loss"]: row for row in result["quality"]}
     assert set(quality) == {"full", "sampled"} and all(row["seeds"] == 1 for row in quality.values())
+
+
+def test_loader_bench_times_the_build_its_peer_and_the_loader(tmp_path):
+    bench = load("bench_loader")
+    small = ["data.synthetic.num_items=5000", "data.synthetic.num_users=300", "train.batch_size=64"]
+    out = tmp_path / "loader.json"
+    bench.main(["--workers", "0", "--batches", "2", "--set", *small, "train.num_negatives=128", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [row["variant"] for row in result["rows"]] == ["build", "build, np.unique", "loader, 0 workers"]
+    assert all(row["ms_per_batch"] > 0 for row in result["rows"])
+    assert result["batch"]["sequences"] >= 64 and result["batch"]["candidates"] % 1024 == 0
