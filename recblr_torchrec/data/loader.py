@@ -1,6 +1,6 @@
 """From samples to batches: gathering a batch, and the dataset and loader that serve an epoch's batches."""
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,39 +74,46 @@ def make_batch(
         log_q = np.concatenate([np.full(extra, np.inf), log_q])
     filler_rows = 0
     if samples.all_targets and pad[0]:  # every position: a fixed count per shape
-        rows = torch.arange(len(targets), dtype=torch.int64)
+        rows = np.arange(len(targets), dtype=np.int64)
         filler_rows = padding + (int(offsets[len(index)] - offsets[len(index) - fillers]) if fillers else 0)
     else:
-        rows = torch.from_numpy(np.flatnonzero(targets).astype(np.int64))
+        rows = np.flatnonzero(targets)
     if ids is None:
+        values_t, lengths_t, offsets_t, targets_t, users_t, rows_t = _int64_views(
+            [values], [lengths], [offsets], [targets], [users], [rows]
+        )
         history = KeyedJaggedTensor(
             keys=[ITEM_HISTORY],
-            values=torch.from_numpy(values),
-            lengths=torch.from_numpy(lengths.astype(np.int64)),
-            offsets=torch.from_numpy(offsets),
+            values=values_t,
+            lengths=lengths_t,
+            offsets=offsets_t,
             length_per_key=[len(values)],  # known here; TorchRec would sum the lengths on the device
         )
-        return Batch(
-            history,
-            torch.from_numpy(targets),
-            torch.from_numpy(users),
-            context=context,
-            target_rows=rows,
-            filler_rows=filler_rows,
-        )
+        return Batch(history, targets_t, users_t, context=context, target_rows=rows_t, filler_rows=filler_rows)
     # spread over one bag per sequence (fillers included): TorchRec's bucketing and FBGEMM's
     # sequence lookup give each bag one thread group, so a single bag of all candidates runs serially
     bags = np.full(len(lengths), len(ids) // len(lengths), dtype=np.int64)
     bags[: len(ids) % len(lengths)] += 1
+    values_t, lengths_t, targets_t, users_t, rows_t = _int64_views(
+        [values, ids], [lengths, bags], [targets], [users], [rows]
+    )
     history = KeyedJaggedTensor(
         keys=[ITEM_HISTORY, ITEM_CANDIDATES],
-        values=torch.from_numpy(np.concatenate([values, ids.astype(np.int64)])),
-        lengths=torch.from_numpy(np.concatenate([lengths.astype(np.int64), bags])),
+        values=values_t,
+        lengths=lengths_t,
         length_per_key=[len(values), len(ids)],
     )
     log_q = None if log_q is None else torch.from_numpy(log_q.astype(np.float32))
-    targets_t, users_t = torch.from_numpy(targets), torch.from_numpy(users)
-    return Batch(history, targets_t, users_t, log_q, context=context, target_rows=rows, filler_rows=filler_rows)
+    return Batch(history, targets_t, users_t, log_q, context=context, target_rows=rows_t, filler_rows=filler_rows)
+
+
+def _int64_views(*groups: List[np.ndarray]) -> List[torch.Tensor]:
+    """One int64 tensor per group of arrays (concatenated), all views of one buffer: a DataLoader
+    worker hands a batch over through one shared-memory segment instead of one per tensor, which
+    costs more than building the batch (``benchmarks/bench_loader.py``)."""
+    parts = [np.asarray(array, dtype=np.int64) for group in groups for array in group]
+    buffer = torch.from_numpy(np.concatenate(parts))
+    return list(buffer.split([sum(len(array) for array in group) for group in groups]))
 
 
 class SampleBatches(Dataset):
