@@ -10,7 +10,10 @@ script times, for one config and without a GPU:
 - ``build, np.unique``: the same with the candidate set deduplicated by ``np.unique`` in place
   of ``negatives._sorted_unique`` (the peer, timed in the same run);
 - ``loader, N workers``: milliseconds per batch out of ``make_loader`` with ``--workers N ...``
-  (the build plus, with workers, the hand-over through shared memory), after warm-up batches.
+  (the build plus, with workers, the hand-over through shared memory), after warm-up batches;
+- ``loader, N workers, a tensor per array``: the same with each of the batch's int64 arrays its
+  own tensor (its own shared-memory segment) in place of ``loader._int64_views``'s views of one
+  buffer (the peer, in the same run; N > 0).
 
 Batches are padded as a graphed GPU run pads them (``train.graph_quantum``).
 
@@ -26,9 +29,10 @@ import time
 from typing import Callable, List, Optional
 
 import numpy as np
+import torch
 
 from recblr_torchrec.config import load_config
-from recblr_torchrec.data import SampleBatches, make_loader, negatives, training_samples
+from recblr_torchrec.data import SampleBatches, loader, make_loader, negatives, training_samples
 from recblr_torchrec.results import provenance
 from recblr_torchrec.training.trainer import load_data, training_candidates
 
@@ -53,6 +57,11 @@ def loader_ms(batches: SampleBatches, workers: int, count: int, warmup: int = 3)
     for _ in range(count):
         next(it)
     return 1000 * (time.perf_counter() - start) / count
+
+
+def tensor_per_array(*groups):
+    """``loader._int64_views`` without the shared buffer: one tensor per group."""
+    return [torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in group])) for group in groups]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -88,9 +97,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         negatives._sorted_unique = saved
     for workers in args.workers:
         rows.append({"variant": f"loader, {workers} workers", "ms_per_batch": loader_ms(batches, workers, count)})
+        if workers:
+            saved = loader._int64_views
+            loader._int64_views = tensor_per_array  # forked workers inherit it
+            try:
+                ms = loader_ms(batches, workers, count)
+            finally:
+                loader._int64_views = saved
+            rows.append({"variant": f"loader, {workers} workers, a tensor per array", "ms_per_batch": ms})
     for row in rows:
         row["ms_per_batch"] = round(row["ms_per_batch"], 3)
-        print(f"{row['variant']:22} {row['ms_per_batch']:8.2f} ms a batch", flush=True)
+        print(f"{row['variant']:40} {row['ms_per_batch']:8.2f} ms a batch", flush=True)
     batch = batches[0]
     shape = {"sequences": int(batch.user_ids.numel()), "positions": int(batch.targets.numel())}
     shape["candidates"] = 0 if batch.candidate_log_q is None else int(batch.candidate_log_q.numel())
