@@ -29,7 +29,7 @@ def no_candidates(targets: np.ndarray, key: int) -> Tuple[np.ndarray, Optional[n
 
 
 def _sorted_unique(ids: np.ndarray) -> np.ndarray:
-    """``np.unique(ids)``: a sort and a neighbour comparison, about 4x faster than NumPy 2's
+    """``np.unique(ids)``: a sort and a neighbour comparison, about 3.5x faster than NumPy 2's
     hash-based unique plus its sort at a batch's ~35,000 ids (the loader builds one per step)."""
     ids = np.sort(ids)
     keep = np.empty(len(ids), dtype=bool)
