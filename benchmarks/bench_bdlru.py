@@ -21,9 +21,9 @@ Usage (GPU): python benchmarks/bench_bdlru.py --out results.json
 """
 
 import argparse
-import contextlib
 import json
 from typing import Callable, Dict, List
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,20 +35,6 @@ from recblr_torchrec.kernels.bdlru import bdlru, bdlru_gates, tuning
 SHAPES = [(2048, 200, 128), (256, 2048, 128), (32, 8192, 128)]
 
 
-@contextlib.contextmanager
-def tuned(**values):
-    """``tuning``'s constants set to ``values`` while inside (``BUSY_PROGRAMS=0``: every sequence
-    one segment, ``tuning._segment`` never cuts)."""
-    saved = {name: getattr(tuning, name) for name in values}
-    for name, value in values.items():
-        setattr(tuning, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(tuning, name, value)
-
-
 def unfused(c, gate_logits, z, decay):
     log_alpha, beta = bdlru_gates(gate_logits, decay)
     h, _ = linear_scan(log_alpha, beta * c, backend=KernelBackend.TRITON)
@@ -57,7 +43,7 @@ def unfused(c, gate_logits, z, decay):
 
 VARIANTS: Dict[str, Callable] = {
     "fused": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),
-    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed inside tuned(BUSY_PROGRAMS=0)
+    "whole": lambda *a: bdlru(*a, backend=KernelBackend.TRITON),  # timed with tuning.BUSY_PROGRAMS = 0
     "unfused": unfused,
     "reference": lambda *a: bdlru(*a, backend=KernelBackend.PYTORCH),
 }
@@ -107,11 +93,14 @@ def main(argv: List[str] = None) -> None:
             for name, fn in variants.items():
                 if name == "reference" and shape[1] > 1000 and args.skip_reference_long:
                     continue
-                values = {"BUSY_PROGRAMS": 0} if name == "whole" else {}
+                values = {
+                    "BUSY_PROGRAMS": 0 if name == "whole" else tuning.BUSY_PROGRAMS,
+                    "LOOP_STAGES": tuning.LOOP_STAGES,
+                }
                 for prefix, constant in (("busy", "BUSY_PROGRAMS"), ("stages", "LOOP_STAGES")):
                     if name.startswith(prefix):
                         values[constant] = int(name[len(prefix) :])
-                with tuned(**values):
+                with mock.patch.multiple(tuning, **values):
                     out = fn(*inputs)
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     fwd = do_bench(lambda fn=fn, x=inputs: fn(*x), warmup=25, rep=100, return_mode="median")

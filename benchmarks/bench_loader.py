@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 from typing import Callable, List, Optional
+from unittest import mock
 
 import numpy as np
 import torch
@@ -89,21 +90,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     batches.set_epoch(0)
     count = min(args.batches, len(batches))
     rows = [{"variant": "build", "ms_per_batch": median_ms(batches.__getitem__, count)}]
-    saved = negatives._sorted_unique
-    negatives._sorted_unique = np.unique
-    try:
+    with mock.patch.object(negatives, "_sorted_unique", np.unique):
         rows.append({"variant": "build, np.unique", "ms_per_batch": median_ms(batches.__getitem__, count)})
-    finally:
-        negatives._sorted_unique = saved
     for workers in args.workers:
         rows.append({"variant": f"loader, {workers} workers", "ms_per_batch": loader_ms(batches, workers, count)})
         if workers:
-            saved = loader._int64_views
-            loader._int64_views = tensor_per_array  # forked workers inherit it
-            try:
+            with mock.patch.object(loader, "_int64_views", tensor_per_array):  # forked workers inherit it
                 ms = loader_ms(batches, workers, count)
-            finally:
-                loader._int64_views = saved
             rows.append({"variant": f"loader, {workers} workers, a tensor per array", "ms_per_batch": ms})
     for row in rows:
         row["ms_per_batch"] = round(row["ms_per_batch"], 3)

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from typing import Dict, List, Optional
+from unittest import mock
 
 import torch
 
@@ -54,22 +55,18 @@ def make_inputs(kind: str, dtype: torch.dtype, device: torch.device):
     return hidden, candidates, bias, targets
 
 
-@contextlib.contextmanager
 def tile(spec: Optional[str]):
     """``kernels/softmax_ce``'s tile set to ``spec`` (BMxBNxW) while inside; None: its own."""
-    saved = softmax_triton._config
-    if spec is not None:
-        block_m, block_n, warps = (int(v) for v in spec.split("x"))
+    if spec is None:
+        return contextlib.nullcontext()
+    block_m, block_n, warps = (int(v) for v in spec.split("x"))
+    own = softmax_triton._config
 
-        def config(dtype, width):
-            _, _, block_d, _, precision = saved(dtype, width)
-            return block_m, block_n, block_d, warps, precision
+    def config(dtype, width):
+        _, _, block_d, _, precision = own(dtype, width)
+        return block_m, block_n, block_d, warps, precision
 
-        softmax_triton._config = config
-    try:
-        yield
-    finally:
-        softmax_triton._config = saved
+    return mock.patch.object(softmax_triton, "_config", config)
 
 
 def measure(kind: str, dtype: torch.dtype, device: torch.device, tiles: List[str]) -> List[Dict]:

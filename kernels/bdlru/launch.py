@@ -43,8 +43,13 @@ class _Launch:
         self.segment = tuning._segment(self.num_seq * blocks, longest, rows // max(self.num_seq, 1))
         self.parts = triton.cdiv(max(longest, 1), self.segment)
         self.grid = (self.num_seq, blocks, self.parts)
-        self.meta = {"IS_PACKED": offsets is not None, "CHUNK": chunk, "BLOCK_D": block_d, "num_warps": warps}
-        self.meta["STAGES"] = tuning.LOOP_STAGES
+        self.meta = {
+            "IS_PACKED": offsets is not None,
+            "CHUNK": chunk,
+            "BLOCK_D": block_d,
+            "STAGES": tuning.LOOP_STAGES,
+            "num_warps": warps,
+        }
         self.work = self.num_seq > 0 and c.numel() > 0
         if self.parts > 1:  # each segment's (decay, state) pair, from the summary kernel
             shape = (self.num_seq, self.parts, self.channels)

@@ -80,9 +80,7 @@ def softmax_cross_entropy(
     if _kernel_fits(hidden, candidates, backend):
         from .triton import softmax_cross_entropy_triton  # lazily: the reference needs no Triton
 
-        dtype = torch.promote_types(hidden.dtype, candidates.dtype)
-        if torch.is_autocast_enabled(hidden.device.type):
-            dtype = torch.get_autocast_dtype(hidden.device.type)
+        dtype = _product_dtype(hidden, candidates)
         return softmax_cross_entropy_triton(
             hidden.to(dtype), candidates.to(dtype), bias.float(), targets, float(smoothing), spread
         )
@@ -97,8 +95,9 @@ def _real(bias: Tensor) -> Tensor:
 def _kernel_fits(hidden: Tensor, candidates: Tensor, backend: "KernelBackend | str") -> bool:
     if implementation(Kernel.SOFTMAX_CE, backend, hidden.device) is not KernelBackend.TRITON:
         return False
-    if KernelBackend(backend) is KernelBackend.AUTO and _strict_float32(hidden, candidates):
-        return False  # full float32 products: cuBLAS's SGEMM far outruns the kernel's FMA dots
+    full_float32 = _product_dtype(hidden, candidates) == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    if KernelBackend(backend) is KernelBackend.AUTO and full_float32:
+        return False  # cuBLAS's SGEMM far outruns the kernel's FMA dots
     return (
         0 < hidden.shape[1] <= MAX_WIDTH
         and hidden.shape[0] > 0
@@ -108,12 +107,11 @@ def _kernel_fits(hidden: Tensor, candidates: Tensor, backend: "KernelBackend | s
     )
 
 
-def _strict_float32(hidden: Tensor, candidates: Tensor) -> bool:
-    """The products would be full float32: float32 inputs, no autocast, TF32 matmuls off."""
+def _product_dtype(hidden: Tensor, candidates: Tensor) -> torch.dtype:
+    """The dtype the logits' products take: autocast's where it is on, as the reference's matmul."""
     if torch.is_autocast_enabled(hidden.device.type):
-        return False
-    dtype = torch.promote_types(hidden.dtype, candidates.dtype)
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, candidates.dtype)
 
 
 def _chunk_logits(hidden: Tensor, candidates: Tensor, bias: Tensor, acc: torch.dtype) -> Tensor:

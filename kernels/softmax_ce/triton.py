@@ -35,6 +35,13 @@ def _rows(ptr, rows, cols, stride, M, D):
 
 
 @triton.jit
+def _store_rows(ptr, rows, cols, M, D, value):
+    """Store a [len(rows), BLOCK_D] tile into a contiguous [M, D] matrix (``_rows``'s inverse)."""
+    ok = (rows < M)[:, None] & (cols < D)[None, :]
+    tl.store(ptr + rows[:, None] * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """a @ b with float32 accumulation; "upcast" multiplies in float32 (the CPU interpreter's
     half-precision dot is wrong; half-precision values are exact in float32, so the product is the
@@ -125,8 +132,7 @@ def _grad_hidden_kernel(
         c, bias = _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D)
         ds = _dlogits(_logits(h, c, bias, PRECISION), bias, cols, target, lse, g, smoothing, spread, SMOOTH)
         acc += _dot(ds.to(c.dtype), c, PRECISION)
-    ok = (rows < M)[:, None] & (dims < D)[None, :]
-    tl.store(dh_ptr + rows[:, None] * D + dims[None, :], acc.to(dh_ptr.dtype.element_ty), mask=ok)
+    _store_rows(dh_ptr, rows, dims, M, D, acc)
 
 
 @triton.jit
@@ -145,8 +151,7 @@ def _grad_candidates_kernel(
         h, target, lse, g = _row_block(h_ptr, target_ptr, lse_ptr, g_ptr, rows, dims, stride_h, M, D)
         ds = _dlogits(_logits(h, c, bias, PRECISION), bias, cols, target, lse, g, smoothing, spread, SMOOTH)
         acc += _dot(tl.trans(ds.to(h.dtype)), h, PRECISION)
-    ok = (cols < N)[:, None] & (dims < D)[None, :]
-    tl.store(dc_ptr + cols[:, None] * D + dims[None, :], acc.to(dc_ptr.dtype.element_ty), mask=ok)
+    _store_rows(dc_ptr, cols, dims, N, D, acc)
 
 
 def _config(dtype: torch.dtype, width: int) -> Tuple[int, int, int, int, str]:

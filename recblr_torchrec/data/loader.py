@@ -111,8 +111,7 @@ def _int64_views(*groups: List[np.ndarray]) -> List[torch.Tensor]:
     """One int64 tensor per group of arrays (concatenated), all views of one buffer: a DataLoader
     worker hands a batch over through one shared-memory segment instead of one per tensor, which
     costs more than building the batch (``benchmarks/bench_loader.py``)."""
-    parts = [np.asarray(array, dtype=np.int64) for group in groups for array in group]
-    buffer = torch.from_numpy(np.concatenate(parts))
+    buffer = torch.from_numpy(np.concatenate([array for group in groups for array in group], dtype=np.int64))
     return list(buffer.split([sum(len(array) for array in group) for group in groups]))
 
 
