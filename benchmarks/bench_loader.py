@@ -14,6 +14,11 @@ script times, for one config and without a GPU:
 - ``loader, N workers, a tensor per array``: the same with each of the batch's int64 arrays its
   own tensor (its own shared-memory segment) in place of ``loader._int64_views``'s views of one
   buffer (the peer, in the same run; N > 0).
+- ``epochs, N workers``: milliseconds per batch over ``--epochs`` whole epochs from the loader
+  the trainer keeps for the run, its workers started once (N > 0);
+- ``epochs, N workers, a loader per epoch``: the same with a new loader each epoch, whose workers
+  start each epoch (the peer, in the same run). At the 10M-item config's 20 batches an epoch,
+  the start is most of an epoch's cost.
 
 Batches are padded as a graphed GPU run pads them (``train.graph_quantum``).
 
@@ -60,6 +65,20 @@ def loader_ms(batches: SampleBatches, workers: int, count: int, warmup: int = 3)
     return 1000 * (time.perf_counter() - start) / count
 
 
+def epochs_ms(batches: SampleBatches, workers: int, epochs: int, fresh: bool) -> float:
+    """Milliseconds per batch over ``epochs`` whole epochs: one loader for all (the trainer's), or
+    a new one each epoch (``fresh``); the first epoch is warm-up, as a run starts its workers once."""
+    kept = make_loader(batches, workers)
+    batches_seen, start = 0, 0.0
+    for epoch in range(epochs + 1):
+        if epoch == 1:
+            batches_seen, start = 0, time.perf_counter()
+        batches.set_epoch(epoch)
+        for _ in make_loader(batches, workers) if fresh else kept:
+            batches_seen += 1
+    return 1000 * (time.perf_counter() - start) / batches_seen
+
+
 def tensor_per_array(*groups):
     """``loader._int64_views`` without the shared buffer: one tensor per group."""
     return [torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64) for a in group])) for group in groups]
@@ -71,6 +90,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per row")
+    parser.add_argument("--epochs", type=int, default=3, help="timed whole epochs of the epochs rows")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -98,6 +118,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             with mock.patch.object(loader, "_int64_views", tensor_per_array):  # forked workers inherit it
                 ms = loader_ms(batches, workers, count)
             rows.append({"variant": f"loader, {workers} workers, a tensor per array", "ms_per_batch": ms})
+    for workers in [w for w in args.workers if w]:
+        for fresh, variant in ((False, ""), (True, ", a loader per epoch")):
+            ms = epochs_ms(batches, workers, args.epochs, fresh)
+            rows.append({"variant": f"epochs, {workers} workers{variant}", "ms_per_batch": ms})
     for row in rows:
         row["ms_per_batch"] = round(row["ms_per_batch"], 3)
         print(f"{row['variant']:40} {row['ms_per_batch']:8.2f} ms a batch", flush=True)

@@ -162,9 +162,11 @@ def test_loader_bench_times_the_build_its_peer_and_the_loader(tmp_path):
     bench = load("bench_loader")
     small = ["data.synthetic.num_items=5000", "data.synthetic.num_users=300", "train.batch_size=64"]
     out = tmp_path / "loader.json"
-    bench.main(["--workers", "0", "1", "--batches", "2", "--set", *small, "train.num_negatives=128", "--out", str(out)])
+    args = ["--workers", "0", "1", "--batches", "2", "--epochs", "1", "--set", *small, "train.num_negatives=128"]
+    bench.main([*args, "--out", str(out)])
     result = json.loads(out.read_text())
     variants = ["build", "build, np.unique", "loader, 0 workers", "loader, 1 workers"]
-    assert [row["variant"] for row in result["rows"]] == variants + ["loader, 1 workers, a tensor per array"]
+    variants += ["loader, 1 workers, a tensor per array", "epochs, 1 workers", "epochs, 1 workers, a loader per epoch"]
+    assert [row["variant"] for row in result["rows"]] == variants
     assert all(row["ms_per_batch"] > 0 for row in result["rows"])
     assert result["batch"]["sequences"] >= 64 and result["batch"]["candidates"] % 1024 == 0

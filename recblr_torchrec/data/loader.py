@@ -1,10 +1,10 @@
 """From samples to batches: gathering a batch, and the dataset and loader that serve an epoch's batches."""
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .batch import Batch
@@ -120,7 +120,9 @@ class SampleBatches(Dataset):
 
     Each DataLoader worker builds whole batches; ``set_epoch`` fixes the epoch's order from
     (seed, epoch), so a resumed run sees the same batches, and ``start_batch`` skips those a
-    checkpoint already covered.
+    checkpoint already covered. Besides ``i`` (the i-th batch left in the epoch ``set_epoch``
+    fixed), an element's index may be the key ``(epoch, batch number)`` that ``BatchKeys`` hands
+    out: a worker that outlives an epoch (``make_loader``) builds any epoch's batches from it.
 
     Distributed runs: ``batch_size`` is the global batch; rank ``rank`` of ``world_size`` gets
     its contiguous share of each global batch (np.array_split), so the ranks together see
@@ -161,13 +163,17 @@ class SampleBatches(Dataset):
         self.pad = (pad_quantum, max(2, int(samples.lengths.max()))) if pad_quantum else (0, 0)
         self.epoch = 0
         self.start_batch = 0
-        self.order = np.arange(len(samples))
+        self._order = (None, np.arange(len(samples)))  # (epoch, its order); epoch None: unshuffled
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if self.shuffle:
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
         self.epoch = epoch
         self.start_batch = start_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's order of the samples (kept for the epoch last asked for)."""
+        if self.shuffle and self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples)))
+        return self._order[1]
 
     @property
     def batches_per_epoch(self) -> int:
@@ -185,36 +191,58 @@ class SampleBatches(Dataset):
         """Filler sequences ``pad_quantum`` adds to every batch (0 without padding)."""
         return filler_count(*self.pad) if self.pad[0] else 0
 
-    def __getitem__(self, i: int) -> Batch:
-        if not 0 <= i < len(self):  # also ends a plain ``for batch in dataset`` loop
+    def __getitem__(self, i: Union[int, Tuple[int, int]]) -> Batch:
+        if isinstance(i, tuple):
+            epoch, number = i
+        elif 0 <= i < len(self):
+            epoch, number = self.epoch, i + self.start_batch
+        else:  # also ends a plain ``for batch in dataset`` loop
             raise IndexError(f"batch {i} of an epoch of {len(self)}")
-        number = i + self.start_batch
         first = number * self.batch_size
-        index = self.order[first : first + self.batch_size]
+        index = self.order(epoch)[first : first + self.batch_size]
+        key = self._key(epoch, number)
         if self.world_size == 1:
-            key, buckets = self._key(number), self.user_buckets
-            return make_batch(self.items, self.samples, index, self.candidates, key, 0, buckets, self.pad)
+            return make_batch(self.items, self.samples, index, self.candidates, key, 0, self.user_buckets, self.pad)
         share = np.array_split(index, self.world_size)[self.rank]
         fillers = 0 if len(share) else 1
         share = share if len(share) else index[:1]
-        key = self._key(number)
         batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets, self.pad)
         lengths = self.samples.lengths[index]
         batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
         batch.target_total = torch.tensor(float(batch.global_targets))
         return batch
 
-    def _key(self, number: int) -> int:
+    def _key(self, epoch: int, number: int) -> int:
         # Seeds a batch's negatives: a function of (epoch, batch, rank), so a resumed run redraws them.
-        return (self.epoch * 1_000_003 + number) * self.world_size + self.rank
+        return (epoch * 1_000_003 + number) * self.world_size + self.rank
 
     @property
     def num_positions(self) -> int:
         return int(self.samples.lengths.sum())
 
 
+class BatchKeys(Sampler):
+    """The keys ``(epoch, batch number)`` of the batches left in the epoch that ``set_epoch`` last
+    fixed, read when an iteration over the loader starts."""
+
+    def __init__(self, batches: SampleBatches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        b = self.batches
+        return iter([(b.epoch, number) for number in range(b.start_batch, b.start_batch + len(b))])
+
+
 def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over whole batches; workers build them in parallel with training.
+
+    Iterate the same loader every epoch (after ``batches.set_epoch``): its workers persist, and
+    start once per run, not once per epoch. Starting them (a fork of the training process and
+    their first batches) costs more than a short epoch's steps on a GPU
+    (``benchmarks/bench_loader.py``, row ``epochs``).
 
     The loader gets its own generator: by default each new iterator draws a seed from the global
     torch RNG, which would shift the dropout stream of a run resumed mid-epoch.
@@ -222,9 +250,10 @@ def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = Fal
     return DataLoader(
         batches,
         batch_size=None,
-        shuffle=False,
+        sampler=BatchKeys(batches),
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(batches.seed),
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import (
@@ -202,6 +203,7 @@ class Trainer:
         self.resume_other_settings = resume_other_settings
         self.epochs_trained = 0  # by this process's fit()
         self.eval_cache: Dict[str, list] = {}  # split -> its batches on the device (evaluate)
+        self.loaders: Dict[int, DataLoader] = {}  # id(SampleBatches) -> its loader (loader)
 
     @property
     def is_main(self) -> bool:
@@ -221,9 +223,14 @@ class Trainer:
         with open(os.path.join(self.output_dir, name), "w") as f:
             json.dump(content, f, indent=2)
 
-    def loader(self, batches: SampleBatches):
-        """A DataLoader over ``batches`` with this run's workers (pinned memory on CUDA)."""
-        return make_loader(batches, self.config.train.num_workers, pin_memory=self.device.type == "cuda")
+    def loader(self, batches: SampleBatches) -> DataLoader:
+        """The DataLoader over ``batches`` with this run's workers (pinned memory on CUDA): one per
+        ``batches`` for the whole run, so that its workers start once (``make_loader``)."""
+        loader = self.loaders.get(id(batches))
+        if loader is None:
+            pin = self.device.type == "cuda"
+            loader = self.loaders[id(batches)] = make_loader(batches, self.config.train.num_workers, pin)
+        return loader
 
     def evaluate(self, split: str) -> Dict[str, float]:
         """The split's metrics. Its batches are the same at every validation: built once and kept on

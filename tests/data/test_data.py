@@ -16,6 +16,7 @@ from recblr_torchrec.data import (
     read_interactions,
     training_samples,
 )
+from recblr_torchrec.data.negatives import SampledCandidates, item_frequencies
 from recblr_torchrec.data.sequences import k_core
 from recblr_torchrec.training.task import target_rows
 
@@ -214,6 +215,33 @@ def test_loader_with_workers_serves_the_same_batches_every_resume(tmp_path):
     assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] == in_process[2:]
     batches.set_epoch(3)
     assert [b.item_history.values().tolist() for b in make_loader(batches, 0)] != in_process
+
+
+def test_one_loader_serves_every_epoch_and_resume_from_workers_it_starts_once(tmp_path):
+    """The trainer iterates one loader all run: its persistent workers build each epoch's batches
+    (and their negatives) from the key the loader hands them, not from the epoch they were forked in."""
+    data = small_data(tmp_path, [(u, list(range(1, 4 + u % 5))) for u in range(1, 30)])
+    candidates = SampledCandidates(item_frequencies(data), 4, "uniform", seed=0)
+    batches = SampleBatches(data, training_samples(data, 4, "all_positions"), 5, True, seed=3, candidates=candidates)
+
+    def epoch(loader, number, start_batch=0, stop=None):
+        batches.set_epoch(number, start_batch)
+        served = []
+        for batch in loader:
+            served.append((batch.item_history.values().tolist(), batch.candidates().tolist()))
+            if len(served) == stop:  # an epoch cut short (max_steps_per_epoch, a stop)
+                break
+        return served
+
+    expected = {n: epoch(make_loader(batches, 0), n) for n in (2, 3)}
+    assert expected[2] != expected[3]
+    kept = make_loader(batches, 2)
+    assert epoch(kept, 2) == expected[2]
+    workers = [w.pid for w in kept._iterator._workers]
+    assert epoch(kept, 3, stop=2) == expected[3][:2]
+    assert epoch(kept, 2, start_batch=3) == expected[2][3:]
+    assert epoch(kept, 3) == expected[3]
+    assert [w.pid for w in kept._iterator._workers] == workers and len(set(workers)) == 2
 
 
 def test_same_timestamp_ties_follow_the_file_or_the_item_id(tmp_path):
