@@ -14,7 +14,8 @@ median milliseconds of loss + backward (``triton.testing.do_bench``), peak memor
 inputs, the kernel's loss and gradients against the reference's (largest relative difference),
 and the kernel's speedup. ``--tiles 128x64x8 64x128x4 ...`` also times the kernel with each
 (BLOCK_M x BLOCK_N x warps) logit tile in place of ``kernels/softmax_ce``'s ``_config`` (rows
-``triton BMxBNxW``).
+``triton BMxBNxW``). Row ``triton unsplit`` times the kernel with dc's rows never split among
+programs (``ROW_TILES_PER_SPLIT``), the peer of that split.
 
 Usage (GPU): python benchmarks/bench_softmax_ce.py --out softmax_ce.json
 """
@@ -56,9 +57,12 @@ def make_inputs(kind: str, dtype: torch.dtype, device: torch.device):
 
 
 def tile(spec: Optional[str]):
-    """``kernels/softmax_ce``'s tile set to ``spec`` (BMxBNxW) while inside; None: its own."""
+    """``kernels/softmax_ce``'s tile set to ``spec`` (BMxBNxW) while inside; None: its own;
+    ``unsplit``: its own, dc's rows in one program per candidate block."""
     if spec is None:
         return contextlib.nullcontext()
+    if spec == "unsplit":
+        return mock.patch.object(softmax_triton, "ROW_TILES_PER_SPLIT", 2**62)
     block_m, block_n, warps = (int(v) for v in spec.split("x"))
     own = softmax_triton._config
 
@@ -76,7 +80,7 @@ def measure(kind: str, dtype: torch.dtype, device: torch.device, tiles: List[str
     grad = torch.full((inputs[0].shape[0],), 1.0 / inputs[0].shape[0], device=device)
     rows, results = [], {}
     variants = [(KernelBackend.TRITON, None), (KernelBackend.PYTORCH, None)]
-    variants += [(KernelBackend.TRITON, spec) for spec in tiles]
+    variants += [(KernelBackend.TRITON, spec) for spec in ["unsplit", *tiles]]
     for backend, spec in variants:
 
         def step(backend=backend):

@@ -9,7 +9,10 @@ per row the log-sum-exp and the loss.
 Backward, from the per-row loss gradient g: ds = g * (exp(s - lse) - (1 - eps) [j = t] - eps/n [j
 real]). dh = ds c runs per block of rows over every candidate tile; dc = ds^T h per block of
 candidates over every row tile; each recomputes its logits (two more passes of matrix products and
-exponentials, no atomics, deterministic). The products take ds in the inputs' dtype, as flash
+exponentials, no atomics, deterministic). When the candidate blocks are too few to fill the GPU
+(a sampled set is small next to an all-positions batch's rows), dc's rows are split among several
+programs per block, each writing a float32 partial that one sum adds up in a fixed order. The
+products take ds in the inputs' dtype, as flash
 attention's backward does; float32 inputs multiply in TF32 when torch allows it for matmuls
 (``torch.backends.cuda.matmul.allow_tf32``), else in full float32.
 """
@@ -25,6 +28,10 @@ from torch import Tensor
 __all__ = ["softmax_cross_entropy_triton"]
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+# dc's grid: at least this many programs per multiprocessor, by splitting the rows, as long as each
+# split keeps ROW_TILES_PER_SPLIT row tiles (fewer would cost more in partials than they gain).
+PROGRAMS_PER_SM = 4
+ROW_TILES_PER_SPLIT = 16
 
 
 @triton.jit
@@ -138,20 +145,23 @@ def _grad_hidden_kernel(
 @triton.jit
 def _grad_candidates_kernel(
     h_ptr, c_ptr, bias_ptr, target_ptr, spread_ptr, lse_ptr, g_ptr, dc_ptr, M, N, D, stride_h, stride_c, smoothing,
-    SMOOTH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    rows_per_split, SMOOTH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Program (i, k): candidate block i over the k-th ``rows_per_split`` rows, into dc's k-th [N, D] slice."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     c, bias = _candidate_block(c_ptr, bias_ptr, cols, dims, stride_c, N, D)
     spread = tl.load(spread_ptr)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
+    first = split * rows_per_split
+    for start in range(first, tl.minimum(first + rows_per_split, M), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         h, target, lse, g = _row_block(h_ptr, target_ptr, lse_ptr, g_ptr, rows, dims, stride_h, M, D)
         ds = _dlogits(_logits(h, c, bias, PRECISION), bias, cols, target, lse, g, smoothing, spread, SMOOTH)
         acc += _dot(tl.trans(ds.to(h.dtype)), h, PRECISION)
-    _store_rows(dc_ptr, cols, dims, N, D, acc)
+    _store_rows(dc_ptr + split * N * D, cols, dims, N, D, acc)
 
 
 def _config(dtype: torch.dtype, width: int) -> Tuple[int, int, int, int, str]:
@@ -199,11 +209,25 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
                 *shared, grad_hidden, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **options
             )
         if ctx.needs_input_grad[1]:  # candidate blocks of 128 rows: fewer passes over the rows
-            grad_candidates = torch.empty_like(candidates)
-            _grad_candidates_kernel[(triton.cdiv(n, 2 * block_n),)](
-                *shared, grad_candidates, *sizes, BLOCK_M=block_n, BLOCK_N=2 * block_n, **options
+            blocks, tiles = triton.cdiv(n, 2 * block_n), triton.cdiv(m, block_n)
+            span = triton.cdiv(tiles, _row_splits(blocks, tiles, hidden.device)) * block_n
+            splits = triton.cdiv(m, span)
+            shape, dtype = ((splits, n, d), torch.float32) if splits > 1 else ((n, d), candidates.dtype)
+            grad_candidates = torch.empty(shape, dtype=dtype, device=candidates.device)
+            _grad_candidates_kernel[(blocks, splits)](
+                *shared, grad_candidates, *sizes, span, BLOCK_M=block_n, BLOCK_N=2 * block_n, **options
             )
+            if splits > 1:
+                grad_candidates = grad_candidates.sum(0).to(candidates.dtype)
         return grad_hidden, grad_candidates, None, None, None, None
+
+
+def _row_splits(blocks: int, tiles: int, device: torch.device) -> int:
+    """How many parts dc's ``tiles`` row tiles are split into, for ``blocks`` candidate blocks
+    (``PROGRAMS_PER_SM``; one multiprocessor off the GPU, where the interpreter runs)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, blocks)
+    return max(1, min(wanted, tiles // ROW_TILES_PER_SPLIT))
 
 
 def softmax_cross_entropy_triton(

@@ -8,6 +8,7 @@ import torch
 
 from recblr_torchrec import KernelBackend
 from recblr_torchrec.kernels.softmax_ce import softmax_cross_entropy
+from recblr_torchrec.kernels.softmax_ce import triton as softmax_triton
 
 NEG_INF = float("-inf")
 
@@ -60,6 +61,16 @@ def check(backend, device, rows, columns, width, kind, smoothing, dtype=torch.fl
 @pytest.mark.parametrize("rows, columns, width", [(130, 150, 24), (9, 300, 64)])
 def test_kernel_matches_the_dense_loss(kind, smoothing, rows, columns, width, device):
     check(KernelBackend.TRITON, device, rows, columns, width, kind, smoothing)
+
+
+@pytest.mark.parametrize("kind", ["full", "sampled"])
+def test_candidate_gradient_split_over_row_parts_matches_the_dense_loss(kind, device, monkeypatch):
+    """dc summed from per-split partials (few candidate blocks, many rows) equals the unsplit one."""
+    monkeypatch.setattr(softmax_triton, "ROW_TILES_PER_SPLIT", 1)
+    monkeypatch.setattr(softmax_triton, "PROGRAMS_PER_SM", 1000)
+    assert softmax_triton._row_splits(2, 5, torch.device(device)) == 5
+    check(KernelBackend.TRITON, device, 300, 150, 24, kind, 0.2)  # 5 row tiles in 5 parts, the last ragged
+    check(KernelBackend.TRITON, device, 300, 150, 24, kind, 0.0, dtype=torch.bfloat16, tol=2e-2)
 
 
 def test_kernel_in_bfloat16_matches_the_dense_loss_of_its_rounded_inputs(device):
