@@ -213,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $RECBLR_DATA_DIR)")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES), help="none: quality rows only")
     parser.add_argument("--warmup", type=int, default=30, help="steps before timing (graph capture, allocator)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument("--quality-seeds", type=int, nargs="*", default=[], help="seeds of the quality rows (d)")
