@@ -233,7 +233,7 @@ class BatchKeys(Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         b = self.batches
-        return iter([(b.epoch, number) for number in range(b.start_batch, b.start_batch + len(b))])
+        return iter([(b.epoch, number) for number in range(b.start_batch, b.batches_per_epoch)])
 
 
 def make_loader(batches: SampleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
