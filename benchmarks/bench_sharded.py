@@ -237,19 +237,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         env = None
         if any(name != "local" for name in args.cases):
             env = _join(stack, load_config(os.path.join(ROOT, CASES["dmp"][0]), args.overrides), torchrun)
+        main_rank = env is None or env.is_main
         for name in args.cases:
             row = run_case(name, args, data_dir, env, torchrun)
             if row is None:
-                print(f"{name}: skipped under torchrun (a one-process case)", flush=True)
+                if main_rank:
+                    print(f"{name}: skipped under torchrun (a one-process case)", flush=True)
                 continue
             result["cases"].append(row)
-            print(
-                f"{name}: {row['sequences_per_s']:,.0f} sequences/s, {row['step_ms']:.2f} ms a step "
-                f"({row['host_ms']:.2f} ms host, {row['launches_per_step']} launches), "
-                f"peak GPU MB per rank {row['peak_gpu_mb_per_rank']}",
-                flush=True,
-            )
-    main_rank = env is None or env.is_main
+            if main_rank:
+                print(
+                    f"{name}: {row['sequences_per_s']:,.0f} sequences/s, {row['step_ms']:.2f} ms a step "
+                    f"({row['host_ms']:.2f} ms host, {row['launches_per_step']} launches), "
+                    f"peak GPU MB per rank {row['peak_gpu_mb_per_rank']}",
+                    flush=True,
+                )
     if args.quality_seeds and main_rank:
         result["quality"] = quality(args, data_dir)
         for row in result["quality"]:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import types
 import warnings
@@ -10,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
 
 def load(name):
@@ -156,6 +158,26 @@ def test_the_sharded_benchmark_times_the_local_and_dmp_steps_and_the_sampled_sof
     assert abs(local["sequences_per_s"] * local["step_ms"] * 3 / 1e3 - 96) < 1
     quality = {row["loss"]: row for row in result["quality"]}
     assert set(quality) == {"full", "sampled"} and all(row["seeds"] == 1 for row in quality.values())
+
+
+def test_the_sharded_benchmark_runs_unchanged_under_torchrun_on_two_processes(tmp_path, data_dir):
+    """``torchrun --nproc_per_node 2``, as on a multi-GPU host (here two CPU processes over gloo):
+    the sharded cases on a world of two, the one-process case skipped, rank 0 alone writing and
+    printing."""
+    small = ["data.max_users=60", "model.recblr.embedding_dim=8", "train.batch_size=32", "train.device=cpu"]
+    small += ["data.synthetic.num_items=2000", "data.synthetic.num_users=100", "train.num_negatives=64"]
+    small += [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=1", "distributed.timeout_s=60"]
+    out = tmp_path / "sharded_2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(ROOT, "benchmarks", "bench_sharded.py"), "--data-dir", data_dir, "--cases", "local"]
+    command += ["dmp", "synthetic", "--warmup", "2", "--steps", "3", "--out", str(out), "--set", *small]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert [row["case"] for row in cases] == ["dmp", "synthetic"]
+    assert all(row["world_size"] == 2 and len(row["peak_gpu_mb_per_rank"]) == 2 for row in cases)
+    assert done.stdout.count("synthetic:") == 1 and done.stdout.count("local: skipped") == 1
 
 
 def test_loader_bench_times_the_build_its_peer_and_the_loader(tmp_path):
