@@ -68,13 +68,13 @@ def loader_ms(batches: SampleBatches, workers: int, count: int, warmup: int = 3)
 def epochs_ms(batches: SampleBatches, workers: int, epochs: int, fresh: bool) -> float:
     """Milliseconds per batch over ``epochs`` whole epochs: one loader for all (the trainer's), or
     a new one each epoch (``fresh``); the first epoch is warm-up, as a run starts its workers once."""
-    kept = make_loader(batches, workers)
+    kept = None if fresh else make_loader(batches, workers)
     batches_seen, start = 0, 0.0
     for epoch in range(epochs + 1):
         if epoch == 1:
             batches_seen, start = 0, time.perf_counter()
         batches.set_epoch(epoch)
-        for _ in make_loader(batches, workers) if fresh else kept:
+        for _ in make_loader(batches, workers) if kept is None else kept:
             batches_seen += 1
     return 1000 * (time.perf_counter() - start) / batches_seen
 

@@ -56,7 +56,7 @@ def make_inputs(kind: str, dtype: torch.dtype, device: torch.device):
     return hidden, candidates, bias, targets
 
 
-def tile(spec: Optional[str]):
+def variant(spec: Optional[str]):
     """``kernels/softmax_ce``'s tile set to ``spec`` (BMxBNxW) while inside; None: its own;
     ``unsplit``: its own, dc's rows in one program per candidate block."""
     if spec is None:
@@ -87,7 +87,7 @@ def measure(kind: str, dtype: torch.dtype, device: torch.device, tiles: List[str
             loss = softmax_cross_entropy(*inputs, backend=backend)
             return (loss, *torch.autograd.grad(loss, inputs[:2], grad))
 
-        with tile(spec):
+        with variant(spec):
             outputs = [t.float() for t in step()]
             results[backend] = outputs
             torch.cuda.synchronize()

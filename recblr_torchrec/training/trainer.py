@@ -223,13 +223,15 @@ class Trainer:
         with open(os.path.join(self.output_dir, name), "w") as f:
             json.dump(content, f, indent=2)
 
-    def loader(self, batches: SampleBatches) -> DataLoader:
-        """The DataLoader over ``batches`` with this run's workers (pinned memory on CUDA): one per
-        ``batches`` for the whole run, so that its workers start once (``make_loader``)."""
-        loader = self.loaders.get(id(batches))
+    def loader(self, batches: SampleBatches, keep: bool = True) -> DataLoader:
+        """The DataLoader over ``batches`` with this run's workers (pinned memory on CUDA). ``keep``:
+        one per ``batches`` for the whole run, so that its workers start once (``make_loader``);
+        otherwise a loader for one pass, whose workers end with it."""
+        loader = self.loaders.get(id(batches)) if keep else None
         if loader is None:
-            pin = self.device.type == "cuda"
-            loader = self.loaders[id(batches)] = make_loader(batches, self.config.train.num_workers, pin)
+            loader = make_loader(batches, self.config.train.num_workers, pin_memory=self.device.type == "cuda")
+            if keep:
+                self.loaders[id(batches)] = loader
         return loader
 
     def evaluate(self, split: str) -> Dict[str, float]:
@@ -239,8 +241,9 @@ class Trainer:
         batches = self.eval_cache.get(split)
         if batches is None:
             source = self.eval_batches[split]
-            batches = self.loader(source)
-            if int(source.samples.lengths.sum()) <= EVAL_CACHE_IDS:
+            once = int(source.samples.lengths.sum()) <= EVAL_CACHE_IDS  # read once, kept on the device
+            batches = self.loader(source, keep=not once)
+            if once:
                 batches = self.eval_cache[split] = [batch.to(self.device) for batch in batches]
         return evaluate(self.model, batches, self.device, e.ks, e.item_chunk_size, self.placement.process_group)
 
