@@ -7,7 +7,7 @@ what grows with B x T and sets the step's peak memory; the count is the same on 
 this runs on the CPU (the Triton backend saves what the PyTorch backend does not: run it with
 ``--backend triton`` on a GPU, or under TRITON_INTERPRET=1 at a small shape).
 
-Usage: python benchmarks/activation_memory.py [--batch 2048 --length 200] [--out memory.json]
+Usage: python benchmarks/activation_memory.py [--batch 2048 --length 200] [--precision bf16] [--out memory.json]
 """
 
 import argparse
@@ -60,6 +60,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--length", type=int, default=200)
     parser.add_argument("--items", type=int, default=3417)
     parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: the step under autocast")
     parser.add_argument("--architectures", nargs="+", default=["recblr", "sasrec"])
     parser.add_argument("--recompute-mix", action="store_true", help="RecBLRConfig.recompute_mix")
     parser.add_argument("--recompute-recurrence", action="store_true", help="RecBLRConfig.recompute_recurrence")
@@ -67,14 +68,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.backend == "triton" and torch.cuda.is_available() else "cpu")
     batch, steps = args.batch, args.length
-    results = {"batch": batch, "length": steps, "backend": args.backend, "dtype": "float32"}
+    results = {"batch": batch, "length": steps, "backend": args.backend, "precision": args.precision}
     results.update(recompute_mix=args.recompute_mix, recompute_recurrence=args.recompute_recurrence)
     for arch in args.architectures:
         options = {"recompute_mix": args.recompute_mix, "recompute_recurrence": args.recompute_recurrence}
         extra = options if arch == "recblr" else {}
         model = EncoderStep(arch, batch, steps, args.items, args.backend, device, **extra)
 
-        totals = saved_bytes_by_module(model, model)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+        def forward(model=model, autocast=autocast):
+            with autocast:
+                return model()
+
+        totals = saved_bytes_by_module(model, forward)
         total = sum(totals.values())
         results[arch] = {"total_gib": total / 2**30, "by_module_gib": {k: v / 2**30 for k, v in totals.items()}}
         positions = batch * steps

@@ -6,10 +6,13 @@ forward+backward (``triton.testing.do_bench``, median ms) of
   conv   - every (BLOCK_N, backward programs) in {16, 32, 64} x {512, 1024, 4096};
 by overriding the kernels' tile choice for the run. ``--directions`` instead times the BD-LRU's
 forward and backward kernels apart over (CHUNK, BLOCK_D, num_warps) in {8, 16} x {16, 32} x
-{1, 2, 4}, fp32 and bf16. The defaults in ``kernels/bdlru/tuning.py`` (``_tile``) and
-``kernels/causal_conv/triton.py`` (``_BLOCK_N``, ``_MAX_PROGRAMS``) come from these sweeps.
+{1, 2, 4}, fp32 and bf16. ``--conv-dpre`` times the conv's backward (both passes and the partial
+sums) in bf16 at [2048, 200], [256, 2048] and [32, 8192] over the first pass's (rows, channels)
+tile and program count in {[16, 128], [32, 64], [64, 64]} x {1024, 2048}. The defaults in
+``kernels/bdlru/tuning.py`` (``_tile``) and ``kernels/causal_conv/triton.py`` (``_BLOCK_N``,
+``_DPRE_BLOCK_N``, ``_DPRE_MAX_BLOCK_D``, ``_MAX_PROGRAMS``) come from these sweeps.
 
-Usage (GPU): python benchmarks/tile_sweep.py [--directions] --out tiles.json
+Usage (GPU): python benchmarks/tile_sweep.py [--directions | --conv-dpre] --out tiles.json
 """
 
 import argparse
@@ -85,6 +88,31 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     return rows
 
 
+def conv_dpre_sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
+    """The conv's backward (``--conv-dpre``, module docstring), bf16, x a strided view as in the model."""
+    from triton.testing import do_bench
+
+    device, n = torch.device("cuda"), batch * steps
+    x = torch.randn(n, 2 * channels, device=device, dtype=torch.bfloat16)[:, :channels].requires_grad_()
+    weight = (0.3 * torch.randn(channels, 1, 4, device=device)).requires_grad_()
+    bias = (0.1 * torch.randn(channels, device=device)).requires_grad_()
+    positions = packed_positions(torch.arange(batch + 1, device=device) * steps, n)[1]
+    grad = torch.randn(n, channels, device=device, dtype=torch.bfloat16)
+    out = causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.TRITON)
+    rows = []
+    defaults = conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS
+    try:
+        for (block_n, block_d), programs in itertools.product(((16, 128), (32, 64), (64, 64)), (1024, 2048)):
+            conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS = block_n, block_d, programs
+            backward_ms = do_bench(lambda: torch.autograd.grad(out, [x, weight, bias], grad, retain_graph=True))
+            row = {"kernel": "conv backward", "batch": batch, "length": steps, "dtype": "bfloat16"}
+            rows.append({**row, "block_n": block_n, "block_d": block_d, "programs": programs, "ms": backward_ms})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS = defaults
+    return rows
+
+
 def time_directions(c, gates, z, dout, decay, offsets) -> Dict[str, float]:
     """Median ms of the BD-LRU forward and backward host wrappers (each one kernel launch plus the
     softplus of Lambda, the output buffers and, backward, the dLambda sum), with the current tile."""
@@ -119,11 +147,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--directions", action="store_true", help="BD-LRU forward and backward apart, with warps")
+    parser.add_argument("--conv-dpre", action="store_true", help="the conv's backward tile, bf16, three shapes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    run = direction_sweep if args.directions else sweep
-    rows = [row for batch, steps in SHAPES for row in run(batch, steps)]
+    if args.conv_dpre:
+        rows = [row for batch, steps in ((2048, 200), (256, 2048), (32, 8192)) for row in conv_dpre_sweep(batch, steps)]
+    else:
+        run = direction_sweep if args.directions else sweep
+        rows = [row for batch, steps in SHAPES for row in run(batch, steps)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -24,9 +24,16 @@ __all__ = ["causal_conv_silu_triton"]
 
 # Of {16, 32, 64} x {512, 1024, 4096} programs, the fastest one-kernel backward on the H200
 # (tiles_h200.json); for the two-pass backward the sweep's spread was within its noise
-# (tiles_two_pass_conv_h200.json), so the tile stayed.
+# (tiles_two_pass_conv_h200.json), so the tile stayed for the forward and dx.
 _BLOCK_N = 64
-_MAX_PROGRAMS = 1024  # first backward pass: programs along the rows; each walks N / (BLOCK_N * P) tiles
+# The first backward pass (dpre, dw, db): [16, 128] tiles over at most 2,048 programs along the
+# rows (each walks N / (16 * P) tiles), the fastest of the register-sum tiles [32, 64] x 1,024 or
+# 2,048, [64, 64] x 1,024 with 8 warps and [16, 128] x 2,048 on an H100 at 2048 x 200,
+# 256 x 2048 and 32 x 8192 rows of D = 128 in bf16, 0.57-0.66x the time of the per-tile sums it
+# replaced (benchmarks/results/kernel_variants_h100.json; tile_sweep.py --conv-dpre sweeps it).
+_DPRE_BLOCK_N = 16
+_DPRE_MAX_BLOCK_D = 128
+_MAX_PROGRAMS = 2048
 
 
 @triton.jit
@@ -58,38 +65,76 @@ def _conv_silu_forward_kernel(
 
 
 @triton.jit
+def _tap(x_ptr, x_stride, rows, pos, cols, ok, j):
+    """x[t - j] for a tile's rows t, fp32; 0 where row t - j is before t's sequence."""
+    tap_ok = ok & (pos >= j)[:, None]
+    return tl.load(x_ptr + (rows - j)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap_weight(w_ptr, cols, col_ok, K: tl.constexpr, j: tl.constexpr):
+    """w[k-1-j], the weight of tap j (x[t - j]), fp32 [BLOCK_D]; zeros for a tap the conv lacks (j >= K)."""
+    if j < K:
+        return tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+    return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _conv_silu_dpre_kernel(
     x_ptr, w_ptr, b_ptr, pos_ptr, dc_ptr, dpre_ptr, dw_ptr, db_ptr, N, D, x_stride,
     K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 1: dpre = dc * SiLU'(pre) at every row (pre recomputed), written once; the
-    weight and bias gradients reduced per program from it."""
+    weight and bias gradients reduced per program from it. The bias's and the first four taps'
+    products accumulate in [BLOCK_N, BLOCK_D] registers, summed over rows once after the
+    program's last tile (a sum over rows per tile cost more than the tile's bytes); taps past the
+    fourth (k > 4) are summed per tile."""
     program, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w0 = _tap_weight(w_ptr, cols, col_ok, K, 0)
+    w1 = _tap_weight(w_ptr, cols, col_ok, K, 1)
+    w2 = _tap_weight(w_ptr, cols, col_ok, K, 2)
+    w3 = _tap_weight(w_ptr, cols, col_ok, K, 3)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_t dpre[t] * x[t - 0], per row slot
+    acc1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_bias = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     taps = tl.arange(0, K_POW2)
-    dw = tl.zeros([K_POW2, BLOCK_D], dtype=tl.float32)  # row K-1-j: sum_t dpre[t] * x[t-j]
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([K_POW2, BLOCK_D], dtype=tl.float32)  # row K-1-j: sum_t dpre[t] * x[t-j], taps j >= 4
     for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
         rows = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
         ok = row_ok[:, None] & col_ok[None, :]
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
-        pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K)
+        x0 = _tap(x_ptr, x_stride, rows, pos, cols, ok, 0)
+        x1 = _tap(x_ptr, x_stride, rows, pos, cols, ok & (K > 1), 1)  # taps the conv lacks read nothing
+        x2 = _tap(x_ptr, x_stride, rows, pos, cols, ok & (K > 2), 2)
+        x3 = _tap(x_ptr, x_stride, rows, pos, cols, ok & (K > 3), 3)
+        pre = bias[None, :] + x0 * w0[None, :] + x1 * w1[None, :] + x2 * w2[None, :] + x3 * w3[None, :]
+        for j in tl.static_range(4, K):
+            pre += _tap(x_ptr, x_stride, rows, pos, cols, ok, j) * _tap_weight(w_ptr, cols, col_ok, K, j)[None, :]
         dc = tl.load(dc_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         gate = tl.sigmoid(pre)
         dpre = tl.where(ok, dc * gate * (1.0 + pre * (1.0 - gate)), 0.0)
         tl.store(dpre_ptr + rows[:, None] * D + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
-        db += tl.sum(dpre, axis=0)
-        for i in tl.static_range(K):  # the taps again (cache hits): x[t-i] of each row's own sequence
-            tap_ok = ok & (pos >= i)[:, None]
-            x = tl.load(x_ptr + (rows - i)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
-            contribution = tl.sum(dpre * x.to(tl.float32), axis=0)
-            dw += tl.where((taps == K - 1 - i)[:, None], contribution[None, :], 0.0)
+        acc_bias += dpre
+        acc0 += dpre * x0
+        acc1 += dpre * x1
+        acc2 += dpre * x2
+        acc3 += dpre * x3
+        for j in tl.static_range(4, K):  # the taps again (cache hits)
+            contribution = tl.sum(dpre * _tap(x_ptr, x_stride, rows, pos, cols, ok, j), axis=0)
+            dw += tl.where((taps == K - 1 - j)[:, None], contribution[None, :], 0.0)
+    dw += tl.where((taps == K - 1)[:, None], tl.sum(acc0, axis=0)[None, :], 0.0)
+    dw += tl.where((taps == K - 2)[:, None], tl.sum(acc1, axis=0)[None, :], 0.0)
+    dw += tl.where((taps == K - 3)[:, None], tl.sum(acc2, axis=0)[None, :], 0.0)
+    dw += tl.where((taps == K - 4)[:, None], tl.sum(acc3, axis=0)[None, :], 0.0)
     at = program * K * D + taps[:, None] * D + cols[None, :]
     tl.store(dw_ptr + at, dw, mask=(taps < K)[:, None] & col_ok[None, :])
-    tl.store(db_ptr + program * D + cols, db, mask=col_ok)
+    tl.store(db_ptr + program * D + cols, tl.sum(acc_bias, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -152,14 +197,15 @@ class _CausalConvSiLU(torch.autograd.Function):
         k = w.shape[1]
         grad_c = grad_c.contiguous()
         block_d = _block_d(channels)
-        programs = max(1, min(triton.cdiv(n, _BLOCK_N), _MAX_PROGRAMS))
+        dpre_block_d = min(_DPRE_MAX_BLOCK_D, triton.next_power_of_2(channels))
+        programs = max(1, min(triton.cdiv(n, _DPRE_BLOCK_N), _MAX_PROGRAMS))
         grad_pre = _allocate((n, channels), x.dtype, x.device)  # x's dtype: bf16 halves its round trip
         grad_x = _allocate((n, channels), x.dtype, x.device)
         grad_w = _allocate((programs, k, channels), torch.float32, x.device)
         grad_b = _allocate((programs, channels), torch.float32, x.device)
-        _conv_silu_dpre_kernel[(programs, triton.cdiv(channels, block_d))](
+        _conv_silu_dpre_kernel[(programs, triton.cdiv(channels, dpre_block_d))](
             x, w, b, positions, grad_c, grad_pre, grad_w, grad_b, n, channels, x.stride(0),
-            K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+            K=k, K_POW2=triton.next_power_of_2(k), BLOCK_N=_DPRE_BLOCK_N, BLOCK_D=dpre_block_d,
         )  # fmt: skip
         if n:
             _conv_dx_kernel[(triton.cdiv(n, _BLOCK_N), triton.cdiv(channels, block_d))](

@@ -76,10 +76,12 @@ def test_strided_input_several_channel_blocks_and_width(device):
     compare(*packed([9, 30, 2], 70, device, width=3, seed=1, strided=True), atol=1e-5)
 
 
-def test_backward_programs_walk_several_tiles(device, monkeypatch):
+@pytest.mark.parametrize("width", [1, 4, 6])  # fewer taps than the registers hold, as many, more
+def test_backward_programs_walk_several_tiles(device, monkeypatch, width):
     monkeypatch.setattr(fused, "_BLOCK_N", 16)
+    monkeypatch.setattr(fused, "_DPRE_BLOCK_N", 16)
     monkeypatch.setattr(fused, "_MAX_PROGRAMS", 2)  # 100 rows = 7 tiles over 2 programs
-    compare(*packed([37, 1, 62], 4, device, seed=2), atol=1e-5)
+    compare(*packed([37, 1, 62], 4, device, width=width, seed=2), atol=1e-5)
 
 
 def test_strided_positions(device):

@@ -57,13 +57,28 @@ def _bdlru_kernels():
     yield bdlru._backward_summary_kernel, {**summary, **shape, "z_stride": "i32", **segments, **flags}, backward
 
 
+def _conv_kernels():
+    from recblr_torchrec.kernels.causal_conv import triton as conv
+
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "pos_ptr": "*i64", "dc_ptr": "*bf16"}
+    outputs = {"dpre_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    sizes = {"N": "i32", "D": "i32", "x_stride": "i32"}
+    flags = {name: "constexpr" for name in ("K", "K_POW2", "BLOCK_N", "BLOCK_D")}
+    for taps in (4, 6):  # the registers' taps alone, and more
+        tiles = {"K": taps, "K_POW2": 8 if taps > 4 else 4, "BLOCK_N": 16, "BLOCK_D": 128}
+        yield conv._conv_silu_dpre_kernel, {**pointers, **outputs, **sizes, **flags}, tiles
+
+
+KERNELS = (_softmax_kernels, _bdlru_kernels, _conv_kernels)
+
+
 def compile_all() -> None:
     """Compiles every kernel above to a cubin; run in a process without TRITON_INTERPRET."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for kernels in (_softmax_kernels, _bdlru_kernels):
+    for kernels in KERNELS:
         for kernel, signature, constants in kernels():
             source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
             compiled = triton.compile(source, target=GPUTarget(*TARGET), options={"num_warps": 4})
@@ -71,9 +86,9 @@ def compile_all() -> None:
             print("compiled", kernel.__name__)
 
 
-def test_the_softmax_and_bdlru_kernels_compile_for_sm90():
+def test_the_softmax_bdlru_and_conv_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "import tests.kernels.test_gpu_compile as t; t.compile_all()"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("compiled") == sum(1 for kernels in (_softmax_kernels, _bdlru_kernels) for _ in kernels())
+    assert done.stdout.count("compiled") == sum(1 for kernels in KERNELS for _ in kernels())
