@@ -64,8 +64,8 @@ def _conv_kernels():
     outputs = {"dpre_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
     sizes = {"N": "i32", "D": "i32", "x_stride": "i32"}
     flags = {name: "constexpr" for name in ("K", "K_POW2", "BLOCK_N", "BLOCK_D")}
-    for taps in (4, 6):  # the registers' taps alone, and more
-        tiles = {"K": taps, "K_POW2": 8 if taps > 4 else 4, "BLOCK_N": 16, "BLOCK_D": 128}
+    for taps in (1, 4, 6):  # fewer taps than the registers hold, as many, more
+        tiles = {"K": taps, "K_POW2": 1 << (taps - 1).bit_length(), "BLOCK_N": 16, "BLOCK_D": 128}
         yield conv._conv_silu_dpre_kernel, {**pointers, **outputs, **sizes, **flags}, tiles
 
 
