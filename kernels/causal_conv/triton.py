@@ -37,14 +37,26 @@ _MAX_PROGRAMS = 2048
 
 
 @triton.jit
+def _tap(x_ptr, x_stride, rows, pos, cols, ok, j):
+    """x[t - j] for a tile's rows t, fp32; 0 where row t - j is before t's sequence."""
+    tap_ok = ok & (pos >= j)[:, None]
+    return tl.load(x_ptr + (rows - j)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap_weight(w_ptr, cols, col_ok, K: tl.constexpr, j: tl.constexpr):
+    """w[k-1-j], the weight of tap j (x[t - j]), fp32 [BLOCK_D]; zeros for a tap the conv lacks (j >= K)."""
+    if j < K:
+        return tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
+    return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K: tl.constexpr):
     """bias + sum_j w[k-1-j] * x[rows - j], fp32 [BLOCK_N, BLOCK_D]; taps before a sequence's start read 0."""
     acc = tl.zeros(ok.shape, dtype=tl.float32) + bias[None, :]
     for j in tl.static_range(K):
-        tap_ok = ok & (pos >= j)[:, None]
-        x = tl.load(x_ptr + (rows - j)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0)
-        w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-        acc += x.to(tl.float32) * w[None, :]
+        acc += _tap(x_ptr, x_stride, rows, pos, cols, ok, j) * _tap_weight(w_ptr, cols, col_ok, K, j)[None, :]
     return acc
 
 
@@ -62,21 +74,6 @@ def _conv_silu_forward_kernel(
     pre = _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K)
     out = pre * tl.sigmoid(pre)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _tap(x_ptr, x_stride, rows, pos, cols, ok, j):
-    """x[t - j] for a tile's rows t, fp32; 0 where row t - j is before t's sequence."""
-    tap_ok = ok & (pos >= j)[:, None]
-    return tl.load(x_ptr + (rows - j)[:, None] * x_stride + cols[None, :], mask=tap_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _tap_weight(w_ptr, cols, col_ok, K: tl.constexpr, j: tl.constexpr):
-    """w[k-1-j], the weight of tap j (x[t - j]), fp32 [BLOCK_D]; zeros for a tap the conv lacks (j >= K)."""
-    if j < K:
-        return tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-    return tl.zeros(cols.shape, dtype=tl.float32)
 
 
 @triton.jit
@@ -152,8 +149,7 @@ def _conv_dx_kernel(
         pos_later = tl.load(pos_ptr + later, mask=later < N, other=0)
         reach = ((later < N) & (pos_later >= j))[:, None] & col_ok[None, :]
         dpre = tl.load(dpre_ptr + later[:, None] * D + cols[None, :], mask=reach, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols * K + (K - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-        dx += dpre * w[None, :]
+        dx += dpre * _tap_weight(w_ptr, cols, col_ok, K, j)[None, :]
     ok = (rows < N)[:, None] & col_ok[None, :]
     tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 

@@ -67,6 +67,12 @@ def _conv_kernels():
     for taps in (1, 4, 6):  # fewer taps than the registers hold, as many, more
         tiles = {"K": taps, "K_POW2": 1 << (taps - 1).bit_length(), "BLOCK_N": 16, "BLOCK_D": 128}
         yield conv._conv_silu_dpre_kernel, {**pointers, **outputs, **sizes, **flags}, tiles
+    small = {"K": 4, "BLOCK_N": 64, "BLOCK_D": 64}
+    small_flags = {name: "constexpr" for name in small}
+    forward = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"}
+    yield conv._conv_silu_forward_kernel, {**forward, **sizes, **small_flags}, small
+    dx = {"dpre_ptr": "*bf16", "w_ptr": "*fp32", "pos_ptr": "*i64", "dx_ptr": "*bf16", "N": "i32", "D": "i32"}
+    yield conv._conv_dx_kernel, {**dx, **small_flags}, small
 
 
 KERNELS = (_softmax_kernels, _bdlru_kernels, _conv_kernels)
