@@ -3,14 +3,15 @@
 For each shape ([B, T] = [2048, 200] and [256, 2048], D = 128, fp32, packed), times forward and
 forward+backward (``triton.testing.do_bench``, median ms) of
   bdlru  - every (CHUNK, BLOCK_D) in {16, 32, 64} x {16, 32, 64, 128}, the same tile both ways;
-  conv   - every (BLOCK_N, backward programs) in {16, 32, 64} x {512, 1024, 4096};
+  conv   - every (forward and dx BLOCK_N, first backward pass's programs) in {16, 32, 64} x
+           {512, 1024, 4096};
 by overriding the kernels' tile choice for the run. ``--directions`` instead times the BD-LRU's
 forward and backward kernels apart over (CHUNK, BLOCK_D, num_warps) in {8, 16} x {16, 32} x
 {1, 2, 4}, fp32 and bf16. ``--conv-dpre`` times the conv's backward (both passes and the partial
 sums) in bf16 at [2048, 200], [256, 2048] and [32, 8192] over the first pass's (rows, channels)
 tile and program count in {[16, 128], [32, 64], [64, 64]} x {1024, 2048}. The defaults in
 ``kernels/bdlru/tuning.py`` (``_tile``) and ``kernels/causal_conv/triton.py`` (``_BLOCK_N``,
-``_DPRE_BLOCK_N``, ``_DPRE_MAX_BLOCK_D``, ``_MAX_PROGRAMS``) come from these sweeps.
+``_DPRE_BLOCK_N``, ``_DPRE_MAX_BLOCK_D``, ``_DPRE_MAX_PROGRAMS``) come from these sweeps.
 
 Usage (GPU): python benchmarks/tile_sweep.py [--directions | --conv-dpre] --out tiles.json
 """
@@ -32,6 +33,7 @@ from recblr_torchrec.kernels.causal_conv import triton as conv
 from recblr_torchrec.kernels.linear_scan.pytorch import packed_positions
 
 SHAPES = [(2048, 200), (256, 2048)]
+LONG_SHAPES = [*SHAPES, (32, 8192)]  # --conv-dpre's
 
 
 @contextlib.contextmanager
@@ -68,14 +70,11 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
             run = timed(lambda *t: bdlru(*t, offsets=offsets, backend=KernelBackend.TRITON), [c, gates, z, decay], grad)
         rows.append({"kernel": "bdlru", "batch": batch, "length": steps, "chunk": chunk, "block_d": block_d, **run})
         print(json.dumps(rows[-1]), flush=True)
-    x = torch.randn(n, 2 * channels, device=device)[:, :channels].requires_grad_()  # a strided view, as in the model
-    weight = torch.randn(channels, 1, 4, device=device, requires_grad=True)
-    bias = torch.randn(channels, device=device, requires_grad=True)
-    positions = packed_positions(offsets, n)[1]
-    defaults = conv._BLOCK_N, conv._MAX_PROGRAMS
+    x, weight, bias, positions = conv_inputs(batch, steps, channels, torch.float32)
+    defaults = conv._BLOCK_N, conv._DPRE_MAX_PROGRAMS
     try:
         for block_n, programs in itertools.product((16, 32, 64), (512, 1024, 4096)):
-            conv._BLOCK_N, conv._MAX_PROGRAMS = block_n, programs
+            conv._BLOCK_N, conv._DPRE_MAX_PROGRAMS = block_n, programs
             run = timed(
                 lambda *t: causal_conv_silu(*t, positions, backend=KernelBackend.TRITON), [x, weight, bias], grad
             )
@@ -84,32 +83,39 @@ def sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
             )
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        conv._BLOCK_N, conv._MAX_PROGRAMS = defaults
+        conv._BLOCK_N, conv._DPRE_MAX_PROGRAMS = defaults
     return rows
+
+
+def conv_inputs(batch: int, steps: int, channels: int, dtype: torch.dtype):
+    """(x, weight, bias, positions) of a packed [batch * steps, channels] conv on the GPU, x a strided
+    view (the first half of a [N, 2D] projection) as in the model."""
+    device, n = torch.device("cuda"), batch * steps
+    x = torch.randn(n, 2 * channels, device=device, dtype=dtype)[:, :channels].requires_grad_()
+    weight = (0.3 * torch.randn(channels, 1, 4, device=device)).requires_grad_()
+    bias = (0.1 * torch.randn(channels, device=device)).requires_grad_()
+    positions = packed_positions(torch.arange(batch + 1, device=device) * steps, n)[1]
+    return x, weight, bias, positions
 
 
 def conv_dpre_sweep(batch: int, steps: int, channels: int = 128) -> List[Dict]:
     """The conv's backward (``--conv-dpre``, module docstring), bf16, x a strided view as in the model."""
     from triton.testing import do_bench
 
-    device, n = torch.device("cuda"), batch * steps
-    x = torch.randn(n, 2 * channels, device=device, dtype=torch.bfloat16)[:, :channels].requires_grad_()
-    weight = (0.3 * torch.randn(channels, 1, 4, device=device)).requires_grad_()
-    bias = (0.1 * torch.randn(channels, device=device)).requires_grad_()
-    positions = packed_positions(torch.arange(batch + 1, device=device) * steps, n)[1]
-    grad = torch.randn(n, channels, device=device, dtype=torch.bfloat16)
+    x, weight, bias, positions = conv_inputs(batch, steps, channels, torch.bfloat16)
+    grad = torch.randn(batch * steps, channels, device=x.device, dtype=torch.bfloat16)
     out = causal_conv_silu(x, weight, bias, positions, backend=KernelBackend.TRITON)
     rows = []
-    defaults = conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS
+    defaults = conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._DPRE_MAX_PROGRAMS
     try:
         for (block_n, block_d), programs in itertools.product(((16, 128), (32, 64), (64, 64)), (1024, 2048)):
-            conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS = block_n, block_d, programs
+            conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._DPRE_MAX_PROGRAMS = block_n, block_d, programs
             backward_ms = do_bench(lambda: torch.autograd.grad(out, [x, weight, bias], grad, retain_graph=True))
             row = {"kernel": "conv backward", "batch": batch, "length": steps, "dtype": "bfloat16"}
             rows.append({**row, "block_n": block_n, "block_d": block_d, "programs": programs, "ms": backward_ms})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._MAX_PROGRAMS = defaults
+        conv._DPRE_BLOCK_N, conv._DPRE_MAX_BLOCK_D, conv._DPRE_MAX_PROGRAMS = defaults
     return rows
 
 
@@ -152,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.conv_dpre:
-        rows = [row for batch, steps in ((2048, 200), (256, 2048), (32, 8192)) for row in conv_dpre_sweep(batch, steps)]
+        rows = [row for batch, steps in LONG_SHAPES for row in conv_dpre_sweep(batch, steps)]
     else:
         run = direction_sweep if args.directions else sweep
         rows = [row for batch, steps in SHAPES for row in run(batch, steps)]

@@ -33,7 +33,7 @@ _BLOCK_N = 64
 # replaced (benchmarks/results/kernel_variants_h100.json; tile_sweep.py --conv-dpre sweeps it).
 _DPRE_BLOCK_N = 16
 _DPRE_MAX_BLOCK_D = 128
-_MAX_PROGRAMS = 2048
+_DPRE_MAX_PROGRAMS = 2048
 
 
 @triton.jit
@@ -52,12 +52,25 @@ def _tap_weight(w_ptr, cols, col_ok, K: tl.constexpr, j: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K: tl.constexpr):
-    """bias + sum_j w[k-1-j] * x[rows - j], fp32 [BLOCK_N, BLOCK_D]; taps before a sequence's start read 0."""
-    acc = tl.zeros(ok.shape, dtype=tl.float32) + bias[None, :]
-    for j in tl.static_range(K):
+def _tap_sum(x_ptr, x_stride, w_ptr, rows, pos, cols, col_ok, ok, FIRST: tl.constexpr, K: tl.constexpr):
+    """sum_j w[k-1-j] * x[rows - j] over taps FIRST <= j < K, fp32 [BLOCK_N, BLOCK_D]; taps before a
+    sequence's start read 0."""
+    acc = tl.zeros(ok.shape, dtype=tl.float32)
+    for j in tl.static_range(FIRST, K):
         acc += _tap(x_ptr, x_stride, rows, pos, cols, ok, j) * _tap_weight(w_ptr, cols, col_ok, K, j)[None, :]
     return acc
+
+
+@triton.jit
+def _pre_activation(x_ptr, x_stride, w_ptr, bias, rows, pos, cols, col_ok, ok, K: tl.constexpr):
+    """bias + sum_j w[k-1-j] * x[rows - j] over every tap, fp32 [BLOCK_N, BLOCK_D]."""
+    return bias[None, :] + _tap_sum(x_ptr, x_stride, w_ptr, rows, pos, cols, col_ok, ok, 0, K)
+
+
+@triton.jit
+def _add_row(dw, taps, row, values):
+    """dw [K_POW2, BLOCK_D] with ``values`` [BLOCK_D] added to its row ``row``."""
+    return dw + tl.where((taps == row)[:, None], values[None, :], 0.0)
 
 
 @triton.jit
@@ -111,8 +124,7 @@ def _conv_silu_dpre_kernel(
         x2 = _tap(x_ptr, x_stride, rows, pos, cols, ok & (K > 2), 2)
         x3 = _tap(x_ptr, x_stride, rows, pos, cols, ok & (K > 3), 3)
         pre = bias[None, :] + x0 * w0[None, :] + x1 * w1[None, :] + x2 * w2[None, :] + x3 * w3[None, :]
-        for j in tl.static_range(4, K):
-            pre += _tap(x_ptr, x_stride, rows, pos, cols, ok, j) * _tap_weight(w_ptr, cols, col_ok, K, j)[None, :]
+        pre += _tap_sum(x_ptr, x_stride, w_ptr, rows, pos, cols, col_ok, ok, 4, K)
         dc = tl.load(dc_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         gate = tl.sigmoid(pre)
         dpre = tl.where(ok, dc * gate * (1.0 + pre * (1.0 - gate)), 0.0)
@@ -123,12 +135,11 @@ def _conv_silu_dpre_kernel(
         acc2 += dpre * x2
         acc3 += dpre * x3
         for j in tl.static_range(4, K):  # the taps again (cache hits)
-            contribution = tl.sum(dpre * _tap(x_ptr, x_stride, rows, pos, cols, ok, j), axis=0)
-            dw += tl.where((taps == K - 1 - j)[:, None], contribution[None, :], 0.0)
-    dw += tl.where((taps == K - 1)[:, None], tl.sum(acc0, axis=0)[None, :], 0.0)
-    dw += tl.where((taps == K - 2)[:, None], tl.sum(acc1, axis=0)[None, :], 0.0)
-    dw += tl.where((taps == K - 3)[:, None], tl.sum(acc2, axis=0)[None, :], 0.0)
-    dw += tl.where((taps == K - 4)[:, None], tl.sum(acc3, axis=0)[None, :], 0.0)
+            dw = _add_row(dw, taps, K - 1 - j, tl.sum(dpre * _tap(x_ptr, x_stride, rows, pos, cols, ok, j), axis=0))
+    dw = _add_row(dw, taps, K - 1, tl.sum(acc0, axis=0))
+    dw = _add_row(dw, taps, K - 2, tl.sum(acc1, axis=0))
+    dw = _add_row(dw, taps, K - 3, tl.sum(acc2, axis=0))
+    dw = _add_row(dw, taps, K - 4, tl.sum(acc3, axis=0))
     at = program * K * D + taps[:, None] * D + cols[None, :]
     tl.store(dw_ptr + at, dw, mask=(taps < K)[:, None] & col_ok[None, :])
     tl.store(db_ptr + program * D + cols, tl.sum(acc_bias, axis=0), mask=col_ok)
@@ -194,7 +205,7 @@ class _CausalConvSiLU(torch.autograd.Function):
         grad_c = grad_c.contiguous()
         block_d = _block_d(channels)
         dpre_block_d = min(_DPRE_MAX_BLOCK_D, triton.next_power_of_2(channels))
-        programs = max(1, min(triton.cdiv(n, _DPRE_BLOCK_N), _MAX_PROGRAMS))
+        programs = max(1, min(triton.cdiv(n, _DPRE_BLOCK_N), _DPRE_MAX_PROGRAMS))
         grad_pre = _allocate((n, channels), x.dtype, x.device)  # x's dtype: bf16 halves its round trip
         grad_x = _allocate((n, channels), x.dtype, x.device)
         grad_w = _allocate((programs, k, channels), torch.float32, x.device)

@@ -80,7 +80,7 @@ def test_strided_input_several_channel_blocks_and_width(device):
 def test_backward_programs_walk_several_tiles(device, monkeypatch, width):
     monkeypatch.setattr(fused, "_BLOCK_N", 16)
     monkeypatch.setattr(fused, "_DPRE_BLOCK_N", 16)
-    monkeypatch.setattr(fused, "_MAX_PROGRAMS", 2)  # 100 rows = 7 tiles over 2 programs
+    monkeypatch.setattr(fused, "_DPRE_MAX_PROGRAMS", 2)  # 100 rows = 7 tiles over 2 programs
     compare(*packed([37, 1, 62], 4, device, width=width, seed=2), atol=1e-5)
 
 
