@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.training.history import METRICS_JSON, read_metrics
-from recblr_torchrec.training.pool import Run, run_pool
+from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
@@ -130,7 +130,7 @@ def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Run]:
 def run_slice(args: argparse.Namespace, plan: Sequence) -> bool:
     """Advances the plan within the budget; returns True when every run has finished."""
     deadline = time.monotonic() + 60 * args.budget_minutes
-    failed, _ = run_pool(pending_runs(args, plan), args.parallel, deadline, ROOT)
+    failed, _ = run_pool(pending_runs(args, plan), args.parallel, deadline, ROOT, mps=args.mps)
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)}; see train.log in their output directories")
     return not pending_runs(args, plan)
@@ -168,8 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"), required=False)
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "paper"))
-    parser.add_argument("--budget-minutes", type=float, default=9.0)
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
+    add_pool_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=[], help="rows whose name contains one of these")
     add_overrides_argument(

@@ -4,8 +4,9 @@ Per dataset three rows: the paper config (``configs/<dataset>/recblr-all-positio
 paper's hyper-parameters with a loss at every position), the tuned RecBLR
 (``recblr-tuned.yaml``) and the tuned SASRec-style baseline (``sasrec-tuned.yaml``), each over
 ``--seeds``, every row with the same execution settings (the shipped defaults: bf16 and CUDA
-graphs on a GPU). Runs share the visible GPUs, ``--parallel`` at a time, in resumable slices of
-``--budget-minutes`` (``recblr_torchrec.training.pool``); finished runs are not trained again.
+graphs on a GPU). Runs share the visible GPUs, ``--parallel`` at a time (with ``--mps``, as
+clients of an MPS daemon, their kernels side by side), in resumable slices of ``--budget-minutes``
+(``recblr_torchrec.training.pool``); finished runs are not trained again.
 
 For each row the JSON holds every metric's mean and standard deviation over the seeds, the wall
 time to the best epoch (training and validation of every epoch up to it), and, for the tuned rows,
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.results import provenance, spread
 from recblr_torchrec.training.history import METRICS_JSON, read_history, read_metrics, wall_curve
-from recblr_torchrec.training.pool import Run, run_pool
+from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("ml-1m", "beauty", "video_games")
@@ -158,13 +159,14 @@ def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> Dict[str, Li
     return {"rows": rows, "unfinished": unfinished}
 
 
-def hardware(parallel: int) -> str:
+def hardware(parallel: int, mps: bool) -> str:
     import torch
 
     if not torch.cuda.is_available():
         return "CPU"
     gpus = torch.cuda.device_count()
-    return f"{gpus} x {torch.cuda.get_device_name(0)}, up to {parallel} runs sharing each"
+    shared = f"{gpus} x {torch.cuda.get_device_name(0)}, up to {parallel} runs sharing each"
+    return shared + " through CUDA MPS" if mps else shared
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -174,8 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "recipe"))
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, spread over the visible GPUs")
-    parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
+    add_pool_arguments(parser)
     parser.add_argument("--out", help="the results JSON (default: <runs-dir>/recipe.json)")
     parser.add_argument("--commit", help="the code's commit, where the checkout has no git metadata")
     add_overrides_argument(parser, "overrides for every run (for a quick check; the table's rows use none)")
@@ -187,10 +188,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             setattr(args, name, os.path.abspath(getattr(args, name)))
     if args.parallel < 1:
         parser.error(f"--parallel {args.parallel} must be >= 1")
-    failed, finished = run_pool(plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT)
+    failed, finished = run_pool(
+        plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps
+    )
     result = {
         "provenance": provenance(
-            hardware(args.parallel), "python scripts/recipe_table.py " + " ".join(argv), ROOT, args.commit
+            hardware(args.parallel, args.mps), "python scripts/recipe_table.py " + " ".join(argv), ROOT, args.commit
         ),
         "what": "test metrics (full ranking) over seeds, paper config against the tuned recipe and the tuned "
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "

@@ -45,7 +45,7 @@ import yaml
 
 from recblr_torchrec.config import add_overrides_argument, dotted, load_config
 from recblr_torchrec.training.history import read_history, wall_curve
-from recblr_torchrec.training.pool import Run, run_pool
+from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG = "tune.json"
@@ -249,7 +249,7 @@ class Search:
                         self.save()
 
                 runs = [Run(f"{t['id']} rung {rung}", self.trial_dir(t), self.command(t, budget)) for t in todo]
-                failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record)
+                failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record, mps=self.args.mps)
                 if failed:
                     print(f"trials failed: {', '.join(failed)}; the end of each log is in {self.path}", flush=True)
                 if not finished:
@@ -281,9 +281,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--trials", type=int, default=27)
     parser.add_argument("--budgets", type=float, nargs="+", default=[60.0, 180.0, 540.0], help="seconds per rung")
     parser.add_argument("--eta", type=int, default=3, help="1 in eta trials goes on to the next rung")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at a time, spread over the visible GPUs")
+    add_pool_arguments(parser, "trials")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
-    parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
     add_overrides_argument(parser, "overrides of the base config for every trial")
     parser.add_argument("--retries", type=int, default=1, help="runs of a failed trial again before it is left out")
     args = parser.parse_args(argv)

@@ -5,19 +5,30 @@ Each run is one ``launchers/train.py`` command with its own output directory, st
 is free on the GPU that holds the fewest of the pool's runs. At the deadline the runs still going
 get SIGTERM (then SIGKILL after 20 s): each keeps its last checkpoint, and the launcher resumes it
 when the same command runs again, so a long plan advances over several bounded calls.
+
+Without MPS, the processes sharing a GPU take turns on it: one process's kernels at a time. With
+``mps=True`` (the scripts' ``--mps``) the pool starts a CUDA MPS control daemon of its own and runs
+every process as its client, so the small kernels of runs sharing a GPU run side by side.
 """
 
+import argparse
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
 
 TORCHRUN_VARIABLES = frozenset(
     {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK"}
     | {"ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
 )
+MPS_CONTROL = "nvidia-cuda-mps-control"
 
 
 @dataclass
@@ -28,6 +39,54 @@ class Run:
     name: str
     out: str
     command: List[str]
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
+    """The options of the experiment scripts that say how their ``unit`` share the machine."""
+    parser.add_argument("--parallel", type=int, default=1, help=f"{unit} at a time, spread over the visible GPUs")
+    parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
+    parser.add_argument(
+        "--mps",
+        action="store_true",
+        help=f"run the {unit} as clients of a CUDA MPS daemon of their own (needs {MPS_CONTROL}), so that the "
+        f"kernels of {unit} sharing a GPU run side by side instead of in turns",
+    )
+
+
+@contextlib.contextmanager
+def mps_daemon() -> Iterator[Dict[str, str]]:
+    """A CUDA MPS control daemon of the pool's own, its pipe and log folders in a new temporary
+    folder; yields the variables that make a process its client, and quits it on exit (after the
+    pool's processes have ended)."""
+    control = shutil.which(MPS_CONTROL)
+    if control is None:
+        raise ConfigError(
+            f"--mps needs {MPS_CONTROL} (it comes with the NVIDIA driver) on PATH, and none is there: add the "
+            "driver's bin folder to PATH, or leave --mps off"
+        )
+    root = tempfile.mkdtemp(prefix="recblr-mps-")
+    client = {
+        "CUDA_MPS_PIPE_DIRECTORY": os.path.join(root, "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": os.path.join(root, "log"),
+    }
+    for folder in client.values():
+        os.makedirs(folder)
+    env = {**os.environ, **client}
+    # The daemon keeps the descriptors it was started with: a file, not a pipe that would never close.
+    with open(os.path.join(root, "start.log"), "w+") as out:
+        code = subprocess.run([control, "-d"], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        out.seek(0)
+        said = " ".join(out.read().split())
+    if code != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(
+            f"{control} -d exited with {code} ({said}): leave --mps off, or end the MPS daemon already running here"
+        )
+    try:
+        yield client
+    finally:
+        subprocess.run([control], input="quit\n", env=env, text=True, stdout=subprocess.DEVNULL, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def visible_gpus() -> List[str]:
@@ -60,30 +119,34 @@ def run_pool(
     cwd: str,
     on_exit: Optional[Callable[[Run, int], None]] = None,
     min_start_s: float = 60.0,
+    mps: bool = False,
 ) -> Tuple[List[str], bool]:
     """Runs ``runs``, ``parallel`` at a time, until ``deadline`` (``time.monotonic()``); none starts
     with less than ``min_start_s`` left. ``on_exit(run, returncode)`` is called as each ends.
+    ``mps``: the runs are clients of an MPS daemon of the pool's own (module docstring).
     Returns the names of the runs that failed and whether every run ended before the deadline.
     Paths in the commands must be absolute or relative to ``cwd``, where the runs start."""
     queue = list(runs)
     gpus = visible_gpus()
     running: Dict[str, Tuple[Run, subprocess.Popen, Optional[str], object]] = {}
-    try:
-        return _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s)
-    finally:  # an error or an interrupt here leaves no run behind
-        stop([process for _, process, _, _ in running.values() if process.poll() is None])
+    with mps_daemon() if mps and queue else contextlib.nullcontext({}) as client:
+        try:
+            return _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, client)
+        finally:  # an error or an interrupt here leaves no run behind
+            stop([process for _, process, _, _ in running.values() if process.poll() is None])
 
 
-def _child_env(gpu: Optional[str]) -> Dict[str, str]:
+def _child_env(gpu: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
     """This process's environment for a run, without torchrun's variables (a run started from a
-    rank of a torchrun job is a process of its own, not a rank of that job), on ``gpu``."""
+    rank of a torchrun job is a process of its own, not a rank of that job), on ``gpu``, with
+    ``extra`` (the MPS client's variables) added."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    return env
+    return {**env, **extra}
 
 
-def _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s) -> Tuple[List[str], bool]:
+def _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, extra) -> Tuple[List[str], bool]:
     """:func:`run_pool`'s loop; ``running`` (name -> run, process, GPU, log) is the caller's to clean up."""
     failed: List[str] = []
     while queue or running:
@@ -111,7 +174,9 @@ def _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s
             os.makedirs(run.out, exist_ok=True)
             log = open(os.path.join(run.out, "train.log"), "a")
             print(f"[{run.name}] gpu {gpu}: {' '.join(run.command)}", flush=True)
-            process = subprocess.Popen(run.command, cwd=cwd, env=_child_env(gpu), stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                run.command, cwd=cwd, env=_child_env(gpu, extra), stdout=log, stderr=subprocess.STDOUT
+            )
             running[run.name] = (run, process, gpu, log)
         if queue and not running and deadline - time.monotonic() <= min_start_s:
             return failed, False
