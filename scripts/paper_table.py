@@ -177,8 +177,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("pass --data-dir or set RECBLR_DATA_DIR")
-    if args.parallel < 1:
-        parser.error(f"--parallel {args.parallel} must be >= 1")
     plan = [entry for entry in PLAN if not args.only or any(word in entry[0] for word in args.only)]
     if not plan:
         parser.error(f"--only {args.only} matches no row; rows: {[row for row, _, _ in PLAN]}")

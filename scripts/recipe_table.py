@@ -186,8 +186,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("data_dir", "runs_dir", "out"):  # the runs start in the repo root
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
-    if args.parallel < 1:
-        parser.error(f"--parallel {args.parallel} must be >= 1")
     failed, finished = run_pool(
         plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps
     )

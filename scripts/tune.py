@@ -286,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_overrides_argument(parser, "overrides of the base config for every trial")
     parser.add_argument("--retries", type=int, default=1, help="runs of a failed trial again before it is left out")
     args = parser.parse_args(argv)
-    for name in ("trials", "parallel", "eta"):
+    for name in ("trials", "eta"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be >= 1")
     rising = all(a < b for a, b in zip(args.budgets, args.budgets[1:]))

@@ -41,9 +41,19 @@ class Run:
     command: List[str]
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names it in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
     """The options of the experiment scripts that say how their ``unit`` share the machine."""
-    parser.add_argument("--parallel", type=int, default=1, help=f"{unit} at a time, spread over the visible GPUs")
+    parser.add_argument(
+        "--parallel", type=count, default=1, help=f"{unit} at a time (>= 1), spread over the visible GPUs"
+    )
     parser.add_argument("--budget-minutes", type=float, default=9.0, help="this call's wall-time limit")
     parser.add_argument(
         "--mps",
