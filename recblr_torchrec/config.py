@@ -118,10 +118,14 @@ class TrainConfig:
     measurements.
     ``batch_size`` is the global batch: in distributed runs each rank takes its slice of it.
     ``lr_schedule``: ``constant`` (the paper's) or ``cosine`` (from ``lr`` down to 0 at the end
-    of ``max_epochs``); ``warmup_steps``: the learning rate rises linearly from ``lr /
+    of the run's last epoch); ``warmup_steps``: the learning rate rises linearly from ``lr /
     warmup_steps`` to ``lr`` over the first steps (0 = none). Both scale every optimizer's rate,
     the tables' fused optimizer included; a run continued with a raised ``max_epochs`` follows the
     longer cosine from its step on (its rate jumps to that curve's).
+    ``max_steps``: the run's length in optimizer steps, rounded up to whole epochs (0 = none):
+    training ends with the epoch in which the step count reaches it (or at ``max_epochs``, if
+    sooner), so one setting gives datasets of any size the same number of updates and the same
+    cosine.
     ``precision``: ``auto`` (``bf16`` on a CUDA device that supports it, else ``fp32``), ``fp32``;
     ``tf32`` (float32 tensors, the float32 matmuls of forward and backward on TF32 tensor cores:
     ``torch.set_float32_matmul_precision("high")`` for the process); or ``bf16`` (the forward and
@@ -165,6 +169,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_epochs: int = 300
+    max_steps: int = 0
     patience: int = 10
     seed: int = 2024
     device: str = "auto"
@@ -187,7 +192,14 @@ class TrainConfig:
         typed_fields(self, "train")
         for name in ("batch_size", "max_epochs", "patience", "log_every"):
             require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("micro_batch_size", "num_workers", "checkpoint_every", "max_steps_per_epoch", "warmup_steps"):
+        for name in (
+            "micro_batch_size",
+            "num_workers",
+            "checkpoint_every",
+            "max_steps_per_epoch",
+            "warmup_steps",
+            "max_steps",
+        ):
             require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         require(math.isfinite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0")
         require(
@@ -231,6 +243,12 @@ class TrainConfig:
                 self.num_negatives >= 1,
                 f"train.num_negatives={self.num_negatives} must be >= 1 with train.loss=sampled",
             )
+
+    def epochs(self, steps_per_epoch: int) -> int:
+        """The run's length in epochs: ``max_epochs``, or fewer where ``max_steps`` ends it sooner."""
+        if not self.max_steps:
+            return self.max_epochs
+        return min(self.max_epochs, -(-self.max_steps // max(steps_per_epoch, 1)))
 
     def graph_blockers(self) -> List[str]:
         """Why these settings cannot capture a training step in CUDA graphs (empty: they can)."""
@@ -392,7 +410,7 @@ EXECUTION_KEYS = frozenset(
     }
 )
 # Keys that say how long a run goes on: raising them continues a finished run.
-CONTINUATION_KEYS = frozenset({"train.max_epochs", "train.patience", "train.time_budget_s"})
+CONTINUATION_KEYS = frozenset({"train.max_epochs", "train.max_steps", "train.patience", "train.time_budget_s"})
 
 
 def learned_settings(config: RunConfig) -> Dict[str, Any]:

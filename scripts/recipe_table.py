@@ -6,7 +6,8 @@ paper's hyper-parameters with a loss at every position), the tuned RecBLR
 ``--seeds``, every row with the same execution settings (the shipped defaults: bf16 and CUDA
 graphs on a GPU). Runs share the visible GPUs, ``--parallel`` at a time (with ``--mps``, as
 clients of an MPS daemon, their kernels side by side), in resumable slices of ``--budget-minutes``
-(``recblr_torchrec.training.pool``); finished runs are not trained again.
+(``recblr_torchrec.training.pool``); finished runs are not trained again. ``--rows`` trains some
+rows only; the others are kept from the results JSON already at ``--out``, each with its provenance.
 
 For each row the JSON holds every metric's mean and standard deviation over the seeds, the wall
 time to the best epoch (training and validation of every epoch up to it), and, for the tuned rows,
@@ -25,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.results import provenance, spread
@@ -42,14 +43,20 @@ ROWS = (
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
 
 
+def slug(row: str) -> str:
+    return row.replace(" ", "-").lower()
+
+
 def run_dir(runs_dir: str, dataset: str, row: str, seed: int) -> str:
-    return os.path.join(runs_dir, dataset, row.replace(" ", "-").lower(), f"seed{seed}")
+    return os.path.join(runs_dir, dataset, slug(row), f"seed{seed}")
 
 
 def plan(args: argparse.Namespace) -> List[Run]:
     runs = []
     for dataset in args.datasets:
         for row, config in ROWS:
+            if slug(row) not in args.rows:
+                continue
             for seed in args.seeds:
                 out = run_dir(args.runs_dir, dataset, row, seed)
                 if os.path.isfile(os.path.join(out, METRICS_JSON)):
@@ -134,12 +141,29 @@ def summarise_row(
     return entry
 
 
-def summarise(args: argparse.Namespace, metric: str = "NDCG@10") -> Dict[str, List[Dict[str, Any]]]:
-    """The finished rows, and the runs not finished yet with their progress."""
+def kept_rows(earlier: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    """The rows of an earlier results JSON by (dataset, row), each with its own provenance."""
+    return {
+        (entry["dataset"], entry["row"]): {**entry, "provenance": entry.get("provenance", earlier["provenance"])}
+        for entry in earlier.get("rows", [])
+    }
+
+
+def summarise(
+    args: argparse.Namespace, metric: str = "NDCG@10", kept: Optional[Dict[Tuple[str, str], Dict[str, Any]]] = None
+) -> Dict[str, List[Dict[str, Any]]]:
+    """The finished rows (those outside ``args.rows`` from ``kept``), and the runs not finished yet
+    with their progress."""
     rows, unfinished = [], []
-    for dataset in args.datasets:
+    for dataset in DATASETS:
         paper: Optional[Dict[str, Any]] = None
         for row, config in ROWS:
+            if dataset not in args.datasets or slug(row) not in getattr(args, "rows", [slug(r) for r, _ in ROWS]):
+                entry = (kept or {}).get((dataset, row))
+                if entry is not None:
+                    paper = entry if row == ROWS[0][0] else paper
+                    rows.append(entry)
+                continue
             done = {}
             for seed in args.seeds:
                 out = run_dir(args.runs_dir, dataset, row, seed)
@@ -176,6 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "recipe"))
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    names = [slug(row) for row, _ in ROWS]
+    parser.add_argument("--rows", nargs="+", choices=names, default=names, help="the rows to train (default: all)")
     add_pool_arguments(parser)
     parser.add_argument("--out", help="the results JSON (default: <runs-dir>/recipe.json)")
     parser.add_argument("--commit", help="the code's commit, where the checkout has no git metadata")
@@ -186,6 +212,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("data_dir", "runs_dir", "out"):  # the runs start in the repo root
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
+    out = args.out or os.path.join(args.runs_dir, "recipe.json")
+    earlier: Dict[str, Any] = {}
+    if set(args.rows) != set(names) and os.path.isfile(out):
+        with open(out) as f:
+            earlier = json.load(f)
     failed, finished = run_pool(
         plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps
     )
@@ -197,9 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
         "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",
         "finished": finished and not failed and not plan(args),
-        **summarise(args),
+        **summarise(args, kept=kept_rows(earlier)),
     }
-    out = args.out or os.path.join(args.runs_dir, "recipe.json")
+    result.update({key: value for key, value in earlier.items() if key not in result})  # e.g. progress notes
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

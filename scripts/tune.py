@@ -22,6 +22,17 @@ seeds.
     python scripts/tune.py --config configs/beauty/recblr-all-positions.yaml --data-dir DATA \\
         --out runs/tune/beauty-recblr --trials 27 --budgets 40 120 360 --eta 3 --parallel 9
 
+One recipe for several datasets: run one search per dataset with the same ``--space`` and
+``--seed`` (so trial ``t003`` is the same settings everywhere; a ``scale`` entry the same factor
+of each base), then rank the trials across them::
+
+    python scripts/tune.py --rank runs/tune/beauty runs/tune/ml-1m --out runs/tune/recipe
+
+A trial's score is the mean over the searches of its best validation value over that search's
+median trial (so each dataset weighs the same, whatever its scale); only trials with a result in
+every search (in the last rung each search reached) compete. The ranking goes to
+``<out>/ranking.json`` and the winner's overrides of each search to ``<out>/best.txt``.
+
 A space file maps a dotted key (or several joined by ``,``, sampled together) to a list of
 choices, ``{log_uniform: [low, high]}`` or ``{scale: [factors]}`` (one factor of the base config's
 values, rounded for integers)::
@@ -37,6 +48,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -134,6 +146,17 @@ def _tail(path: str, lines: int = 20) -> List[str]:
     """The last lines of a failed trial's log, kept in the search log beside its settings."""
     with open(path, errors="replace") as f:
         return [line.rstrip("\n") for line in f.readlines()[-lines:]]
+
+
+def _last_rung_results(log: Dict[str, Any]) -> Tuple[int, Dict[str, float]]:
+    """The last rung any trial of a search reached, and its trials' best values there."""
+    for rung in reversed(range(len(log["budgets_s"]))):
+        bests = {
+            t["id"]: t["rungs"][str(rung)]["best"] for t in log["trials"] if "curve" in t["rungs"].get(str(rung), {})
+        }
+        if bests:
+            return rung, bests
+    return -1, {}
 
 
 class Search:
@@ -264,14 +287,85 @@ class Search:
 
     def best(self) -> Optional[Tuple[Dict[str, Any], int]]:
         """The trial with the best validation value in the last rung any trial reached, and that rung."""
-        for rung in reversed(range(len(self.log["budgets_s"]))):
-            done = [t for t in self.log["trials"] if "curve" in t["rungs"].get(str(rung), {})]
-            if done:
-                return max(done, key=lambda t: t["rungs"][str(rung)]["best"]), rung
-        return None
+        rung, bests = _last_rung_results(self.log)
+        if not bests:
+            return None
+        winner = max(bests, key=lambda trial: bests[trial])
+        return next(t for t in self.log["trials"] if t["id"] == winner), rung
+
+
+def rank_across(outs: List[str]) -> Dict[str, Any]:
+    """The trials of searches that drew the same trials, by their mean relative best validation
+    value (module docstring)."""
+    logs = []
+    for out in outs:
+        path = os.path.join(out, LOG)
+        if not os.path.isfile(path):
+            raise SystemExit(f"--rank {out}: no {LOG} there; give the --out folders of finished searches")
+        with open(path) as f:
+            logs.append(json.load(f))
+
+    def drawn(log: Dict[str, Any]) -> Dict[str, List[str]]:  # each trial's keys: the values may scale
+        return {t["id"]: [item.split("=")[0] for item in t["overrides"]] for t in log["trials"]}
+
+    first = drawn(logs[0])
+    for out, log in zip(outs, logs):
+        keys = drawn(log)
+        if log["seed"] != logs[0]["seed"] or any(keys[t] != first[t] for t in set(keys) & set(first)):
+            raise SystemExit(
+                f"--rank: {out} drew other trials than {outs[0]} (seed {log['seed']} against {logs[0]['seed']}, "
+                "or another space); rank searches run with the same --space and --seed"
+            )
+    searches, results = [], []
+    for out, log in zip(outs, logs):
+        rung, bests = _last_rung_results(log)
+        if not bests:
+            raise SystemExit(f"--rank: {out} has no trial with a result yet; run its search first")
+        median = statistics.median(bests.values())
+        searches.append({"out": out, "config": log["config"], "rung": rung, "trials": len(bests), "median": median})
+        results.append((bests, median, {t["id"]: t["overrides"] for t in log["trials"]}))
+    common = sorted(set.intersection(*(set(bests) for bests, _, _ in results)))
+    if not common:
+        raise SystemExit("--rank: no trial has a result in every search; let the searches go on")
+    ranking = []
+    for trial in common:
+        relative = [bests[trial] / median for bests, median, _ in results]
+        ranking.append(
+            {
+                "id": trial,
+                "score": statistics.mean(relative),
+                "relative": relative,
+                "best": [bests[trial] for bests, _, _ in results],
+                "overrides": [overrides[trial] for _, _, overrides in results],
+            }
+        )
+    ranking.sort(key=lambda entry: entry["score"], reverse=True)
+    return {"metric": logs[0]["metric"], "searches": searches, "ranking": ranking}
+
+
+def _write_ranking(outs: List[str], out: str) -> int:
+    result = rank_across(outs)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ranking.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "best.txt"), "w") as f:
+        for search, overrides in zip(result["searches"], result["ranking"][0]["overrides"]):
+            f.write(f"{search['config']}: {' '.join(overrides)}\n")
+    for entry in result["ranking"][:5]:
+        values = ", ".join(f"{value:.4f}" for value in entry["best"])
+        print(f"{entry['id']}: score {entry['score']:.4f} (best valid {result['metric']} {values})")
+    print(f"best {result['ranking'][0]['id']}; its overrides per search in {os.path.join(out, 'best.txt')}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--rank" in argv:
+        ranker = argparse.ArgumentParser(description="rank the trials of searches that drew the same trials")
+        ranker.add_argument("--rank", nargs="+", required=True, help="the searches' --out folders")
+        ranker.add_argument("--out", required=True, help="the folder for ranking.json and best.txt")
+        ranked = ranker.parse_args(argv)
+        return _write_ranking(ranked.rank, ranked.out)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the base config (a YAML file in configs/)")
     parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))

@@ -27,6 +27,14 @@ def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tm
     assert tuned["seeds_reaching_paper_valid_best"] >= 1 and tuned["ndcg10_over_paper_config"] == 1.0
     assert table.main(args) == 0  # finished runs are not trained again
     assert result["unfinished"] == []
+    # --rows: the tuned row trained again elsewhere; the paper config's kept from the JSON, with its provenance
+    again = [str(tmp_path / "again") if arg == str(tmp_path / "runs") else arg for arg in args]
+    assert table.main(again + ["--rows", "tuned-recblr"]) == 0
+    partial = json.loads(out.read_text())
+    assert [row["row"] for row in partial["rows"]] == ["paper config", "tuned RecBLR"]
+    assert partial["rows"][0] == {**paper, "provenance": result["provenance"]}
+    assert "provenance" not in partial["rows"][1] and partial["rows"][1]["ndcg10_over_paper_config"] > 0
+    assert os.listdir(tmp_path / "again" / "ml-100k") == ["tuned-recblr"]
     # a paper-config run not finished yet: listed with its progress, and no row stands in for the paper config
     for seed in (0, 1):
         os.remove(tmp_path / "runs" / "ml-100k" / "paper-config" / f"seed{seed}" / "metrics.json")

@@ -75,3 +75,37 @@ def test_a_failed_trial_is_left_out_with_the_end_of_its_log(tmp_path, data_dir, 
         assert failed["failed"] == 2 and failed["attempts"] == 2  # run once more, then left out
         assert "CUDA is not available" in "\n".join(failed["log_tail"])
     assert not os.path.exists(os.path.join(out, "best.txt"))
+
+
+def test_rank_scores_trials_across_searches_relative_to_each_searchs_median(tmp_path, script):
+    tune = script("tune")
+
+    def search(name, seed, bests, key="train.lr"):
+        trials = [
+            {
+                "id": trial,
+                "overrides": [f"{key}={i}"],
+                "rungs": {} if best is None else {"0": {"curve": [1], "best": best}},
+            }
+            for i, (trial, best) in enumerate(bests.items())
+        ]
+        log = {"config": f"{name}.yaml", "seed": seed, "metric": "NDCG@10", "budgets_s": [60.0], "trials": trials}
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "tune.json").write_text(json.dumps(log))
+        return str(tmp_path / name)
+
+    a = search("a", 0, {"t000": 0.10, "t001": 0.20, "t002": 0.15})
+    b = search("b", 0, {"t000": 0.03, "t001": 0.01, "t002": None})  # t002 not run in b: out of the ranking
+    assert tune.main(["--rank", a, b, "--out", str(tmp_path / "recipe")]) == 0
+    result = json.loads((tmp_path / "recipe" / "ranking.json").read_text())
+    assert [s["median"] for s in result["searches"]] == [0.15, 0.02]
+    # t001 is best in a, but t000 is better relative to each search's median trial on average
+    assert [entry["id"] for entry in result["ranking"]] == ["t000", "t001"]
+    assert result["ranking"][0]["score"] == pytest.approx((0.10 / 0.15 + 0.03 / 0.02) / 2)
+    assert (tmp_path / "recipe" / "best.txt").read_text() == "a.yaml: train.lr=0\nb.yaml: train.lr=0\n"
+    with pytest.raises(SystemExit, match="drew other trials"):
+        tune.main(["--rank", a, search("c", 1, {"t000": 0.1}), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="drew other trials"):
+        tune.main(["--rank", a, search("d", 0, {"t000": 0.1}, key="train.dropout"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no trial with a result yet"):
+        tune.main(["--rank", a, search("e", 0, {"t000": None}), "--out", str(tmp_path / "x")])

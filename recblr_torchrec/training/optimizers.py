@@ -64,7 +64,7 @@ class RateSchedule:
         self.base = [float(group["lr"]) for group in optimizer.param_groups]
         self.warmup = train.warmup_steps
         self.cosine = train.lr_schedule == "cosine"
-        self.total = train.max_epochs * steps_per_epoch
+        self.total = train.epochs(steps_per_epoch) * steps_per_epoch
 
     @property
     def active(self) -> bool:

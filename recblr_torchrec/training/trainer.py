@@ -190,7 +190,9 @@ class Trainer:
         apply_matmul_precision(t.precision)
         self.optimizer = p.optimizer(self.module, t)
         steps = self.train_batches.batches_per_epoch
-        self.schedule = RateSchedule(self.optimizer, t, min(steps, t.max_steps_per_epoch or steps))
+        steps = min(steps, t.max_steps_per_epoch or steps)
+        self.schedule = RateSchedule(self.optimizer, t, steps)
+        self.last_epoch = t.epochs(steps)
         self.graphed = GraphedStep(self.update) if t.cuda_graphs == "on" else None
         self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
@@ -398,8 +400,8 @@ class Trainer:
         return budget > 0 and sum(row["seconds"] for row in self.history) >= budget
 
     def _finished(self) -> bool:
-        """Early-stopped, at max_epochs, or past the time budget."""
-        return self.state["stopped_early"] or self.state["epoch"] >= self.config.train.max_epochs or self._out_of_time()
+        """Early-stopped, at its last epoch (train.max_epochs or max_steps), or past the time budget."""
+        return self.state["stopped_early"] or self.state["epoch"] >= self.last_epoch or self._out_of_time()
 
     def banner(self) -> str:
         """What the run is about to do, in two lines: data and model, then device and folder."""
@@ -525,7 +527,7 @@ class Trainer:
         if self.is_main:
             print(
                 f"{self.output_dir} is finished (best epoch {summary['best_epoch']} of {summary['epochs']}); "
-                "its results, not retrained (raise train.max_epochs or train.patience to go on):",
+                "its results, not retrained (raise train.max_epochs, max_steps or patience to go on):",
                 flush=True,
             )
             print(format_table({split: summary[split] for split in ("valid", "test") if split in summary}), flush=True)

@@ -209,6 +209,22 @@ def test_the_rate_schedule_warms_up_then_follows_a_cosine_to_zero(tmp_path, data
     assert not constant.schedule.active  # the paper's rate: nothing set between steps
 
 
+def test_max_steps_ends_the_run_and_its_cosine_at_the_epoch_that_reaches_it(tmp_path, data_dir):
+    overrides = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "train.max_epochs=50", "train.lr_schedule=cosine"]
+    probe = Trainer(load_config(TINY, overrides), str(tmp_path / "probe"), data_dir)
+    per_epoch = probe.train_batches.batches_per_epoch
+    assert per_epoch >= 2 and probe.last_epoch == 50  # 0: max_epochs alone
+    limited = overrides + [f"train.max_steps={per_epoch + 1}", "train.patience=100"]
+    trainer = Trainer(load_config(TINY, limited), str(tmp_path / "a"), data_dir)
+    assert trainer.last_epoch == 2 and trainer.schedule.total == 2 * per_epoch  # rounded up to whole epochs
+    trainer.fit()
+    assert trainer.state["epoch"] == 2 and trainer.state["step"] == 2 * per_epoch
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine's end
+    assert load_config(TINY, ["train.max_epochs=1", "train.max_steps=1000000"]).train.epochs(per_epoch) == 1
+    with pytest.raises(ValueError, match=r"train.max_steps=-1 must be >= 0"):
+        load_config(TINY, ["train.max_steps=-1"])
+
+
 def test_sgd_cannot_capture_a_scheduled_rate():
     with pytest.raises(ValueError, match="train.optimizer=sgd and a learning-rate schedule"):
         load_config(TINY, ["train.optimizer=sgd", "train.warmup_steps=10", "train.cuda_graphs=on"])
