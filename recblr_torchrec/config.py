@@ -120,8 +120,8 @@ class TrainConfig:
     ``lr_schedule``: ``constant`` (the paper's) or ``cosine`` (from ``lr`` down to 0 at the end
     of the run's last epoch); ``warmup_steps``: the learning rate rises linearly from ``lr /
     warmup_steps`` to ``lr`` over the first steps (0 = none). Both scale every optimizer's rate,
-    the tables' fused optimizer included; a run continued with a raised ``max_epochs`` follows the
-    longer cosine from its step on (its rate jumps to that curve's).
+    the tables' fused optimizer included; a run continued with another ``max_epochs`` or
+    ``max_steps`` follows the cosine of its new length from its step on (its rate jumps to that curve's).
     ``max_steps``: the run's length in optimizer steps, rounded up to whole epochs (0 = none):
     training ends with the epoch in which the step count reaches it (or at ``max_epochs``, if
     sooner), so one setting gives datasets of any size the same number of updates and the same
@@ -157,7 +157,8 @@ class TrainConfig:
     frozen into the graphs).
     A run may resume with it switched on or off.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
-    counted) reaches this many seconds; 0 = no budget. Early stopping and ``max_epochs`` still apply.
+    counted) reaches this many seconds; 0 = no budget. Early stopping, ``max_epochs`` and ``max_steps``
+    still apply.
     ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 

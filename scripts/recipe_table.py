@@ -7,7 +7,10 @@ paper's hyper-parameters with a loss at every position), the tuned RecBLR
 graphs on a GPU). Runs share the visible GPUs, ``--parallel`` at a time (with ``--mps``, as
 clients of an MPS daemon, their kernels side by side), in resumable slices of ``--budget-minutes``
 (``recblr_torchrec.training.pool``); finished runs are not trained again. ``--rows`` trains some
-rows only; the others are kept from the results JSON already at ``--out``, each with its provenance.
+rows only, ``--datasets`` some datasets: the others are kept from the results JSON already at
+``--out``, each with its provenance (a kept row also stands until its replacement has every seed;
+the file's other notes are kept as they are). A tuned row timed against a kept paper-config row
+says so (``paper_config_measured_apart``): its time ratio compares runs of different calls.
 
 For each row the JSON holds every metric's mean and standard deviation over the seeds, the wall
 time to the best epoch (training and validation of every epoch up to it), and, for the tuned rows,
@@ -135,6 +138,8 @@ def summarise_row(
         entry["seeds_reaching_paper_valid_best"] = sum(t is not None for t in reach)
         if reached is not None:
             entry["time_to_quality_ratio"] = round(reached / paper["wall_to_best_s"], 3)
+        if "provenance" in paper:  # kept from an earlier JSON: another call, perhaps another load or GPU
+            entry["paper_config_measured_apart"] = True
         ndcg = [statistics.mean(r["test"]["NDCG@10"] for r in rs) for rs in (runs, paper["runs"].values())]
         entry["ndcg10_over_paper_config"] = round(ndcg[0] / ndcg[1], 3)
     entry["runs"] = {str(seed): run for seed, run in done.items()}
@@ -144,7 +149,7 @@ def summarise_row(
 def kept_rows(earlier: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
     """The rows of an earlier results JSON by (dataset, row), each with its own provenance."""
     return {
-        (entry["dataset"], entry["row"]): {**entry, "provenance": entry.get("provenance", earlier["provenance"])}
+        (entry["dataset"], entry["row"]): {**entry, "provenance": entry.get("provenance", earlier.get("provenance"))}
         for entry in earlier.get("rows", [])
     }
 
@@ -152,31 +157,30 @@ def kept_rows(earlier: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
 def summarise(
     args: argparse.Namespace, metric: str = "NDCG@10", kept: Optional[Dict[Tuple[str, str], Dict[str, Any]]] = None
 ) -> Dict[str, List[Dict[str, Any]]]:
-    """The finished rows (those outside ``args.rows`` from ``kept``), and the runs not finished yet
-    with their progress."""
+    """The finished rows, and the runs not finished yet with their progress. A row of ``kept`` (an
+    earlier JSON's) stands for a row not trained here, or trained here on fewer than every seed."""
     rows, unfinished = [], []
     for dataset in DATASETS:
         paper: Optional[Dict[str, Any]] = None
         for row, config in ROWS:
-            if dataset not in args.datasets or slug(row) not in getattr(args, "rows", [slug(r) for r, _ in ROWS]):
-                entry = (kept or {}).get((dataset, row))
-                if entry is not None:
-                    paper = entry if row == ROWS[0][0] else paper
-                    rows.append(entry)
-                continue
+            earlier = (kept or {}).get((dataset, row))
             done = {}
-            for seed in args.seeds:
-                out = run_dir(args.runs_dir, dataset, row, seed)
-                run = one_run(out, metric)
-                if run is not None:
-                    done[seed] = run
-                    continue
-                so_far = progress(out, metric)
-                if so_far is not None:
-                    unfinished.append({"dataset": dataset, "row": row, "seed": seed, **so_far})
-            if not done:
+            if dataset in args.datasets and slug(row) in args.rows:
+                for seed in args.seeds:
+                    out = run_dir(args.runs_dir, dataset, row, seed)
+                    run = one_run(out, metric)
+                    if run is not None:
+                        done[seed] = run
+                        continue
+                    so_far = progress(out, metric)
+                    if so_far is not None:
+                        unfinished.append({"dataset": dataset, "row": row, "seed": seed, **so_far})
+            if earlier is not None and len(done) < len(args.seeds):  # kept until every seed is trained again
+                entry = earlier
+            elif done:
+                entry = summarise_row(dataset, row, config, done, None if row == ROWS[0][0] else paper)
+            else:
                 continue
-            entry = summarise_row(dataset, row, config, done, None if row == ROWS[0][0] else paper)
             if row == ROWS[0][0]:
                 paper = entry
             rows.append(entry)
@@ -214,9 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             setattr(args, name, os.path.abspath(getattr(args, name)))
     out = args.out or os.path.join(args.runs_dir, "recipe.json")
     earlier: Dict[str, Any] = {}
-    if set(args.rows) != set(names) and os.path.isfile(out):
+    partial = set(args.rows) != set(names) or set(args.datasets) != set(DATASETS)
+    if partial and os.path.isfile(out):
         with open(out) as f:
             earlier = json.load(f)
+    kept = kept_rows(earlier)
+    missing = [f"{d} {r}" for d in args.datasets for r, _ in ROWS if slug(r) not in args.rows and (d, r) not in kept]
+    if missing:
+        print(f"not in {out}, so not in the table: {', '.join(missing)}", flush=True)
     failed, finished = run_pool(
         plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps
     )
@@ -228,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
         "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",
         "finished": finished and not failed and not plan(args),
-        **summarise(args, kept=kept_rows(earlier)),
+        **summarise(args, kept=kept),
     }
     result.update({key: value for key, value in earlier.items() if key not in result})  # e.g. progress notes
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -28,10 +28,12 @@ of each base), then rank the trials across them::
 
     python scripts/tune.py --rank runs/tune/beauty runs/tune/ml-1m --out runs/tune/recipe
 
-A trial's score is the mean over the searches of its best validation value over that search's
-median trial (so each dataset weighs the same, whatever its scale); only trials with a result in
-every search (in the last rung each search reached) compete. The ranking goes to
-``<out>/ranking.json`` and the winner's overrides of each search to ``<out>/best.txt``.
+Only trials with a result in ``--rung`` (default 0, the only rung of ``--method random``) of
+every search compete; a trial's score is the mean over the searches of its best validation value
+there over the median of the competing trials in that search (so each dataset weighs the same,
+whatever its scale). Halving promotes each search's own trials, so later rungs rarely share
+trials. The ranking goes to ``<out>/ranking.json`` and the winner's overrides of each search to
+``<out>/best.txt``.
 
 A space file maps a dotted key (or several joined by ``,``, sampled together) to a list of
 choices, ``{log_uniform: [low, high]}`` or ``{scale: [factors]}`` (one factor of the base config's
@@ -148,12 +150,15 @@ def _tail(path: str, lines: int = 20) -> List[str]:
         return [line.rstrip("\n") for line in f.readlines()[-lines:]]
 
 
+def rung_results(log: Dict[str, Any], rung: int) -> Dict[str, float]:
+    """The best value of each trial of a search with a result in ``rung``."""
+    return {t["id"]: t["rungs"][str(rung)]["best"] for t in log["trials"] if "curve" in t["rungs"].get(str(rung), {})}
+
+
 def _last_rung_results(log: Dict[str, Any]) -> Tuple[int, Dict[str, float]]:
     """The last rung any trial of a search reached, and its trials' best values there."""
     for rung in reversed(range(len(log["budgets_s"]))):
-        bests = {
-            t["id"]: t["rungs"][str(rung)]["best"] for t in log["trials"] if "curve" in t["rungs"].get(str(rung), {})
-        }
+        bests = rung_results(log, rung)
         if bests:
             return rung, bests
     return -1, {}
@@ -294,57 +299,62 @@ class Search:
         return next(t for t in self.log["trials"] if t["id"] == winner), rung
 
 
-def rank_across(outs: List[str]) -> Dict[str, Any]:
+def rank_across(outs: List[str], rung: int = 0) -> Dict[str, Any]:
     """The trials of searches that drew the same trials, by their mean relative best validation
-    value (module docstring)."""
+    value in ``rung`` (module docstring)."""
     logs = []
     for out in outs:
         path = os.path.join(out, LOG)
         if not os.path.isfile(path):
-            raise SystemExit(f"--rank {out}: no {LOG} there; give the --out folders of finished searches")
+            raise SystemExit(f"--rank {out}: no {LOG} there; give the --out folders of the searches")
         with open(path) as f:
             logs.append(json.load(f))
-
-    def drawn(log: Dict[str, Any]) -> Dict[str, List[str]]:  # each trial's keys: the values may scale
-        return {t["id"]: [item.split("=")[0] for item in t["overrides"]] for t in log["trials"]}
-
-    first = drawn(logs[0])
     for out, log in zip(outs, logs):
-        keys = drawn(log)
-        if log["seed"] != logs[0]["seed"] or any(keys[t] != first[t] for t in set(keys) & set(first)):
+        if log["seed"] != logs[0]["seed"]:
             raise SystemExit(
-                f"--rank: {out} drew other trials than {outs[0]} (seed {log['seed']} against {logs[0]['seed']}, "
-                "or another space); rank searches run with the same --space and --seed"
+                f"--rank: {out} drew other trials than {outs[0]}: sampler seed {log['seed']} against "
+                f"{logs[0]['seed']}; rank searches run with the same --space and --seed"
             )
-    searches, results = [], []
-    for out, log in zip(outs, logs):
-        rung, bests = _last_rung_results(log)
-        if not bests:
-            raise SystemExit(f"--rank: {out} has no trial with a result yet; run its search first")
-        median = statistics.median(bests.values())
-        searches.append({"out": out, "config": log["config"], "rung": rung, "trials": len(bests), "median": median})
-        results.append((bests, median, {t["id"]: t["overrides"] for t in log["trials"]}))
-    common = sorted(set.intersection(*(set(bests) for bests, _, _ in results)))
+        if log["space"] != logs[0]["space"]:
+            raise SystemExit(
+                f"--rank: {out} drew other trials than {outs[0]}: another search space; "
+                "rank searches run with the same --space and --seed"
+            )
+        if not rung_results(log, rung):
+            raise SystemExit(f"--rank: {out} has no trial with a result in rung {rung} yet; let its search go on")
+    results = [rung_results(log, rung) for log in logs]
+    common = sorted(set.intersection(*(set(bests) for bests in results)))
     if not common:
-        raise SystemExit("--rank: no trial has a result in every search; let the searches go on")
+        raise SystemExit(
+            f"--rank: no trial has a result in rung {rung} of every search (halving promotes each search's own "
+            "trials past rung 0: rank --rung 0, or let the searches go on)"
+        )
+    medians = [statistics.median(bests[trial] for trial in common) for bests in results]
+    for out, median in zip(outs, medians):
+        if median <= 0:
+            raise SystemExit(f"--rank: {out}'s median trial has {logs[0]['metric']} {median}: nothing to scale by")
+    searches = [
+        {"out": out, "config": log["config"], "rung": rung, "trials": len(common), "median": median}
+        for out, log, median in zip(outs, logs, medians)
+    ]
     ranking = []
     for trial in common:
-        relative = [bests[trial] / median for bests, median, _ in results]
+        relative = [bests[trial] / median for bests, median in zip(results, medians)]
         ranking.append(
             {
                 "id": trial,
                 "score": statistics.mean(relative),
                 "relative": relative,
-                "best": [bests[trial] for bests, _, _ in results],
-                "overrides": [overrides[trial] for _, _, overrides in results],
+                "best": [bests[trial] for bests in results],
+                "overrides": [next(t["overrides"] for t in log["trials"] if t["id"] == trial) for log in logs],
             }
         )
     ranking.sort(key=lambda entry: entry["score"], reverse=True)
     return {"metric": logs[0]["metric"], "searches": searches, "ranking": ranking}
 
 
-def _write_ranking(outs: List[str], out: str) -> int:
-    result = rank_across(outs)
+def _write_ranking(outs: List[str], out: str, rung: int) -> int:
+    result = rank_across(outs, rung)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ranking.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -360,12 +370,13 @@ def _write_ranking(outs: List[str], out: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--rank" in argv:
+    if any(arg == "--rank" or arg.startswith("--rank=") for arg in argv):
         ranker = argparse.ArgumentParser(description="rank the trials of searches that drew the same trials")
         ranker.add_argument("--rank", nargs="+", required=True, help="the searches' --out folders")
         ranker.add_argument("--out", required=True, help="the folder for ranking.json and best.txt")
+        ranker.add_argument("--rung", type=int, default=0, help="the rung compared (0: every trial's first budget)")
         ranked = ranker.parse_args(argv)
-        return _write_ranking(ranked.rank, ranked.out)
+        return _write_ranking(ranked.rank, ranked.out, ranked.rung)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the base config (a YAML file in configs/)")
     parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))

@@ -34,11 +34,20 @@ def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tm
     assert [row["row"] for row in partial["rows"]] == ["paper config", "tuned RecBLR"]
     assert partial["rows"][0] == {**paper, "provenance": result["provenance"]}
     assert "provenance" not in partial["rows"][1] and partial["rows"][1]["ndcg10_over_paper_config"] > 0
+    assert partial["rows"][1]["paper_config_measured_apart"] and "paper_config_measured_apart" not in tuned
     assert os.listdir(tmp_path / "again" / "ml-100k") == ["tuned-recblr"]
+    # a replacement with a seed still to train: the kept row stands, the seed is listed as unfinished
+    os.remove(tmp_path / "again" / "ml-100k" / "tuned-recblr" / "seed1" / "metrics.json")
+    rows = ["tuned-recblr"]
+    again_ns = argparse.Namespace(datasets=["ml-100k"], seeds=[0, 1], runs_dir=str(tmp_path / "again"), rows=rows)
+    summary = table.summarise(again_ns, kept=table.kept_rows(result))
+    assert summary["rows"][1] == {**tuned, "provenance": result["provenance"]}
+    assert [(r["row"], r["seed"]) for r in summary["unfinished"]] == [("tuned RecBLR", 1)]
     # a paper-config run not finished yet: listed with its progress, and no row stands in for the paper config
     for seed in (0, 1):
         os.remove(tmp_path / "runs" / "ml-100k" / "paper-config" / f"seed{seed}" / "metrics.json")
-    namespace = argparse.Namespace(datasets=["ml-100k"], seeds=[0, 1], runs_dir=str(tmp_path / "runs"))
+    rows = ["paper-config", "tuned-recblr"]
+    namespace = argparse.Namespace(datasets=["ml-100k"], seeds=[0, 1], runs_dir=str(tmp_path / "runs"), rows=rows)
     summary = table.summarise(namespace)
     (tuned,) = summary["rows"]
     assert tuned["row"] == "tuned RecBLR" and "time_to_quality_ratio" not in tuned

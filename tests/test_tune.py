@@ -89,7 +89,8 @@ def test_rank_scores_trials_across_searches_relative_to_each_searchs_median(tmp_
             }
             for i, (trial, best) in enumerate(bests.items())
         ]
-        log = {"config": f"{name}.yaml", "seed": seed, "metric": "NDCG@10", "budgets_s": [60.0], "trials": trials}
+        log = {"config": f"{name}.yaml", "seed": seed, "metric": "NDCG@10", "budgets_s": [60.0, 180.0]}
+        log.update(space={key: [0, 1, 2]}, trials=trials)
         os.makedirs(tmp_path / name)
         (tmp_path / name / "tune.json").write_text(json.dumps(log))
         return str(tmp_path / name)
@@ -98,14 +99,16 @@ def test_rank_scores_trials_across_searches_relative_to_each_searchs_median(tmp_
     b = search("b", 0, {"t000": 0.03, "t001": 0.01, "t002": None})  # t002 not run in b: out of the ranking
     assert tune.main(["--rank", a, b, "--out", str(tmp_path / "recipe")]) == 0
     result = json.loads((tmp_path / "recipe" / "ranking.json").read_text())
-    assert [s["median"] for s in result["searches"]] == [0.15, 0.02]
+    assert [s["median"] for s in result["searches"]] == pytest.approx([0.15, 0.02])  # over t000 and t001
     # t001 is best in a, but t000 is better relative to each search's median trial on average
     assert [entry["id"] for entry in result["ranking"]] == ["t000", "t001"]
     assert result["ranking"][0]["score"] == pytest.approx((0.10 / 0.15 + 0.03 / 0.02) / 2)
     assert (tmp_path / "recipe" / "best.txt").read_text() == "a.yaml: train.lr=0\nb.yaml: train.lr=0\n"
-    with pytest.raises(SystemExit, match="drew other trials"):
+    with pytest.raises(SystemExit, match="drew other trials than .*: sampler seed 1 against 0"):
         tune.main(["--rank", a, search("c", 1, {"t000": 0.1}), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="drew other trials"):
+    with pytest.raises(SystemExit, match="drew other trials than .*: another search space"):
         tune.main(["--rank", a, search("d", 0, {"t000": 0.1}, key="train.dropout"), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no trial with a result yet"):
+    with pytest.raises(SystemExit, match="e has no trial with a result in rung 0 yet"):
         tune.main(["--rank", a, search("e", 0, {"t000": None}), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="a has no trial with a result in rung 1 yet"):
+        tune.main([f"--rank={a}", "--rung", "1", "--out", str(tmp_path / "x")])

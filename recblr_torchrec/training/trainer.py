@@ -527,7 +527,8 @@ class Trainer:
         if self.is_main:
             print(
                 f"{self.output_dir} is finished (best epoch {summary['best_epoch']} of {summary['epochs']}); "
-                "its results, not retrained (raise train.max_epochs, max_steps or patience to go on):",
+                "its results, not retrained (to go on, raise the limit that ended it: "
+                "train.max_epochs, max_steps, patience or time_budget_s):",
                 flush=True,
             )
             print(format_table({split: summary[split] for split in ("valid", "test") if split in summary}), flush=True)
