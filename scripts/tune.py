@@ -155,15 +155,6 @@ def rung_results(log: Dict[str, Any], rung: int) -> Dict[str, float]:
     return {t["id"]: t["rungs"][str(rung)]["best"] for t in log["trials"] if "curve" in t["rungs"].get(str(rung), {})}
 
 
-def _last_rung_results(log: Dict[str, Any]) -> Tuple[int, Dict[str, float]]:
-    """The last rung any trial of a search reached, and its trials' best values there."""
-    for rung in reversed(range(len(log["budgets_s"]))):
-        bests = rung_results(log, rung)
-        if bests:
-            return rung, bests
-    return -1, {}
-
-
 class Search:
     """The log and the halving rule (module docstring)."""
 
@@ -292,11 +283,12 @@ class Search:
 
     def best(self) -> Optional[Tuple[Dict[str, Any], int]]:
         """The trial with the best validation value in the last rung any trial reached, and that rung."""
-        rung, bests = _last_rung_results(self.log)
-        if not bests:
-            return None
-        winner = max(bests, key=lambda trial: bests[trial])
-        return next(t for t in self.log["trials"] if t["id"] == winner), rung
+        for rung in reversed(range(len(self.log["budgets_s"]))):
+            bests = rung_results(self.log, rung)
+            if bests:
+                winner = max(bests, key=lambda trial: bests[trial])
+                return next(t for t in self.log["trials"] if t["id"] == winner), rung
+        return None
 
 
 def rank_across(outs: List[str], rung: int = 0) -> Dict[str, Any]:
