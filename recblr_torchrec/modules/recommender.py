@@ -59,14 +59,23 @@ class ModelConfig:
     ``encoder``: ``recblr`` (the paper's model; section ``recblr``) or ``sasrec`` (the SASRec-style
     Transformer baseline; section ``sasrec``), on the same table, data path, loss and evaluation.
     The table's width is the chosen encoder's ``embedding_dim``; the other section is unused.
+
+    ``item_dropout``: in training, the probability that a history position's item is hidden from
+    the encoder: its embedding is replaced by one learned vector (``masked_item``), as a masked
+    token; the position's target and the scores are untouched. 0 = off (the paper's).
     """
 
     encoder: EncoderKind = EncoderKind.RECBLR
     recblr: RecBLRConfig = field(default_factory=RecBLRConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    item_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         typed_fields(self, "model")
+        require(
+            0.0 <= self.item_dropout < 1.0,
+            f"model.item_dropout={self.item_dropout} must be in [0, 1) (0 = off, the paper's)",
+        )
 
     @property
     def encoder_config(self) -> Union[RecBLRConfig, SASRecConfig]:
@@ -161,6 +170,9 @@ class SequenceRecommender(nn.Module):
         )
         self.encoder = build_encoder(config)
         init_weights(self.encoder)
+        self.masked_item: Optional[nn.Parameter] = None
+        if config.item_dropout > 0:
+            self.masked_item = nn.Parameter(torch.empty(self.embedding_dim).normal_(std=0.02))
         self.context_embeddings: Optional[EmbeddingBagCollection] = None
         self.context_join = "input"
         if context is not None and context.user_buckets > 0:
@@ -235,6 +247,9 @@ class SequenceRecommender(nn.Module):
     def _encode_with(
         self, values: Tensor, offsets: Tensor, vectors: Optional[Tensor], rows: Optional[Tensor] = None
     ) -> Tensor:
+        if self.training and self.masked_item is not None:
+            hidden = torch.rand(values.shape[0], 1, device=values.device) < self.config.item_dropout
+            values = torch.where(hidden, self.masked_item.to(values.dtype), values)
         if vectors is None:
             return self.encoder(values, offsets=offsets, rows=rows)
         per_position = torch.repeat_interleave(vectors, offsets[1:] - offsets[:-1], dim=0, output_size=values.shape[0])

@@ -271,3 +271,29 @@ def test_table_lookups_tell_torchrec_their_value_counts(candidate_feature):
     ids = torch.tensor([3, 1, 3])
     torch.testing.assert_close(model.lookup(ids), table[ids])
     assert seen[-1] == ([3, 0] if candidate_feature else [3])
+
+
+def test_item_dropout_hides_whole_history_items_in_training_only():
+    from recblr_torchrec.config import load_config
+
+    config = ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0), item_dropout=0.5)
+    torch.manual_seed(0)
+    model = SequenceRecommender(21, config).double()
+    lengths = torch.tensor([3, 1, 4])
+    kjt = KeyedJaggedTensor(keys=["item_history"], values=torch.randint(1, 21, (8,)), lengths=lengths)
+    embedded = model.item_embeddings(kjt)["item_history"].values().double()
+    offsets = torch.tensor([0, 3, 4, 8])
+
+    torch.manual_seed(1)
+    trained = model.train()(kjt)
+    torch.manual_seed(1)
+    hidden = torch.rand(8, 1) < 0.5
+    assert 0 < hidden.sum() < 8  # some items hidden, some seen
+    masked = torch.where(hidden, model.masked_item, embedded)
+    torch.testing.assert_close(trained, model.encoder(masked, offsets=offsets), rtol=0, atol=1e-12)
+    trained.sum().backward()
+    assert model.masked_item.grad.abs().sum() > 0
+    evaluated = model.eval()(kjt)  # no item hidden
+    torch.testing.assert_close(evaluated, model.encoder(embedded, offsets=offsets), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"model.item_dropout=1.0 must be in \[0, 1\)"):
+        load_config(None, ["model.item_dropout=1.0"])
