@@ -116,10 +116,12 @@ class LocalCheckpoints:
 
     def save(self, tensors: Dict[str, Any], objects: Dict[str, Any], best: bool = False, step: int = 0) -> str:
         """Writes a training checkpoint (the newest becomes ``previous.pt``) and, with ``best``,
-        the best model's file: its weights, config, table size and epoch (from ``progress``)."""
+        the best model's file: its weights (``average``'s where the run keeps a weight average),
+        config, table size and epoch (from ``progress``)."""
         if best:
             progress = objects["progress"]
-            model = {"model": tensors["model"], "config": progress["config"], "epoch": progress["state"]["epoch"]}
+            weights = {**tensors["model"], **tensors.get("average", {})}  # averaged ones with train.ema_decay
+            model = {"model": weights, "config": progress["config"], "epoch": progress["state"]["epoch"]}
             model.update(num_embeddings=progress["num_embeddings"], format=FORMAT)
             save_atomic(model, os.path.join(self.folder, BEST))
         last, previous = os.path.join(self.folder, LAST), os.path.join(self.folder, PREVIOUS)

@@ -156,6 +156,9 @@ class TrainConfig:
     device, so setting it between steps reaches the replays) or ``sgd`` (its learning rate is
     frozen into the graphs).
     A run may resume with it switched on or off.
+    ``ema_decay``: evaluate, keep and serve an exponential moving average of the weights, updated
+    after every optimizer step with this decay (0 = off, the paper's; e.g. 0.999 averages over about
+    the last thousand updates): ``recblr_torchrec/training/averaging.py``. One-process runs only.
     ``time_budget_s``: stop after the epoch at which the run's training time (evaluation not
     counted) reaches this many seconds; 0 = no budget. Early stopping, ``max_epochs`` and ``max_steps``
     still apply.
@@ -180,6 +183,7 @@ class TrainConfig:
     loss: Loss = Loss.FULL
     num_negatives: int = 1024
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     negative_sampler: NegativeSampler = NegativeSampler.UNIFORM
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
@@ -233,6 +237,10 @@ class TrainConfig:
         require(
             0.0 <= self.label_smoothing < 1.0,
             f"train.label_smoothing={self.label_smoothing} must be in [0, 1) (0 = none, the paper's)",
+        )
+        require(
+            0.0 <= self.ema_decay < 1.0,
+            f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = no weight average, the paper's)",
         )
         if self.loss is Loss.SAMPLED:
             require(

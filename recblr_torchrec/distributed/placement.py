@@ -75,6 +75,11 @@ class ShardedPlacement:
                 "train.micro_batch_size is for one-process runs: the fused sparse optimizer updates the tables in "
                 "every backward, so micro-batches would not give the whole batch's update; set it to 0"
             )
+        if config.train.ema_decay:
+            raise ConfigError(
+                f"train.ema_decay={config.train.ema_decay} is for one-process runs (the weight average is kept "
+                "beside the model, not sharded with its tables); set train.ema_decay=0 for a sharded run"
+            )
         if config.train.cuda_graphs == "on" and not self.captures_steps:
             raise ConfigError(
                 "train.cuda_graphs=on captures the dense part of a pipelined sharded step on a GPU, but this run "

@@ -8,6 +8,7 @@ and every ``train.checkpoint_every`` steps; starting again with the same output 
 from the newest readable one, mid-epoch included, to the same result as an uninterrupted run.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -39,6 +40,7 @@ from ..data.synthetic import synthetic_sequences
 from ..errors import ConfigError, RunFolderError
 from ..evaluation import evaluate
 from ..modules import SequenceRecommender
+from .averaging import WeightAverage
 from .graphs import GraphedStep
 from .history import METRICS_JSON, Board, plot_history, read_metrics, write_history
 from .optimizers import RateSchedule
@@ -193,6 +195,7 @@ class Trainer:
         steps = min(steps, t.max_steps_per_epoch or steps)
         self.schedule = RateSchedule(self.optimizer, t, steps)
         self.last_epoch = t.epochs(steps)
+        self.average = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
         self.graphed = GraphedStep(self.update) if t.cuda_graphs == "on" else None
         self.checkpoints = p.checkpoints(output_dir)
         self.state: Dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0}
@@ -257,6 +260,8 @@ class Trainer:
     def save_checkpoint(self, improved: bool = False) -> None:
         p = self.placement
         tensors = {"model": p.model_state(self.module), "optimizer": self.optimizer.state_dict()}
+        if self.average is not None:
+            tensors["average"] = self.average.state_dict()
         progress = {"state": self.state, "history": self.history, "config": self.config.to_dict()}
         progress["settings_hash"] = settings_hash(self.config)
         progress.update(world_size=p.world_size, num_embeddings=self.model.num_embeddings)
@@ -270,7 +275,8 @@ class Trainer:
         def template() -> Dict[str, Any]:  # built only when there is a checkpoint (it may create optimizer state)
             return {"model": p.model_state(self.module), "optimizer": p.optimizer_template(self.optimizer)}
 
-        loaded = self.checkpoints.load(template, ["progress", self._rank_key()], check=self._check_same_run)
+        objects = ["progress", self._rank_key(), "average"]
+        loaded = self.checkpoints.load(template, objects, check=self._check_same_run)
         if loaded is None:
             return False
         progress = loaded["progress"]
@@ -278,6 +284,8 @@ class Trainer:
         try:
             p.load_model_state(self.module, loaded["model"])
             p.load_optimizer(self.optimizer, loaded["optimizer"], self.config.train)
+            if self.average is not None:  # a run continued with an average it did not have starts it here
+                self.average.load_state_dict(loaded.get("average"))
         except (RuntimeError, ValueError, KeyError) as error:  # other shapes or another optimizer's state
             raise RunFolderError(
                 f"{self.output_dir} cannot continue with these settings ({type(error).__name__}: "
@@ -370,6 +378,8 @@ class Trainer:
             s["examples"] += self.train_batches.global_batch_size(s["batch"])
             s["batch"] += 1
             s["step"] += 1
+            if self.average is not None:
+                self.average.update(s["step"])
             self.schedule.apply(s["step"])
             s["seconds"] = time.perf_counter() - start
             if self.fail_at_step and s["step"] == self.fail_at_step and self.placement.rank == 1 and _first_attempt():
@@ -465,7 +475,8 @@ class Trainer:
     def _validate(self, epoch: int) -> bool:
         """Validates, records the metrics in the history and the early-stopping state; True if best so far."""
         start = time.perf_counter()
-        valid = self.evaluate("valid")
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            valid = self.evaluate("valid")
         self.history[-1].update({f"valid_{k}": v for k, v in valid.items()})
         self.history[-1]["valid_seconds"] = time.perf_counter() - start
         score = valid[self.config.eval.valid_metric]
