@@ -77,4 +77,13 @@ def test_the_tuned_configs_apply_one_rule_of_the_datasets_mean_length(data_dir):
         train = {k: v for k, v in plain(tuned.train).items() if k not in ("label_smoothing", "graph_quantum")}
         recblr = {k: v for k, v in plain(tuned.model.recblr).items() if k not in ("dropout", "fused_norms")}
         shared[dataset] = (train, recblr)
+        sasrec = load_config(os.path.join(CONFIGS, dataset, "sasrec-tuned.yaml"), [])  # the baseline: same rule
+        if short:
+            assert (sasrec.model.sasrec.dropout, sasrec.train.label_smoothing, sasrec.model.item_dropout) == (
+                0.5,
+                0.3,
+                0.2,
+            )
+        else:
+            assert sasrec.model.item_dropout == 0.0, dataset
     assert shared["ml-1m"] == shared["beauty"] == shared["video_games"]

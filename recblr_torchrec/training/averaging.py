@@ -49,13 +49,9 @@ class WeightAverage:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, trained)
 
-    def model_state(self) -> Dict[str, Tensor]:
-        """The model's state dict with the averaged weights (the best model's file holds this)."""
-        state = self.model.state_dict()
-        state.update({name: average.detach().clone() for name, average in zip(self.names, self.average)})
-        return state
-
     def state_dict(self) -> Dict[str, Tensor]:
+        """The averaged parameters by name: a training checkpoint's ``average``; laid over the model's
+        state dict, the best model's weights (``checkpoint.LocalCheckpoints.save``)."""
         return {name: average for name, average in zip(self.names, self.average)}
 
     @torch.no_grad()
