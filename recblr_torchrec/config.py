@@ -103,6 +103,10 @@ class TrainConfig:
 
     protocol: ``all_positions`` (causal loss at every position of each training sequence) or
     ``prefixes`` (the paper's RecBole protocol: one target per prefix, last T items kept).
+    ``window_context``: ``all_positions`` only: C < ``data.max_len``; a history longer than T is
+    cut into chunks of T - C targets, each read with up to C items before it as context (no loss
+    on them), so no target predicts from fewer items than the history holds, up to C
+    (``recblr_torchrec.data.samples.training_samples``); 0 = disjoint windows of T.
     ``micro_batch_size``: sequences per forward/backward when accumulating gradients over a
     batch (0 = the whole batch at once); the update equals the whole batch's, in less memory.
     ``optimizer``: the dense optimizer (and the local table's): ``adam``, ``adamw`` (decoupled
@@ -166,6 +170,7 @@ class TrainConfig:
     """
 
     protocol: Protocol = Protocol.ALL_POSITIONS
+    window_context: int = 0
     batch_size: int = 2048
     micro_batch_size: int = 0
     lr: float = 1e-3
@@ -204,6 +209,7 @@ class TrainConfig:
             "max_steps_per_epoch",
             "warmup_steps",
             "max_steps",
+            "window_context",
         ):
             require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         require(math.isfinite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0")
@@ -380,7 +386,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         typed_fields(self, "")
-        m, d = self.model, self.data
+        m, d, t = self.model, self.data, self.train
+        if t.window_context:
+            require(
+                t.protocol is Protocol.ALL_POSITIONS,
+                f"train.window_context={t.window_context} applies to train.protocol=all_positions; set it to 0 "
+                "with prefixes (each prefix already keeps its last data.max_len items)",
+            )
+            require(
+                t.window_context < d.max_len,
+                f"train.window_context={t.window_context} must be < data.max_len={d.max_len} (a window of T "
+                "inputs keeps T - C targets); lower it, e.g. to data.max_len / 2",
+            )
         if m.encoder is EncoderKind.SASREC:
             require(
                 m.sasrec.max_positions >= d.max_len,

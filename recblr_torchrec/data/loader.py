@@ -39,8 +39,8 @@ def make_batch(
     a multiple of ``quantum``, and a sampled candidate set with padding ids 0 (log-Q +inf: no
     part in the loss) to a multiple of ``CANDIDATE_QUANTUM``. The model's sequences are independent, so
     the loss and its gradients are the unpadded batch's. Padded all-positions batches list every
-    position in ``target_rows`` (the fillers' targets are 0, which the loss ignores), so their row
-    count is fixed by the shape.
+    position in ``target_rows`` (the fillers' and the context positions' targets are 0, which the
+    loss ignores), so their row count is fixed by the shape.
     """
     starts, lengths = samples.starts[index], samples.lengths[index]
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -48,7 +48,10 @@ def make_batch(
     positions = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
     values = items[positions]
     nexts = items[positions + 1]
-    if samples.all_targets:
+    if samples.all_targets and samples.context is not None:  # a window's context positions: no target
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        targets = np.where(within < np.repeat(samples.context[index], lengths), 0, nexts)
+    elif samples.all_targets:
         targets = nexts
     else:
         targets = np.zeros_like(nexts)
@@ -207,8 +210,7 @@ class SampleBatches(Dataset):
         fillers = 0 if len(share) else 1
         share = share if len(share) else index[:1]
         batch = make_batch(self.items, self.samples, share, self.candidates, key, fillers, self.user_buckets, self.pad)
-        lengths = self.samples.lengths[index]
-        batch.global_targets = int(lengths.sum() if self.samples.all_targets else len(index))
+        batch.global_targets = self.samples.target_count(index)
         batch.target_total = torch.tensor(float(batch.global_targets))
         return batch
 

@@ -153,7 +153,7 @@ class Trainer:
         candidate_feature = t.loss is Loss.SAMPLED or p.catalog_in_batch  # the table also serves the candidates
         self.train_batches = SampleBatches(
             self.data,
-            training_samples(self.data, max_len, t.protocol),
+            training_samples(self.data, max_len, t.protocol, t.window_context),
             t.batch_size,
             shuffle=True,
             seed=t.seed,

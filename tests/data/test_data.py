@@ -154,6 +154,46 @@ def test_training_protocols_cover_every_training_target_once(tmp_path):
     assert int(torch.count_nonzero(batch.targets)) == len(prefixes)
 
 
+@pytest.mark.parametrize("max_len, context", [(3, 1), (4, 2), (5, 4), (4, 0)])
+def test_windows_with_context_use_every_target_once_each_after_its_history(tmp_path, max_len, context):
+    lines = [(1, list(range(1, 12))), (2, [3, 4, 5, 6]), (3, list(range(20, 27)))]
+    data = small_data(tmp_path, lines)
+    samples = training_samples(data, max_len, "all_positions", window_context=context)
+    index = np.arange(len(samples))
+    batch = make_batch(data.items, samples, index)
+    padded = make_batch(data.items, samples, index, pad=(8, max_len))  # CUDA-graph shapes: the same targets
+    assert torch.equal(padded.targets[: batch.targets.numel()], batch.targets)
+    assert samples.target_count(index) == int(torch.count_nonzero(batch.targets)) == batch.num_targets
+    seen = {}
+    values, targets = batch.item_history.values().tolist(), batch.targets.tolist()
+    start = 0
+    for length, user in zip(batch.item_history.lengths().tolist(), batch.user_ids.tolist()):
+        assert length <= max_len
+        for k in range(start, start + length):
+            if targets[k]:
+                assert (user, values[k]) not in seen
+                seen[(user, values[k])] = (targets[k], k - start)  # the target and how many inputs precede it
+        start += length
+    for user in range(data.num_users):
+        train = data.items[data.offsets[user] : data.offsets[user + 1]][:-2].tolist()
+        for p in range(len(train) - 1):  # every training target once, after at least min(p, C) of its history
+            target, before = seen.pop((user, train[p]))
+            assert target == train[p + 1] and before >= min(p, context)
+    assert not seen
+    if context == 0:  # disjoint windows, every position a target
+        assert samples.context is None and int(torch.count_nonzero(batch.targets)) == batch.targets.numel()
+
+
+def test_window_context_is_refused_where_it_cannot_apply():
+    from recblr_torchrec.config import load_config
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "tiny.yaml")
+    with pytest.raises(ValueError, match=r"train.window_context=50 must be < data.max_len=50.*data.max_len / 2"):
+        load_config(tiny, ["data.max_len=50", "train.window_context=50"])
+    with pytest.raises(ValueError, match=r"train.window_context=5 applies to train.protocol=all_positions"):
+        load_config(tiny, ["train.protocol=prefixes", "train.window_context=5"])
+
+
 def test_batches_split_and_move_without_changing_content(tmp_path):
     data = small_data(tmp_path, [(u, list(range(1, 4 + u))) for u in range(1, 8)])
     samples = training_samples(data, 4, "all_positions")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +229,17 @@ def test_max_steps_ends_the_run_and_its_cosine_at_the_epoch_that_reaches_it(tmp_
 def test_sgd_cannot_capture_a_scheduled_rate():
     with pytest.raises(ValueError, match="train.optimizer=sgd and a learning-rate schedule"):
         load_config(TINY, ["train.optimizer=sgd", "train.warmup_steps=10", "train.cuda_graphs=on"])
+
+
+def test_window_context_reads_more_positions_for_the_same_targets_and_trains(tmp_path, data_dir):
+    cache = [f"data.cache_dir={tmp_path / 'cache'}", "data.max_len=20", "train.max_epochs=1"]
+    plain_run = Trainer(load_config(TINY, SMALL + cache), str(tmp_path / "a"), data_dir)
+    windowed = Trainer(load_config(TINY, SMALL + cache + ["train.window_context=10"]), str(tmp_path / "b"), data_dir)
+    every = np.arange(len(plain_run.train_batches.samples))
+    targets = int((plain_run.data.lengths - 3).clip(min=0).sum())
+    assert plain_run.train_batches.samples.target_count(every) == targets
+    samples = windowed.train_batches.samples
+    assert samples.target_count(np.arange(len(samples))) == targets
+    assert windowed.train_batches.num_positions > plain_run.train_batches.num_positions
+    windowed.fit()
+    assert np.isfinite(windowed.history[0]["train_loss"]) and windowed.history[0]["valid_NDCG@10"] > 0
