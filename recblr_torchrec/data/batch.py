@@ -33,8 +33,9 @@ class Batch(Pipelineable):
         target_rows: [M] the packed positions that carry a target (``targets > 0``), found where
             the batch is built so that a step on the GPU needs no ``nonzero`` (a host sync);
             None: found from ``targets`` when needed. An all-positions batch padded for CUDA
-            graphs lists every position, fillers included (their targets are 0).
-        filler_rows: how many entries of ``target_rows`` are such filler positions (host side,
+            graphs lists every position, fillers and a window's context positions included
+            (their targets are 0).
+        filler_rows: how many entries of ``target_rows`` are such positions without a target (host side,
             so that ``num_targets`` needs no device read; not part of a graph's signature).
         target_total: ``global_targets`` as a 0-dim float32 tensor, set for a rank's share of a
             distributed batch: the loss scales by it on the device, so a step replayed from a

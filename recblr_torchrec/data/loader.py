@@ -78,7 +78,7 @@ def make_batch(
     filler_rows = 0
     if samples.all_targets and pad[0]:  # every position: a fixed count per shape
         rows = np.arange(len(targets), dtype=np.int64)
-        filler_rows = padding + (int(offsets[len(index)] - offsets[len(index) - fillers]) if fillers else 0)
+        filler_rows = len(targets) - int(np.count_nonzero(targets))  # fillers' and context positions
     else:
         rows = np.flatnonzero(targets)
     if ids is None:

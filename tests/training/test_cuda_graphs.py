@@ -42,11 +42,18 @@ def test_fillers_round_up_to_the_quantum_with_a_fixed_count_of_short_sequences()
 
 
 @pytest.mark.parametrize(
-    "protocol, loss",
-    [("prefixes", "full"), ("all_positions", "full"), ("prefixes", "sampled"), ("all_positions", "sampled")],
+    "protocol, loss, context",
+    [
+        ("prefixes", "full", 0),
+        ("all_positions", "full", 0),
+        ("prefixes", "sampled", 0),
+        ("all_positions", "sampled", 0),
+        ("all_positions", "full", 20),  # windows with context positions: no target there
+    ],
 )
-def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol, loss):
+def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir, protocol, loss, context):
     extra = [f"train.protocol={protocol}", f"train.loss={loss}", "train.num_negatives=300"]
+    extra += [f"train.window_context={context}"]
     plain = trainer(tmp_path, "a", data_dir, "model.recblr.dropout=0.0", *extra)
     plain.train_batches.set_epoch(1)
     batch = plain.train_batches[0]
@@ -62,8 +69,10 @@ def test_padded_batches_give_the_unpadded_loss_and_gradients(tmp_path, data_dir,
         assert torch.equal(padded.target_rows, batch.target_rows)  # fillers come after, without targets
     else:  # every position, fillers too: as many rows as the padded shape has positions
         assert torch.equal(padded.target_rows, torch.arange(padded.targets.numel()))
-        assert batch.num_targets == positions == int(padded.targets.count_nonzero())
-        assert padded.to(plain.device).num_targets == positions  # counted on the host, moved or not
+        targets = positions if not context else int(batch.targets.count_nonzero())
+        assert context == 0 or targets < positions  # context positions read, not predicted
+        assert batch.num_targets == targets == int(padded.targets.count_nonzero())
+        assert padded.to(plain.device).num_targets == targets  # counted on the host, moved or not
     if loss == "sampled":  # the candidate set padded with ids 0 in front, to a multiple of the quantum
         ids, padded_ids = batch.candidates(), padded.candidates()
         assert padded_ids.numel() % CANDIDATE_QUANTUM == 0 and padded_ids.numel() > ids.numel()
@@ -181,11 +190,18 @@ def assert_same_updates(eager, graphed, batches, stats):
 @GPU
 @pytest.mark.parametrize(
     "protocol, architecture",
-    [("prefixes", "recblr"), ("all_positions", "recblr"), ("prefixes", "sasrec"), ("all_positions", "sasrec")],
+    [
+        ("prefixes", "recblr"),
+        ("all_positions", "recblr"),
+        ("prefixes", "sasrec"),
+        ("all_positions", "sasrec"),
+        ("windows_with_context", "recblr"),
+    ],
 )
 def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir, protocol, architecture):
     # all_positions: 16 windows (~600 positions) a batch, so the 1,024-position shape repeats
-    extra = ["train.protocol=all_positions", "train.batch_size=16"] if protocol == "all_positions" else []
+    extra = ["train.protocol=all_positions", "train.batch_size=16"] if protocol != "prefixes" else []
+    extra += ["train.window_context=20"] if protocol == "windows_with_context" else []
     if architecture == "sasrec":  # padded to data.max_len (50), not the batch's longest: no host read
         extra += ["model.encoder=sasrec", "model.sasrec.max_positions=64", "model.sasrec.embedding_dim=16"]
         extra += ["model.sasrec.dropout=0.0"]
@@ -194,7 +210,7 @@ def test_graphed_steps_update_the_model_as_eager_steps_do(tmp_path, data_dir, pr
     if architecture == "sasrec":
         assert graphed.model.encoder.static_length == 50  # the trainer fixed the padding at data.max_len
     assert len(shapes[0]) >= 6  # one shape: 2 eager steps, a capture, replays
-    if protocol == "all_positions":  # the target count varies inside the captured shape
+    if protocol != "prefixes":  # the target count varies inside the captured shape
         assert len({int(b.targets.count_nonzero()) for b in shapes[0][:6]}) > 1
     assert_same_updates(eager, graphed, shapes[0][:6], {"graphs": 1, "captures": 1, "replays": 4, "eager_steps": 2})
 
