@@ -21,7 +21,6 @@ class WeightAverage:
     """The moving average of ``model``'s parameters (module docstring)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.model = model
         self.decay = decay
         self.names: List[str] = [name for name, _ in model.named_parameters()]
         self.params: List[Tensor] = [param for _, param in model.named_parameters()]
