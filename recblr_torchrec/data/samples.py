@@ -61,13 +61,16 @@ def training_samples(data: SequenceData, max_len: int, protocol: str, window_con
             raise ValueError(f"window_context={window_context} must be in [0, max_len={max_len})")
         chunk = max_len - window_context
         inputs = train_len - 1  # the last training item is a target only
-        windows = np.maximum(0, -(-inputs // chunk))
+        # a history of at most T inputs is one window; a longer one, chunks from its end down to an
+        # earliest window that starts at its first item and is all targets
+        windows = np.where(inputs > 0, 1 + -(-np.maximum(0, inputs - max_len) // chunk), 0)
         user = np.repeat(users, windows)
         first = np.cumsum(windows) - windows
         j = np.arange(windows.sum()) - np.repeat(first, windows)  # 0 = the window at the end
         end = inputs[user] - j * chunk
-        start = np.maximum(0, end - max_len)
-        context = np.maximum(0, end - chunk) - start if window_context else None
+        earliest = j == windows[user] - 1
+        start = np.where(earliest, 0, end - max_len)
+        context = np.where(earliest, 0, window_context) if window_context else None
         return Samples(data.offsets[user] + start, end - start, user, all_targets=True, context=context)
     if protocol == "prefixes":
         count = np.maximum(0, train_len - 1)

@@ -38,15 +38,21 @@ class WeightAverage:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """The averaged weights in the parameters' storage inside the block; the trained ones after."""
-        with torch.no_grad():
-            trained = [param.detach().clone() for param in self.params]
-            torch._foreach_copy_(self.params, self.average)
+        """The averaged weights in the parameters' storage inside the block (the average holds the
+        trained ones meanwhile); exchanged back after it."""
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, trained)
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        """Exchanges weights and average in place, one tensor at a time (at most one extra tensor held)."""
+        for param, average in zip(self.params, self.average):
+            trained = param.detach().clone()
+            param.copy_(average)
+            average.copy_(trained)
 
     def state_dict(self) -> Dict[str, Tensor]:
         """The averaged parameters by name: a training checkpoint's ``average``; laid over the model's

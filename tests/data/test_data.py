@@ -156,7 +156,7 @@ def test_training_protocols_cover_every_training_target_once(tmp_path):
 
 @pytest.mark.parametrize("max_len, context", [(3, 1), (4, 2), (5, 4), (4, 0)])
 def test_windows_with_context_use_every_target_once_each_after_its_history(tmp_path, max_len, context):
-    lines = [(1, list(range(1, 12))), (2, [3, 4, 5, 6]), (3, list(range(20, 27)))]
+    lines = [(1, list(range(1, 12))), (2, [3, 4, 5, 6]), (3, list(range(20, 27))), (4, list(range(30, 36)))]
     data = small_data(tmp_path, lines)
     samples = training_samples(data, max_len, "all_positions", window_context=context)
     index = np.arange(len(samples))
@@ -180,6 +180,10 @@ def test_windows_with_context_use_every_target_once_each_after_its_history(tmp_p
             target, before = seen.pop((user, train[p]))
             assert target == train[p + 1] and before >= min(p, context)
     assert not seen
+    windows = np.bincount(samples.users, minlength=data.num_users)
+    inputs = data.lengths - 3
+    assert (windows[inputs <= max_len] == 1).all()  # a history that fits in T is read once
+    assert (samples.lengths[samples.starts != data.offsets[samples.users]] == max_len).all()  # others: full windows
     if context == 0:  # disjoint windows, every position a target
         assert samples.context is None and int(torch.count_nonzero(batch.targets)) == batch.targets.numel()
 
