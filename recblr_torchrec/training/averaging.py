@@ -22,10 +22,10 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names: List[str] = [name for name, _ in model.named_parameters()]
-        self.params: List[Tensor] = [param for _, param in model.named_parameters()]
-        with torch.no_grad():
-            self.average: List[Tensor] = [param.detach().clone() for param in self.params]
+        named = list(model.named_parameters())
+        self.names: List[str] = [name for name, _ in named]
+        self.params: List[Tensor] = [param.detach() for _, param in named]  # views of the trained storage
+        self.average: List[Tensor] = [param.clone() for param in self.params]
 
     def rate(self, updates: int) -> float:
         """The decay applied at update ``updates`` (1-based): ``ema_decay``, less while the run is young."""
@@ -34,7 +34,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, updates: int) -> None:
         """Moves the average towards the current weights; ``updates``: optimizer steps so far."""
-        torch._foreach_lerp_(self.average, [param.detach() for param in self.params], 1.0 - self.rate(updates))
+        torch._foreach_lerp_(self.average, self.params, 1.0 - self.rate(updates))
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -50,7 +50,7 @@ class WeightAverage:
     def _swap(self) -> None:
         """Exchanges weights and average in place, one tensor at a time (at most one extra tensor held)."""
         for param, average in zip(self.params, self.average):
-            trained = param.detach().clone()
+            trained = param.clone()
             param.copy_(average)
             average.copy_(trained)
 
@@ -63,7 +63,7 @@ class WeightAverage:
     def load_state_dict(self, state: Optional[Dict[str, Tensor]]) -> None:
         """The saved average; ``None`` (a checkpoint without one) starts it from the current weights."""
         if state is None:
-            torch._foreach_copy_(self.average, [param.detach() for param in self.params])
+            torch._foreach_copy_(self.average, self.params)
             return
         missing = sorted(set(self.names) - set(state))
         if missing:
