@@ -2,8 +2,6 @@ import argparse
 import json
 import os
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
 
 def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tmp_path, data_dir, monkeypatch, script):
     table = script("recipe_table")
@@ -57,33 +55,3 @@ def test_the_recipe_table_trains_each_row_over_seeds_and_times_the_tuned_rows(tm
         ("paper config", 0, 2),
         ("paper config", 1, 2),
     ]
-
-
-def test_the_tuned_configs_apply_one_rule_of_the_datasets_mean_length(data_dir):
-    """docs/training.md#the-tuned-recipe: the same settings on every dataset but the length (twice
-    the paper's) and the regularisation (stronger where the mean sequence is under 50 items)."""
-    from recblr_torchrec.config import load_config
-    from recblr_torchrec.fields import plain
-    from recblr_torchrec.training.trainer import load_data
-
-    shared = {}
-    for dataset in ("ml-1m", "beauty", "video_games"):
-        tuned = load_config(os.path.join(CONFIGS, dataset, "recblr-tuned.yaml"), [])
-        paper = load_config(os.path.join(CONFIGS, dataset, "recblr-all-positions.yaml"), [])
-        assert tuned.data.path == paper.data.path and tuned.data.max_len == 2 * paper.data.max_len
-        short = float(load_data(tuned, data_dir).lengths.mean()) < 50
-        regularisation = (tuned.model.recblr.dropout, tuned.train.label_smoothing, tuned.model.item_dropout)
-        assert regularisation == ((0.5, 0.3, 0.2) if short else (0.3, 0.2, 0.0)), dataset
-        train = {k: v for k, v in plain(tuned.train).items() if k not in ("label_smoothing", "graph_quantum")}
-        recblr = {k: v for k, v in plain(tuned.model.recblr).items() if k not in ("dropout", "fused_norms")}
-        shared[dataset] = (train, recblr)
-        sasrec = load_config(os.path.join(CONFIGS, dataset, "sasrec-tuned.yaml"), [])  # the baseline: same rule
-        if short:
-            assert (sasrec.model.sasrec.dropout, sasrec.train.label_smoothing, sasrec.model.item_dropout) == (
-                0.5,
-                0.3,
-                0.2,
-            )
-        else:
-            assert sasrec.model.item_dropout == 0.0, dataset
-    assert shared["ml-1m"] == shared["beauty"] == shared["video_games"]
