@@ -468,6 +468,17 @@ def dotted(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+def set_dotted(tree: Dict[str, Any], keys: List[str], value: Any, where: str) -> None:
+    """Sets ``tree[keys[0]][keys[1]]... = value``, making the sections that are missing; ``where``
+    names the setting in the error when a key on the way is not a section."""
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {key} is not a section")
+    node[keys[-1]] = value
+
+
 def differing_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """``key=saved (now current)`` for every dotted key whose value differs."""
     keys = sorted(set(saved) | set(current))
@@ -570,12 +581,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     raw = read_yaml_with_base(path) if path is not None else {}
     for item in overrides or []:
         keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
+        set_dotted(raw, keys, value, f"override {item!r}")
     moved = moved_model_keys(raw["model"]) if isinstance(raw.get("model"), dict) else []
     if moved:
         raise ConfigError(f"{'; '.join(moved)}: each encoder has its own section under model; update {path or '--set'}")

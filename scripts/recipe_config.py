@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from recblr_torchrec.config import load_config, resolve_data_dir
-from recblr_torchrec.errors import UserError
+from recblr_torchrec.config import load_config, resolve_data_dir, set_dotted
+from recblr_torchrec.errors import ConfigError, UserError
 from recblr_torchrec.training.recipe import (
     MAX_BATCH,
     MIN_UPDATES_PER_EPOCH,
@@ -27,18 +27,6 @@ from recblr_torchrec.training.recipe import (
     recipe_settings,
 )
 from recblr_torchrec.training.trainer import load_data
-
-
-def nested(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Dotted keys as the nested sections of a config file."""
-    tree: Dict[str, Any] = {}
-    for key, value in settings.items():
-        *sections, name = key.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
-    return tree
 
 
 def tuned_config_text(paper_config: str, out: str, statistics: Dict[str, Any], name: str) -> str:
@@ -54,8 +42,9 @@ def tuned_config_text(paper_config: str, out: str, statistics: Dict[str, Any], n
         f" up to {statistics['max_len']} items (batches of {batch}: {statistics['windows'] / batch:.0f} updates an"
         f" epoch, the largest batch up to {MAX_BATCH} with at least {MIN_UPDATES_PER_EPOCH})."
     )
-    body = {"base": os.path.relpath(paper_config, os.path.dirname(os.path.abspath(out))), "name": name}
-    body.update(nested(settings))
+    body: Dict[str, Any] = {"base": os.path.relpath(paper_config, os.path.dirname(os.path.abspath(out))), "name": name}
+    for key, value in settings.items():
+        set_dotted(body, key.split("."), value, key)
     comment = "".join(f"# {line}\n" for line in textwrap.wrap(header, 98))
     return comment + yaml.safe_dump(body, sort_keys=False)
 
@@ -71,6 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--out {args.out} exists; remove it or name another file")
     try:
         paper = load_config(args.paper_config, [])
+        if paper.model.encoder != "recblr":
+            raise ConfigError(
+                f"{args.paper_config} has model.encoder={paper.model.encoder}; the recipe tunes RecBLR: "
+                "give the dataset's RecBLR paper config (configs/<dataset>/recblr-all-positions.yaml)"
+            )
         statistics = dataset_statistics(load_data(paper, resolve_data_dir(args.data_dir)), paper.data.max_len)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -45,7 +45,7 @@ def test_the_tuned_configs_are_the_recipe_of_their_data(data_dir):
     assert batches == {"ml-1m": 128, "beauty": 512, "video_games": 512}
 
 
-def test_recipe_config_writes_a_config_that_loads_to_the_recipe(tmp_path, data_dir, script):
+def test_recipe_config_writes_a_config_that_loads_to_the_recipe(tmp_path, data_dir, script, capsys):
     paper_path = os.path.join(CONFIGS, "ml-100k", "recblr-ties.yaml")
     out = tmp_path / "ml-100k" / "recblr-tuned.yaml"
     writer = script("recipe_config")
@@ -61,3 +61,7 @@ def test_recipe_config_writes_a_config_that_loads_to_the_recipe(tmp_path, data_d
     with pytest.raises(SystemExit):  # an existing file is not overwritten
         writer.main(args)
     assert writer.main(["--paper-config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x.yaml")]) == 2
+    sasrec = os.path.join(CONFIGS, "ml-1m", "sasrec-paper.yaml")  # the recipe tunes RecBLR only
+    assert writer.main(["--paper-config", sasrec, "--out", str(tmp_path / "y.yaml")]) == 2
+    assert "model.encoder=sasrec; the recipe tunes RecBLR" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.yaml") and not os.path.exists(tmp_path / "y.yaml")
