@@ -25,6 +25,7 @@ from recblr_torchrec.training.recipe import (
     SHORT_HISTORY,
     dataset_statistics,
     recipe_settings,
+    updates_per_epoch,
 )
 from recblr_torchrec.training.trainer import load_data
 
@@ -34,15 +35,17 @@ def tuned_config_text(paper_config: str, out: str, statistics: Dict[str, Any], n
     settings = recipe_settings(statistics)
     short = statistics["mean_length"] < SHORT_HISTORY
     batch = settings["train.batch_size"]
+    updates = updates_per_epoch(statistics["windows"], batch)
     header = (
         f"The tuned recipe (docs/training.md#the-tuned-recipe) for the data of {os.path.basename(paper_config)},"
         f" written by scripts/recipe_config.py. The data: {statistics['users']:,} users, mean sequence"
         f" {statistics['mean_length']:.1f} items ({'under' if short else 'at least'} {SHORT_HISTORY}: the"
         f" {'short' if short else 'long'}-history regularisation), {statistics['windows']:,} training windows of"
-        f" up to {statistics['max_len']} items (batches of {batch}: {statistics['windows'] / batch:.0f} updates an"
+        f" up to {statistics['max_len']} items (batches of {batch}: {updates} updates an"
         f" epoch, the largest batch up to {MAX_BATCH} with at least {MIN_UPDATES_PER_EPOCH})."
     )
-    body: Dict[str, Any] = {"base": os.path.relpath(paper_config, os.path.dirname(os.path.abspath(out))), "name": name}
+    base = os.path.relpath(os.path.realpath(paper_config), os.path.dirname(os.path.realpath(out)))
+    body: Dict[str, Any] = {"base": base, "name": name}
     for key, value in settings.items():
         set_dotted(body, key.split("."), value, key)
     comment = "".join(f"# {line}\n" for line in textwrap.wrap(header, 98))
@@ -54,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--paper-config", required=True, help="the dataset's paper config (data file and filters)")
     parser.add_argument("--data-dir", help="the data directory (default: $RECBLR_DATA_DIR)")
     parser.add_argument("--out", required=True, help="the tuned config to write")
-    parser.add_argument("--name", help="the run name (default: <the out file's folder>-recblr-tuned)")
+    parser.add_argument("--name", help="the run name (default: <the paper config's folder>-recblr-tuned)")
     args = parser.parse_args(argv)
     if os.path.exists(args.out):
         parser.error(f"--out {args.out} exists; remove it or name another file")
@@ -69,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    name = args.name or f"{os.path.basename(os.path.dirname(os.path.abspath(args.out)))}-recblr-tuned"
+    name = args.name or f"{os.path.basename(os.path.dirname(os.path.abspath(args.paper_config)))}-recblr-tuned"
     text = tuned_config_text(os.path.abspath(args.paper_config), args.out, statistics, name)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

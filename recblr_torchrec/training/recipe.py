@@ -25,6 +25,7 @@ SHARED_SETTINGS: Dict[str, Any] = {
     "train.lr_schedule": "cosine",
     "train.max_epochs": 200,
     "train.patience": 20,
+    "train.window_context": 0,
 }
 
 # Mean items per user under which a dataset gets the short-history regularisation.
@@ -33,7 +34,7 @@ SHORT_HISTORY_REGULARISATION = {"model.recblr.dropout": 0.5, "train.label_smooth
 LONG_HISTORY_REGULARISATION = {"model.recblr.dropout": 0.3, "train.label_smoothing": 0.2, "model.item_dropout": 0.0}
 
 # Batches: the largest power of two up to MAX_BATCH that still gives MIN_UPDATES_PER_EPOCH updates
-# an epoch, so that a dataset of few users is not starved of updates.
+# (batches, the last one partial) an epoch, so that a dataset of few users is not starved of updates.
 MAX_BATCH = 512
 MIN_UPDATES_PER_EPOCH = 32
 
@@ -47,9 +48,14 @@ def batch_size(windows: int) -> int:
     if windows < 1:
         raise DataError(f"a dataset with {windows} training windows has nothing to train on; check its data file")
     batch = MAX_BATCH
-    while batch > 1 and windows / batch < MIN_UPDATES_PER_EPOCH:
+    while batch > 1 and updates_per_epoch(windows, batch) < MIN_UPDATES_PER_EPOCH:
         batch //= 2
     return batch
+
+
+def updates_per_epoch(windows: int, batch: int) -> int:
+    """Batches of an epoch of ``windows`` training windows, the last one partial."""
+    return -(-windows // batch)
 
 
 def dataset_statistics(data: SequenceData, paper_max_len: int) -> Dict[str, Any]:

@@ -12,10 +12,10 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 @pytest.mark.parametrize(
     "windows, batch",
-    [(6764, 128), (22381, 512), (24370, 512), (512 * 32, 512), (512 * 32 - 1, 256), (8192, 256), (40, 1), (1, 1)],
+    [(6764, 128), (22381, 512), (24370, 512), (512 * 31 + 1, 512), (512 * 31, 256), (8192, 256), (40, 1), (1, 1)],
 )
 def test_the_batch_is_the_largest_power_of_two_up_to_512_with_32_updates_an_epoch(windows, batch):
-    assert batch_size(windows) == batch
+    assert batch_size(windows) == batch  # updates: batches of the epoch, the last one partial
 
 
 def test_a_dataset_without_training_windows_is_refused():
@@ -26,7 +26,12 @@ def test_a_dataset_without_training_windows_is_refused():
 def test_the_tuned_configs_are_the_recipe_of_their_data(data_dir):
     """docs/training.md#the-tuned-recipe: each recblr-tuned.yaml is its paper config with exactly the
     recipe's settings for its data, and the SASRec-style baseline follows the same length rule."""
-    batches = {}
+    # (max_len, dropout, label smoothing, item dropout, batch): the rules' values, written out
+    expected = {
+        "ml-1m": (400, 0.3, 0.2, 0.0, 128),
+        "beauty": (100, 0.5, 0.3, 0.2, 512),
+        "video_games": (100, 0.5, 0.3, 0.2, 512),
+    }
     for dataset in ("ml-1m", "beauty", "video_games"):
         tuned = load_config(os.path.join(CONFIGS, dataset, "recblr-tuned.yaml"), [])
         paper = load_config(os.path.join(CONFIGS, dataset, "recblr-all-positions.yaml"), [])
@@ -36,13 +41,22 @@ def test_the_tuned_configs_are_the_recipe_of_their_data(data_dir):
         assert {key: settings[key] for key in rules} == rules, dataset
         changed = {key for key in settings if settings[key] != paper_settings[key]}
         assert changed - {"name"} <= set(rules), dataset
-        batches[dataset] = rules["train.batch_size"]
-        short = statistics["mean_length"] < 50
+        keys = (
+            "data.max_len",
+            "model.recblr.dropout",
+            "train.label_smoothing",
+            "model.item_dropout",
+            "train.batch_size",
+        )
+        assert tuple(settings[key] for key in keys) == expected[dataset]
+        shared = ("model.recblr.embedding_dim", "model.recblr.num_layers", "train.lr", "train.weight_decay")
+        assert tuple(settings[key] for key in shared) == (128, 4, 0.00277, 0.01)
         sasrec = load_config(os.path.join(CONFIGS, dataset, "sasrec-tuned.yaml"), [])
-        regularisation = (sasrec.model.sasrec.dropout, sasrec.train.label_smoothing, sasrec.model.item_dropout)
-        assert regularisation == (0.5, 0.3, 0.2) if short else sasrec.model.item_dropout == 0.0, dataset
-    # few users with long histories (ML-1M) get smaller batches, to keep their updates an epoch
-    assert batches == {"ml-1m": 128, "beauty": 512, "video_games": 512}
+        if statistics["mean_length"] < 50:  # the baseline gets the same regularisation rule
+            regularisation = (sasrec.model.sasrec.dropout, sasrec.train.label_smoothing, sasrec.model.item_dropout)
+            assert regularisation == (0.5, 0.3, 0.2), dataset
+        else:
+            assert sasrec.model.item_dropout == 0.0, dataset
 
 
 def test_recipe_config_writes_a_config_that_loads_to_the_recipe(tmp_path, data_dir, script, capsys):
