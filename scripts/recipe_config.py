@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from recblr_torchrec.config import load_config, resolve_data_dir, set_dotted
+from recblr_torchrec.data.loader import batches_per_epoch
 from recblr_torchrec.errors import ConfigError, UserError
 from recblr_torchrec.training.recipe import (
     MAX_BATCH,
@@ -25,17 +26,18 @@ from recblr_torchrec.training.recipe import (
     SHORT_HISTORY,
     dataset_statistics,
     recipe_settings,
-    updates_per_epoch,
 )
 from recblr_torchrec.training.trainer import load_data
 
 
-def tuned_config_text(paper_config: str, out: str, statistics: Dict[str, Any], name: str) -> str:
-    """The YAML of the tuned config at ``out``, based on ``paper_config``."""
-    settings = recipe_settings(statistics)
+def tuned_config_text(
+    paper_config: str, out: str, statistics: Dict[str, Any], settings: Dict[str, Any], name: str
+) -> str:
+    """The YAML of the tuned config at ``out``, based on ``paper_config``: the recipe's ``settings``
+    for a dataset of these ``statistics``."""
     short = statistics["mean_length"] < SHORT_HISTORY
     batch = settings["train.batch_size"]
-    updates = updates_per_epoch(statistics["windows"], batch)
+    updates = batches_per_epoch(statistics["windows"], batch)
     header = (
         f"The tuned recipe (docs/training.md#the-tuned-recipe) for the data of {os.path.basename(paper_config)},"
         f" written by scripts/recipe_config.py. The data: {statistics['users']:,} users, mean sequence"
@@ -73,11 +75,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     name = args.name or f"{os.path.basename(os.path.dirname(os.path.abspath(args.paper_config)))}-recblr-tuned"
-    text = tuned_config_text(os.path.abspath(args.paper_config), args.out, statistics, name)
+    settings = recipe_settings(statistics)
+    text = tuned_config_text(os.path.abspath(args.paper_config), args.out, statistics, settings, name)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
-    print(f"wrote {args.out}: batch {recipe_settings(statistics)['train.batch_size']}, length {statistics['max_len']}")
+    print(f"wrote {args.out}: batch {settings['train.batch_size']}, length {statistics['max_len']}")
     return 0
 
 

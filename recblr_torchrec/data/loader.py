@@ -19,6 +19,11 @@ CandidateFn = Callable[[np.ndarray, int], Tuple[np.ndarray, Optional[np.ndarray]
 CANDIDATE_QUANTUM = 1024
 
 
+def batches_per_epoch(samples: int, batch_size: int) -> int:
+    """Batches (updates) of an epoch over ``samples`` training samples, the last one partial."""
+    return -(-samples // batch_size)
+
+
 def make_batch(
     items: np.ndarray,
     samples: Samples,
@@ -180,14 +185,14 @@ class SampleBatches(Dataset):
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+        return batches_per_epoch(len(self.samples), self.batch_size)
 
     def global_batch_size(self, number: int) -> int:
         """Sequences in global batch ``number`` of the epoch (all ranks together)."""
         return max(0, min(self.batch_size, len(self.samples) - number * self.batch_size))
 
     def __len__(self) -> int:
-        return max(0, -(-len(self.samples) // self.batch_size) - self.start_batch)
+        return max(0, self.batches_per_epoch - self.start_batch)
 
     @property
     def fillers_per_batch(self) -> int:

@@ -8,6 +8,7 @@ for the shipped datasets, and a test holds them to these rules.
 
 from typing import Any, Dict
 
+from recblr_torchrec.data.loader import batches_per_epoch
 from recblr_torchrec.data.samples import training_samples
 from recblr_torchrec.data.sequences import SequenceData
 from recblr_torchrec.errors import DataError
@@ -48,14 +49,9 @@ def batch_size(windows: int) -> int:
     if windows < 1:
         raise DataError(f"a dataset with {windows} training windows has nothing to train on; check its data file")
     batch = MAX_BATCH
-    while batch > 1 and updates_per_epoch(windows, batch) < MIN_UPDATES_PER_EPOCH:
+    while batch > 1 and batches_per_epoch(windows, batch) < MIN_UPDATES_PER_EPOCH:
         batch //= 2
     return batch
-
-
-def updates_per_epoch(windows: int, batch: int) -> int:
-    """Batches of an epoch of ``windows`` training windows, the last one partial."""
-    return -(-windows // batch)
 
 
 def dataset_statistics(data: SequenceData, paper_max_len: int) -> Dict[str, Any]:
