@@ -26,6 +26,7 @@ from recblr_torchrec.training.recipe import (
     SHORT_HISTORY,
     dataset_statistics,
     recipe_settings,
+    short_history,
 )
 from recblr_torchrec.training.trainer import load_data
 
@@ -35,7 +36,7 @@ def tuned_config_text(
 ) -> str:
     """The YAML of the tuned config at ``out``, based on ``paper_config``: the recipe's ``settings``
     for a dataset of these ``statistics``."""
-    short = statistics["mean_length"] < SHORT_HISTORY
+    short = short_history(statistics)
     batch = settings["train.batch_size"]
     updates = batches_per_epoch(statistics["windows"], batch)
     header = (

@@ -8,10 +8,10 @@ for the shipped datasets, and a test holds them to these rules.
 
 from typing import Any, Dict
 
-from recblr_torchrec.data.loader import batches_per_epoch
-from recblr_torchrec.data.samples import training_samples
-from recblr_torchrec.data.sequences import SequenceData
-from recblr_torchrec.errors import DataError
+from ..data.loader import batches_per_epoch
+from ..data.samples import training_samples
+from ..data.sequences import SequenceData
+from ..errors import DataError
 
 # The validation-only search's trial t000, the same on every dataset.
 SHARED_SETTINGS: Dict[str, Any] = {
@@ -67,13 +67,17 @@ def dataset_statistics(data: SequenceData, paper_max_len: int) -> Dict[str, Any]
     }
 
 
+def short_history(statistics: Dict[str, Any]) -> bool:
+    """Whether a dataset of these :func:`dataset_statistics` gets the short-history regularisation."""
+    return statistics["mean_length"] < SHORT_HISTORY
+
+
 def recipe_settings(statistics: Dict[str, Any]) -> Dict[str, Any]:
     """Every setting the recipe sets, as dotted keys, for a dataset of these
     :func:`dataset_statistics`."""
-    short = statistics["mean_length"] < SHORT_HISTORY
     return {
         **SHARED_SETTINGS,
-        **(SHORT_HISTORY_REGULARISATION if short else LONG_HISTORY_REGULARISATION),
+        **(SHORT_HISTORY_REGULARISATION if short_history(statistics) else LONG_HISTORY_REGULARISATION),
         "data.max_len": statistics["max_len"],
         "train.batch_size": batch_size(statistics["windows"]),
     }
