@@ -130,7 +130,7 @@ def pending_runs(args: argparse.Namespace, plan: Sequence) -> List[Run]:
 def run_slice(args: argparse.Namespace, plan: Sequence) -> bool:
     """Advances the plan within the budget; returns True when every run has finished."""
     deadline = time.monotonic() + 60 * args.budget_minutes
-    failed, _ = run_pool(pending_runs(args, plan), args.parallel, deadline, ROOT, mps=args.mps)
+    failed, _ = run_pool(pending_runs(args, plan), args.parallel, deadline, ROOT, mps=args.mps, retries=args.retries)
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)}; see train.log in their output directories")
     return not pending_runs(args, plan)

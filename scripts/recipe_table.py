@@ -227,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         print(f"not in {out}, so not in the table: {', '.join(missing)}", flush=True)
     failed, finished = run_pool(
-        plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps
+        plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps, retries=args.retries
     )
     result = {
         "provenance": provenance(

@@ -259,8 +259,8 @@ class Search:
                 def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:
                     trial = by_id[run.name.split()[0]]
                     result = read_curve(run.out, self.log["metric"])
-                    if code != 0:  # run again while retries are left, then left out; the log keeps why
-                        attempts = trial["rungs"].get(str(rung), {}).get("attempts", 0) + 1
+                    if code != 0:  # the pool ran it again --retries times: left out; the log keeps why
+                        attempts = trial["rungs"].get(str(rung), {}).get("attempts", 0) + 1 + self.args.retries
                         tail = _tail(os.path.join(run.out, "train.log"))
                         result = {"failed": code, "attempts": attempts, "best": -1.0, "log_tail": tail}
                     if result is not None:
@@ -268,7 +268,15 @@ class Search:
                         self.save()
 
                 runs = [Run(f"{t['id']} rung {rung}", self.trial_dir(t), self.command(t, budget)) for t in todo]
-                failed, finished = run_pool(runs, self.args.parallel, deadline, ROOT, on_exit=record, mps=self.args.mps)
+                failed, finished = run_pool(
+                    runs,
+                    self.args.parallel,
+                    deadline,
+                    ROOT,
+                    on_exit=record,
+                    mps=self.args.mps,
+                    retries=self.args.retries,
+                )
                 if failed:
                     print(f"trials failed: {', '.join(failed)}; the end of each log is in {self.path}", flush=True)
                 if not finished:
@@ -381,14 +389,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_pool_arguments(parser, "trials")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     add_overrides_argument(parser, "overrides of the base config for every trial")
-    parser.add_argument("--retries", type=int, default=1, help="runs of a failed trial again before it is left out")
     args = parser.parse_args(argv)
     for name in ("trials", "eta"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be >= 1")
     rising = all(a < b for a, b in zip(args.budgets, args.budgets[1:]))
-    if not rising or args.budgets[0] <= 0 or args.retries < 0:
-        parser.error(f"--budgets {args.budgets} must be positive and strictly rising, --retries >= 0")
+    if not rising or args.budgets[0] <= 0:
+        parser.error(f"--budgets {args.budgets} must be positive and strictly rising")
     for name in ("config", "data_dir", "out", "space"):  # the trials run from the repo root
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))

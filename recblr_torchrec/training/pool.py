@@ -4,7 +4,11 @@
 Each run is one ``launchers/train.py`` command with its own output directory, started when a slot
 is free on the GPU that holds the fewest of the pool's runs. At the deadline the runs still going
 get SIGTERM (then SIGKILL after 20 s): each keeps its last checkpoint, and the launcher resumes it
-when the same command runs again, so a long plan advances over several bounded calls.
+when the same command runs again, so a long plan advances over several bounded calls. A run that
+fails before the deadline is started again the same way, from its last checkpoint, up to
+``retries`` times: a crash that a run did not cause (a node's hiccup, or under MPS another client's
+GPU fault, which ends every client of the GPU) then costs the epochs since that checkpoint, while
+a run that fails again, at the same place, is reported as failed.
 
 Without MPS, the processes sharing a GPU take turns on it: one process's kernels at a time. With
 ``mps=True`` (the scripts' ``--mps``) the pool starts a CUDA MPS control daemon of its own and runs
@@ -41,12 +45,17 @@ class Run:
     command: List[str]
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (argparse names it in its error)."""
+def count(text: str, least: int = 1) -> int:
+    """An argparse type: a whole number of at least ``least`` (argparse names it in its error)."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
     return value
+
+
+def times(text: str) -> int:
+    """An argparse type: how many times, 0 or more."""
+    return count(text, least=0)
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
@@ -60,6 +69,12 @@ def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> N
         action="store_true",
         help=f"run the {unit} as clients of a CUDA MPS daemon of their own (needs {MPS_CONTROL}), so that the "
         f"kernels of {unit} sharing a GPU run side by side instead of in turns",
+    )
+    parser.add_argument(
+        "--retries",
+        type=times,
+        default=1,
+        help="times a failed run is started again, resuming from its last checkpoint (0: never)",
     )
 
 
@@ -133,18 +148,23 @@ def run_pool(
     on_exit: Optional[Callable[[Run, int], None]] = None,
     min_start_s: float = 60.0,
     mps: bool = False,
+    retries: int = 1,
 ) -> Tuple[List[str], bool]:
     """Runs ``runs``, ``parallel`` at a time, until ``deadline`` (``time.monotonic()``); none starts
-    with less than ``min_start_s`` left. ``on_exit(run, returncode)`` is called as each ends.
+    with less than ``min_start_s`` left. A run that fails is started again (it resumes from its
+    last checkpoint) up to ``retries`` times; ``on_exit(run, returncode)`` is called as each ends
+    for good (done, or failed with no retry left).
     ``mps``: the runs are clients of an MPS daemon of the pool's own (module docstring).
     Returns the names of the runs that failed and whether every run ended before the deadline.
     Paths in the commands must be absolute or relative to ``cwd``, where the runs start."""
+    if retries < 0:
+        raise ConfigError(f"retries={retries}: pass 0 (a failed run stays failed) or more")
     queue = list(runs)
     gpus = visible_gpus()
     running: Dict[str, Tuple[Run, subprocess.Popen, Optional[str], object]] = {}
     with mps_daemon() if mps and queue else contextlib.nullcontext({}) as client:
         try:
-            return _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, client)
+            return _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, client, retries)
         finally:  # an error or an interrupt here leaves no run behind
             stop([process for _, process, _, _ in running.values() if process.poll() is None])
 
@@ -159,19 +179,32 @@ def _child_env(gpu: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
     return {**env, **extra}
 
 
-def _advance(queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, extra) -> Tuple[List[str], bool]:
+def _advance(
+    queue, gpus, running, parallel, deadline, cwd, on_exit, min_start_s, extra, retries
+) -> Tuple[List[str], bool]:
     """:func:`run_pool`'s loop; ``running`` (name -> run, process, GPU, log) is the caller's to clean up."""
     failed: List[str] = []
+    retried: Dict[str, int] = {}
     while queue or running:
         for name, (run, process, _, log) in list(running.items()):
             if process.poll() is not None:
                 log.close()
                 del running[name]
-                print(f"[{name}] exited with {process.returncode}", flush=True)
-                if process.returncode != 0:
+                code = process.returncode
+                if code != 0 and retried.get(name, 0) < retries:
+                    retried[name] = retried.get(name, 0) + 1
+                    queue.append(run)
+                    print(
+                        f"[{name}] exited with {code}; it starts again from its last checkpoint "
+                        f"(retry {retried[name]} of {retries}; its train.log has the error)",
+                        flush=True,
+                    )
+                    continue
+                print(f"[{name}] exited with {code}", flush=True)
+                if code != 0:
                     failed.append(name)
                 if on_exit is not None:
-                    on_exit(run, process.returncode)
+                    on_exit(run, code)
         if time.monotonic() > deadline:
             stop([process for _, process, _, _ in running.values()])
             for name, (_, _, _, log) in running.items():

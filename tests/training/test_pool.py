@@ -61,3 +61,31 @@ def test_mps_without_the_control_program_or_with_one_that_fails_says_how_to_go_o
     with pytest.raises(RuntimeError, match="exited with 1 .An instance of this daemon is already running.*--mps off"):
         run_pool(env_dump_runs(tmp_path, 1), 1, time.monotonic() + 600, str(tmp_path), mps=True)
     assert not (tmp_path / "r0.env").exists()  # no run started
+
+
+def test_a_failed_run_starts_again_up_to_retries_times_and_only_its_last_exit_is_reported(tmp_path, capsys):
+    # "flaky" fails once (as a run whose GPU another MPS client faulted), "broken" every time
+    code = (
+        "import os, sys; m = sys.argv[1]; once = os.path.exists(m); open(m, 'a').write('x'); sys.exit(0 if once else 3)"
+    )
+    flaky = Run("flaky", str(tmp_path / "flaky"), [sys.executable, "-c", code, str(tmp_path / "flaky.marks")])
+    broken = Run("broken", str(tmp_path / "broken"), [sys.executable, "-c", "import sys; sys.exit(4)"])
+    exits = []
+    failed, finished = run_pool(
+        [flaky, broken],
+        2,
+        time.monotonic() + 600,
+        str(tmp_path),
+        on_exit=lambda run, code: exits.append((run.name, code)),
+    )
+    assert failed == ["broken"] and finished
+    assert sorted(exits) == [("broken", 4), ("flaky", 0)]  # on_exit hears each run's last exit only
+    assert (tmp_path / "flaky.marks").read_text() == "xx"
+    said = capsys.readouterr().out
+    assert "[flaky] exited with 3; it starts again from its last checkpoint (retry 1 of 1" in said
+    assert said.count("[broken] exited with 4") == 2
+    # retries=0: the first failure stands
+    (tmp_path / "flaky.marks").unlink()
+    assert run_pool([flaky], 1, time.monotonic() + 600, str(tmp_path), retries=0) == (["flaky"], True)
+    with pytest.raises(ConfigError, match="retries=-1"):
+        run_pool([flaky], 1, time.monotonic() + 600, str(tmp_path), retries=-1)
