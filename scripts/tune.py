@@ -250,10 +250,8 @@ class Search:
     def run(self, deadline: float) -> bool:
         """Advances the search until ``deadline``; True when every rung is done."""
         for rung, budget in enumerate(self.log["budgets_s"]):
-            while True:
-                todo = self._todo(rung)
-                if not todo:
-                    break
+            todo = self._todo(rung)  # the pool starts a failed trial again itself (--retries)
+            if todo:
                 by_id = {t["id"]: t for t in todo}
 
                 def record(run: Run, code: int, rung: int = rung, by_id: Dict[str, Any] = by_id) -> None:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -184,15 +185,15 @@ def _advance(
 ) -> Tuple[List[str], bool]:
     """:func:`run_pool`'s loop; ``running`` (name -> run, process, GPU, log) is the caller's to clean up."""
     failed: List[str] = []
-    retried: Dict[str, int] = {}
+    retried: Counter[str] = Counter()  # name -> times started again
     while queue or running:
         for name, (run, process, _, log) in list(running.items()):
             if process.poll() is not None:
                 log.close()
                 del running[name]
                 code = process.returncode
-                if code != 0 and retried.get(name, 0) < retries:
-                    retried[name] = retried.get(name, 0) + 1
+                if code != 0 and retried[name] < retries:
+                    retried[name] += 1
                     queue.append(run)
                     print(
                         f"[{name}] exited with {code}; it starts again from its last checkpoint "
