@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data.batch import Batch
-from ..modules.recommender import ITEM_TABLE, SequenceRecommender
+from ..modules.recommender import ITEM_TABLE, SequenceRecommender, scoring_items
 from .metrics import RankingMetrics, target_ranks
 
 CACHE_LIMIT = 1 << 26  # floats of catalog embeddings kept across batches (256 MB in fp32)
@@ -42,20 +42,23 @@ def evaluate(
 
         def item_chunk(start: int, end: int) -> torch.Tensor:
             if not cache:
-                return model.item_table(start, end)
+                return model.item_vectors(model.item_table(start, end))
             if (start, end) not in chunks:
-                chunks[(start, end)] = model.item_table(start, end)
+                chunks[(start, end)] = model.item_vectors(model.item_table(start, end))
             return chunks[(start, end)]
 
         metrics = RankingMetrics(ks)
         shards = local_rows(model, process_group) if process_group is not None else None
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            users = model(batch.item_history, batch.context, rows=batch.offsets[1:] - 1)  # last positions
+            last = model(batch.item_history, batch.context, rows=batch.offsets[1:] - 1)  # last positions
+            users = model.user_vectors(last)
             targets = batch.last_targets()
             real = batch.user_ids >= 0
             if shards is not None:  # rank against the rows this rank holds; no catalog lookups
-                ranks = sharded_target_ranks(users, targets, shards, item_chunk_size, process_group)
+                ranks = sharded_target_ranks(
+                    users, targets, shards, item_chunk_size, process_group, model.config.score_temperature
+                )
                 if bool(real.any()):
                     metrics.update(ranks[real])
                 continue
@@ -92,7 +95,12 @@ def local_rows(model: SequenceRecommender, group: dist.ProcessGroup) -> Optional
 
 
 def sharded_target_ranks(
-    users: Tensor, targets: Tensor, shards: List[Tuple[int, Tensor]], chunk: int, group: dist.ProcessGroup
+    users: Tensor,
+    targets: Tensor,
+    shards: List[Tuple[int, Tensor]],
+    chunk: int,
+    group: dist.ProcessGroup,
+    temperature: float = 0.0,
 ) -> Tensor:
     """Pessimistic ranks of this rank's users (as ``target_ranks``) from row shards spread over ranks.
 
@@ -120,7 +128,7 @@ def sharded_target_ranks(
     def blocks():
         for first, rows in shards:
             for start in range(0, rows.shape[0], chunk):
-                block = rows[start : start + chunk].to(every_user.dtype)
+                block = scoring_items(rows[start : start + chunk], temperature).to(every_user.dtype)
                 yield first + start, (every_user @ block.T).float()
 
     target_scores = torch.zeros(every_user.shape[0], dtype=torch.float32, device=users.device)

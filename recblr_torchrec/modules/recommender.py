@@ -6,6 +6,7 @@ from functools import partial
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
@@ -63,18 +64,28 @@ class ModelConfig:
     ``item_dropout``: in training, the probability that a history position's item is hidden from
     the encoder: its embedding is replaced by one learned vector (``masked_item``), as a masked
     token; the position's target and the scores are untouched. 0 = off (the paper's).
+
+    ``score_temperature``: 0 scores an item by the dot product of the user vector and the item's
+    embedding (the paper's); t > 0 by their cosine similarity over t (both vectors scaled to unit
+    length), in the loss, the evaluation and the serving artifacts alike.
     """
 
     encoder: EncoderKind = EncoderKind.RECBLR
     recblr: RecBLRConfig = field(default_factory=RecBLRConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     item_dropout: float = 0.0
+    score_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         typed_fields(self, "model")
         require(
             0.0 <= self.item_dropout < 1.0,
             f"model.item_dropout={self.item_dropout} must be in [0, 1) (0 = off, the paper's)",
+        )
+        require(
+            0.0 <= self.score_temperature < float("inf"),
+            f"model.score_temperature={self.score_temperature} must be 0 (dot-product scores, the paper's) or a "
+            "positive temperature for cosine scores, such as 0.1",
         )
 
     @property
@@ -339,10 +350,24 @@ class SequenceRecommender(nn.Module):
         device = self.encoder.input_norm.weight.device
         return self.lookup(torch.arange(start, end, device=device))
 
+    def user_vectors(self, hidden: Tensor) -> Tensor:
+        """The encoder's output [.., d] as the scores read it: unchanged for dot-product scores,
+        scaled to unit length over the temperature for cosine scores (``score_temperature``)."""
+        return scoring_users(hidden, self.config.score_temperature)
+
+    def item_vectors(self, rows: Tensor) -> Tensor:
+        """Item embeddings [.., d] as the scores read them: unchanged, or of unit length for cosine
+        scores."""
+        return scoring_items(rows, self.config.score_temperature)
+
+    def scores(self, hidden: Tensor, rows: Tensor) -> Tensor:
+        """[M, R] scores of item embeddings ``rows`` [R, d] for the encoder's outputs ``hidden`` [M, d]."""
+        return self.user_vectors(hidden) @ self.item_vectors(rows).T
+
     def score_last(self, item_history: KeyedJaggedTensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """[B, V] scores of every table row after each history's last item."""
         last = self(item_history, context, rows=item_history.offsets()[1:] - 1)
-        return last @ self.item_table().T
+        return self.scores(last, self.item_table())
 
     def encode(self, item_seq: Tensor, lengths: Tensor, context: Optional[KeyedJaggedTensor] = None) -> Tensor:
         """Padded path: item_seq [B, T] right-padded with 0, lengths [B] -> hidden [B, T, d].
@@ -367,7 +392,22 @@ class SequenceRecommender(nn.Module):
         """[B, V] scores of every table row (padding included) at position length-1."""
         hidden = self.encode(item_seq, lengths, context)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        return last @ self.item_table().T
+        return self.scores(last, self.item_table())
+
+
+def scoring_users(hidden: Tensor, temperature: float) -> Tensor:
+    """User vectors for the scores: ``hidden`` itself (temperature 0, dot-product scores), else
+    unit-length rows over ``temperature`` (cosine scores). TorchScript compiles it (serving)."""
+    if temperature > 0:
+        return F.normalize(hidden, dim=-1) / temperature
+    return hidden
+
+
+def scoring_items(rows: Tensor, temperature: float) -> Tensor:
+    """Item embeddings for the scores: ``rows`` itself (temperature 0), else unit-length rows."""
+    if temperature > 0:
+        return F.normalize(rows, dim=-1)
+    return rows
 
 
 def last_positions(hidden: Tensor, offsets: Tensor) -> Tensor:

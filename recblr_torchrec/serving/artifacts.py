@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules.recblr import RecBLREncoder
+from ..modules.recommender import scoring_items, scoring_users
 
 
 class CatalogModule(nn.Module):
@@ -25,14 +26,20 @@ class CatalogModule(nn.Module):
     Args:
         encoder: the trained encoder, already in eval mode with the PyTorch scan backend.
         item_table: [V, d] float32 rows of the item table, row 0 the padding id.
+        score_temperature: the model's ``model.score_temperature``: 0 for dot-product scores,
+            t > 0 for cosine scores over t.
     """
 
-    def __init__(self, encoder: RecBLREncoder, item_table: Tensor):
+    def __init__(self, encoder: RecBLREncoder, item_table: Tensor, score_temperature: float = 0.0):
         super().__init__()
         if item_table.dim() != 2 or item_table.shape[1] != encoder.embedding_dim or item_table.shape[0] < 2:
             raise ValueError(f"item_table must be [V >= 2, d={encoder.embedding_dim}], got {tuple(item_table.shape)}")
         self.encoder = encoder
-        self.register_buffer("item_table", item_table.detach().float().contiguous())
+        table = item_table.detach().float().contiguous()
+        self.register_buffer("item_table", table)
+        self.score_temperature = float(score_temperature)
+        # the rows the scores read: the table itself, or its unit-length rows (cosine scores)
+        self.register_buffer("score_table", scoring_items(table, self.score_temperature))
         self.num_embeddings = int(item_table.shape[0])
         self.state_columns = encoder.state_size()
 
@@ -41,7 +48,7 @@ class CatalogModule(nn.Module):
         """user_vectors [B, d] -> (scores [B, k] descending, item ids [B, k] in 1..V-1); padding never returned."""
         if k < 1 or k > self.num_embeddings - 1:
             raise ValueError(f"k={k} must be in [1, {self.num_embeddings - 1}] (the catalog's items)")
-        scores = user_vectors @ self.item_table[1:].t()
+        scores = scoring_users(user_vectors, self.score_temperature) @ self.score_table[1:].t()
         top_scores, index = torch.topk(scores, k, dim=1)
         return top_scores, index + 1
 

@@ -55,8 +55,9 @@ def serving_modules(model: SequenceRecommender) -> Tuple[RecBLRScorer, RecBLRSte
     encoder = set_kernels(copy.deepcopy(model.encoder).float().eval(), KernelBackend.PYTORCH)
     with torch.no_grad():
         table = model.item_table().detach().float().cpu()
-    scorer = RecBLRScorer(encoder, table).eval()
-    step = RecBLRStep(copy.deepcopy(encoder), table).eval()
+    temperature = model.config.score_temperature
+    scorer = RecBLRScorer(encoder, table, temperature).eval()
+    step = RecBLRStep(copy.deepcopy(encoder), table, temperature).eval()
     return scorer, step
 
 

@@ -56,6 +56,7 @@ def encoded_loss(
     sampler adds every target may skip it. ``label_smoothing``: full softmax only.
     """
     every = encoder_rows(batch, rows) is None  # all positions: the fillers of a graphed batch carry target 0
+    hidden = model.user_vectors(hidden)
     if candidates is None or batch.candidate_log_q is None:  # the full softmax
         if candidates is None:  # one process: the catalog straight from the table
             catalog = model.item_table()
@@ -68,7 +69,7 @@ def encoded_loss(
         return full_softmax_loss(
             hidden,
             batch.targets if every else batch.targets[rows],
-            catalog,
+            model.item_vectors(catalog),
             check_targets=check_targets,
             ignore_padding=every,
             label_smoothing=label_smoothing,
@@ -80,6 +81,7 @@ def encoded_loss(
             "set train.loss=full or train.label_smoothing=0"
         )
     ids, log_q = batch.candidates(), batch.candidate_log_q
+    candidates = model.item_vectors(candidates)
     return sampled_softmax_loss(hidden, targets, ids, candidates, log_q, check_targets, ignore_padding=every)
 
 

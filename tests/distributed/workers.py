@@ -73,15 +73,17 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     split = evaluation_samples(data, config.data.max_len, "valid")
     ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=no_candidates, user_buckets=13)
     single = SampleBatches(data, split, 30, False, candidates=no_candidates, user_buckets=13)
-    # (item table, context table, optimizer); TorchRec has no row-wise EmbeddingBagCollection on CPU.
+    # (item table, context table, optimizer, score temperature: 0 dot products, else cosines);
+    # TorchRec has no row-wise EmbeddingBagCollection on CPU.
     cases = [
-        ("table_wise", "table_wise", "sgd"),
-        ("row_wise", "column_wise", "sgd"),
-        ("column_wise", "column_wise", "sgd"),
-        ("row_wise", "data_parallel", "adagrad"),
+        ("table_wise", "table_wise", "sgd", 0.0),
+        ("row_wise", "column_wise", "sgd", 0.1),
+        ("column_wise", "column_wise", "sgd", 0.1),
+        ("row_wise", "data_parallel", "adagrad", 0.0),
     ]
-    for sharding, context_sharding, optimizer in cases:
+    for sharding, context_sharding, optimizer, temperature in cases:
         config.train.optimizer = optimizer
+        config.model.score_temperature = temperature
         types = {"item": sharding, "context_user": context_sharding}
         dc = DistributedConfig(sharding_types=types, sparse_optimizer=optimizer, timeout_s=60)
         meta = SequenceRecommender(

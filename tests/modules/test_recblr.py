@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recblr_torchrec import KernelBackend
@@ -297,3 +298,26 @@ def test_item_dropout_hides_whole_history_items_in_training_only():
     torch.testing.assert_close(evaluated, model.encoder(embedded, offsets=offsets), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"model.item_dropout=1.0 must be in \[0, 1\)"):
         load_config(None, ["model.item_dropout=1.0"])
+
+
+def test_cosine_scores_are_the_cosines_over_the_temperature():
+    from recblr_torchrec.config import load_config
+
+    config = ModelConfig(recblr=RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0), score_temperature=0.05)
+    torch.manual_seed(0)
+    model = SequenceRecommender(21, config).double().eval()
+    ids = torch.tensor([[3, 1, 7, 0], [5, 2, 9, 4]])
+    lengths = torch.tensor([3, 4])
+    hidden = model.encode(ids, lengths)[torch.arange(2), lengths - 1]
+    table = model.item_table()
+    expected = F.cosine_similarity(hidden[:, None], table[None], dim=-1) / 0.05
+    torch.testing.assert_close(model.score(ids, lengths), expected, rtol=1e-12, atol=1e-12)
+    kjt = KeyedJaggedTensor(keys=["item_history"], values=ids[ids > 0], lengths=lengths)
+    torch.testing.assert_close(model.score_last(kjt), expected, rtol=1e-12, atol=1e-12)
+    dot = ModelConfig(recblr=config.recblr)  # the paper's scores, same weights: the plain products
+    plain_model = SequenceRecommender(21, dot).double().eval()
+    plain_model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain_model.score(ids, lengths), hidden @ table.T, rtol=1e-12, atol=1e-12)
+    for bad in ("-0.1", "inf", "nan"):
+        with pytest.raises(ValueError, match=rf"model.score_temperature={bad} must be 0 .* or a positive temperature"):
+            load_config(None, [f"model.score_temperature={bad}"])

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from recblr_torchrec.serving import serving_modules
+from recblr_torchrec.serving.export import script
 
-from .conftest import NUM_EMBEDDINGS, random_histories
+from .conftest import NUM_EMBEDDINGS, random_histories, random_model
 
 # fp32 artifacts: the event-by-event path and the whole-history path round differently (the
 # conv sees a k-wide window instead of the padded sequence); measured differences are <= 1e-6.
@@ -30,6 +31,19 @@ def test_scripted_scorer_equals_eager_modules_and_training_model(model, scorer):
     assert torch.equal(items, ref_index + 1)
     vectors = scorer.user_vector(ids, lengths)
     torch.testing.assert_close(vectors, hidden[torch.arange(5), lengths - 1], rtol=0, atol=ATOL)
+
+
+def test_cosine_scores_are_served_as_the_training_model_scores_them():
+    model = random_model(score_temperature=0.1)
+    ids, lengths = random_histories(5, 23, LENGTHS[:5])
+    scorer, step = (script(module) for module in serving_modules(model))
+    scores, items = scorer(ids, lengths, 7)
+    with torch.no_grad():
+        ref_scores, ref_index = model.score(ids, lengths)[:, 1:].topk(7, dim=1)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=ATOL * 10)  # cosines over 0.1
+    assert torch.equal(items, ref_index + 1)
+    step_scores, step_items = step.top_k(scorer.user_vector(ids, lengths), 7)
+    assert torch.equal(step_scores, scores) and torch.equal(step_items, items)
 
 
 def test_scripted_step_equals_eager_step(model, step):

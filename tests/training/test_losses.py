@@ -152,10 +152,12 @@ def test_a_target_outside_the_candidate_set_is_refused_unless_the_check_is_skipp
     torch.testing.assert_close(unchecked, checked)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(data_dir, tmp_path, smoothing):
+@pytest.mark.parametrize("smoothing, temperature", [(0.0, 0.0), (0.2, 0.0), (0.0, 0.1)])
+def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(
+    data_dir, tmp_path, smoothing, temperature
+):
     """The distributed path (candidates 1..V-1 looked up with the histories) == the local path,
-    with and without label smoothing."""
+    with and without label smoothing, with dot-product and cosine scores."""
     from recblr_torchrec.config import load_config
     from recblr_torchrec.data import SampleBatches, training_samples
     from recblr_torchrec.data.negatives import FullCatalog
@@ -168,6 +170,7 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
         "data.max_users=40",
         "model.recblr.embedding_dim=16",
         "model.recblr.dropout=0.0",
+        f"model.score_temperature={temperature}",
         f"data.cache_dir={tmp_path}",
     ]
     config = load_config(os.path.join(root, "configs", "tiny.yaml"), overrides)
@@ -190,6 +193,12 @@ def test_full_catalog_carried_by_the_batch_gives_the_local_loss_and_gradients(da
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     if smoothing:  # it reached the loss (the logits of a fresh model are small: so is the change)
         assert abs(local.item() - NextItemTask(local_model)(plain[0])[0].item()) > 1e-5
+    if temperature:  # the logits are the cosines of user vector and item over the temperature
+        hidden = local_model(plain[0].item_history)
+        logits = F.cosine_similarity(hidden[:, None], local_model.item_table()[None], dim=-1) / temperature
+        logits[:, 0] = float("-inf")
+        expected = F.cross_entropy(logits, plain[0].targets, ignore_index=0)
+        torch.testing.assert_close(local, expected, rtol=1e-5, atol=1e-6)
     # the task that DistributedModelParallel wraps (world size 1) passes the smoothing on too
     task_loss = NextItemTask(model, 1, label_smoothing=smoothing)(carried[0])[0]
     torch.testing.assert_close(task_loss, distributed, rtol=1e-6, atol=1e-7)
