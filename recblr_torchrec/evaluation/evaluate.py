@@ -51,8 +51,8 @@ def evaluate(
         shards = local_rows(model, process_group) if process_group is not None else None
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            last = model(batch.item_history, batch.context, rows=batch.offsets[1:] - 1)  # last positions
-            users = model.user_vectors(last)
+            last = batch.offsets[1:] - 1
+            users = model.user_vectors(model(batch.item_history, batch.context, rows=last))  # at the last positions
             targets = batch.last_targets()
             real = batch.user_ids >= 0
             if shards is not None:  # rank against the rows this rank holds; no catalog lookups

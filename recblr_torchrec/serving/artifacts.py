@@ -1,8 +1,9 @@
 """The two serving modules, written to be compiled with ``torch.jit.script``.
 
 Both hold the trained encoder itself (PyTorch scan backend, eval mode) and the item table as a
-plain float32 buffer [V, d], so a scripted file needs only ``import torch`` to load: no TorchRec
-op is inside. Every input is checked inside the artifact; a bad value raises an error naming it.
+plain float32 buffer [V, d] (with cosine scores also its unit-length rows, ``score_table``), so a
+scripted file needs only ``import torch`` to load: no TorchRec op is inside. Every input is
+checked inside the artifact; a bad value raises an error naming it.
 
 State layout (one row of ``state_size`` float32 per user; :class:`RecBLREncoder` defines it):
 for each layer l in order, the causal-conv tail (the last k-1 conv inputs x, [k-1, D] row-major,
