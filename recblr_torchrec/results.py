@@ -3,6 +3,8 @@ where and by which command (every ``benchmarks/results/*.json``, every export ma
 mean ± standard deviation over seeds that the results tables show."""
 
 import datetime
+import json
+import os
 import platform
 import statistics
 import subprocess
@@ -54,3 +56,11 @@ def spread(values: Iterable[float]) -> Dict[str, Optional[float]]:
         "mean": round(statistics.mean(values), 4),
         "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
     }
+
+
+def write_results(path: str, result: Dict[str, Any]) -> None:
+    """Writes a results JSON as the repo keeps them (one-space indent, a final newline), making its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")

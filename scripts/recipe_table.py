@@ -28,13 +28,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
-from recblr_torchrec.results import provenance, spread
-from recblr_torchrec.training.history import METRICS_JSON, read_history, read_metrics, wall_curve
-from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
+from recblr_torchrec.results import spread, write_results
+from recblr_torchrec.training.history import METRICS_JSON, run_progress, run_summary
+from recblr_torchrec.training.pool import Run, add_pool_arguments, pool_provenance, report_pool, run_pool_of_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("ml-1m", "beauty", "video_games")
@@ -73,42 +72,6 @@ def plan(args: argparse.Namespace) -> List[Run]:
     return runs
 
 
-def progress(out: str, metric: str) -> Optional[Dict[str, Any]]:
-    """An unfinished run's progress: epochs, wall time and best validation so far (None before its
-    first validation)."""
-    curve = wall_curve(read_history(out), metric)
-    validated = [point for point in curve if point["value"] is not None]
-    if not validated:
-        return None
-    best = max(validated, key=lambda point: point["value"])
-    return {
-        "epochs_done": curve[-1]["epoch"],
-        "wall_s": round(curve[-1]["wall"], 1),
-        f"valid_{metric}_best_so_far": round(best["value"], 4),
-        "at_epoch": best["epoch"],
-    }
-
-
-def one_run(out: str, metric: str) -> Optional[Dict[str, Any]]:
-    """A finished run's test metrics, best validation and its validation curve against wall time."""
-    summary = read_metrics(out)
-    if summary is None:
-        return None
-    curve = wall_curve(read_history(out), metric)
-    best_epoch = summary["best_epoch"]
-    return {
-        "test": summary["test"],
-        "valid_best": summary["valid"][metric],
-        "best_epoch": best_epoch,
-        "epochs": summary["epochs"],
-        "train_seconds": round(summary["train_seconds"], 1),
-        "wall_to_best_s": round(next(p["wall"] for p in curve if p["epoch"] == best_epoch), 1),
-        "valid_curve": [[round(p["wall"], 2), p["value"]] for p in curve if p["value"] is not None],
-        "precision": summary["config"]["train"]["precision"],
-        "cuda_graphs": summary["config"]["train"]["cuda_graphs"],
-    }
-
-
 def time_to(curve: List[List[float]], target: float) -> Optional[float]:
     """The wall time at which the validation curve first reaches ``target`` (None: never)."""
     return next((wall for wall, value in curve if value >= target), None)
@@ -117,7 +80,7 @@ def time_to(curve: List[List[float]], target: float) -> Optional[float]:
 def summarise_row(
     dataset: str, row: str, config: str, done: Dict[int, Dict[str, Any]], paper: Optional[Dict[str, Any]]
 ) -> Dict[str, Any]:
-    """One row of the table from its finished runs (``one_run``, by seed); ``paper``: the paper
+    """One row of the table from its finished runs (``run_summary``, by seed); ``paper``: the paper
     config's row of the dataset, for the tuned rows' ratios (None: no ratios)."""
     runs = list(done.values())
     entry: Dict[str, Any] = {
@@ -168,11 +131,11 @@ def summarise(
             if dataset in args.datasets and slug(row) in args.rows:
                 for seed in args.seeds:
                     out = run_dir(args.runs_dir, dataset, row, seed)
-                    run = one_run(out, metric)
+                    run = run_summary(out, metric)
                     if run is not None:
                         done[seed] = run
                         continue
-                    so_far = progress(out, metric)
+                    so_far = run_progress(out, metric)
                     if so_far is not None:
                         unfinished.append({"dataset": dataset, "row": row, "seed": seed, **so_far})
             if earlier is not None and len(done) < len(args.seeds):  # kept until every seed is trained again
@@ -185,16 +148,6 @@ def summarise(
                 paper = entry
             rows.append(entry)
     return {"rows": rows, "unfinished": unfinished}
-
-
-def hardware(parallel: int, mps: bool) -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "CPU"
-    gpus = torch.cuda.device_count()
-    shared = f"{gpus} x {torch.cuda.get_device_name(0)}, up to {parallel} runs sharing each"
-    return shared + " through CUDA MPS" if mps else shared
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -226,13 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [f"{d} {r}" for d in args.datasets for r, _ in ROWS if slug(r) not in args.rows and (d, r) not in kept]
     if missing:
         print(f"not in {out}, so not in the table: {', '.join(missing)}", flush=True)
-    failed, finished = run_pool(
-        plan(args), args.parallel, time.monotonic() + 60 * args.budget_minutes, ROOT, mps=args.mps, retries=args.retries
-    )
+    failed, finished = run_pool_of_args(plan(args), args, ROOT)
     result = {
-        "provenance": provenance(
-            hardware(args.parallel, args.mps), "python scripts/recipe_table.py " + " ".join(argv), ROOT, args.commit
-        ),
+        "provenance": pool_provenance(args, "scripts/recipe_table.py", argv, ROOT),
         "what": "test metrics (full ranking) over seeds, paper config against the tuned recipe and the tuned "
         "SASRec-style baseline; wall times include validation; time_to_quality_ratio: the tuned row's time to "
         "the paper config's best validation NDCG@10 over the paper config's time to its best epoch",
@@ -240,15 +189,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         **summarise(args, kept=kept),
     }
     result.update({key: value for key, value in earlier.items() if key not in result})  # e.g. progress notes
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    write_results(out, result)
     for row in result["rows"]:
         print(f"{row['dataset']} {row['row']}: test NDCG@10 {row['metrics']['NDCG@10']}, seeds {row['seeds']}")
-    if failed:
-        print(f"runs failed: {', '.join(failed)}; see train.log in their folders")
-    print("all runs finished" if result["finished"] else "more to run: call again")
+    report_pool(failed, result["finished"])
     return 0
 
 

@@ -54,6 +54,49 @@ def wall_curve(rows: List[Dict[str, Any]], metric: str) -> List[Dict[str, Any]]:
     return curve
 
 
+def run_progress(output_dir: str, metric: str) -> Optional[Dict[str, Any]]:
+    """An unfinished run's progress: epochs, wall time and best validation so far (None before its
+    first validation)."""
+    curve = wall_curve(read_history(output_dir), metric)
+    validated = [point for point in curve if point["value"] is not None]
+    if not validated:
+        return None
+    best = max(validated, key=lambda point: point["value"])
+    return {
+        "epochs_done": curve[-1]["epoch"],
+        "wall_s": round(curve[-1]["wall"], 1),
+        f"valid_{metric}_best_so_far": round(best["value"], 4),
+        "at_epoch": best["epoch"],
+    }
+
+
+def run_summary(output_dir: str, metric: str) -> Optional[Dict[str, Any]]:
+    """A finished run's test metrics, best validation and its validation curve against wall time
+    (``[wall, value]`` per validated epoch); None while it has no ``metrics.json``."""
+    summary = read_metrics(output_dir)
+    if summary is None:
+        return None
+    curve = wall_curve(read_history(output_dir), metric)
+    best_epoch = summary["best_epoch"]
+    return {
+        "test": summary["test"],
+        "valid_best": summary["valid"][metric],
+        "best_epoch": best_epoch,
+        "epochs": summary["epochs"],
+        "train_seconds": round(summary["train_seconds"], 1),
+        "wall_to_best_s": round(next(p["wall"] for p in curve if p["epoch"] == best_epoch), 1),
+        "valid_curve": [[round(p["wall"], 2), p["value"]] for p in curve if p["value"] is not None],
+        "precision": summary["config"]["train"]["precision"],
+        "cuda_graphs": summary["config"]["train"]["cuda_graphs"],
+    }
+
+
+def epochs_to(output_dir: str, metric: str, target: float) -> Optional[int]:
+    """The first epoch whose validation reaches ``target`` (None: none has yet)."""
+    curve = wall_curve(read_history(output_dir), metric)
+    return next((p["epoch"] for p in curve if p["value"] is not None and p["value"] >= target), None)
+
+
 def plot_history(rows: List[Dict[str, Any]], output_dir: str, valid_metrics: List[str]) -> None:
     if not rows:
         return

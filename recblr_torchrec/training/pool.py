@@ -128,6 +128,40 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def pool_hardware(parallel: int, mps: bool) -> str:
+    """The hardware a pool of runs trained on, for a results JSON's provenance."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CPU"
+    gpus = torch.cuda.device_count()
+    shared = f"{gpus} x {torch.cuda.get_device_name(0)}, up to {parallel} runs sharing each"
+    return shared + " through CUDA MPS" if mps else shared
+
+
+def run_pool_of_args(runs: Sequence[Run], args: argparse.Namespace, cwd: str) -> Tuple[List[str], bool]:
+    """:func:`run_pool` as the options of :func:`add_pool_arguments` in ``args`` say, for this
+    call's ``--budget-minutes`` from now."""
+    deadline = time.monotonic() + 60 * args.budget_minutes
+    return run_pool(runs, args.parallel, deadline, cwd, mps=args.mps, retries=args.retries)
+
+
+def report_pool(failed: Sequence[str], finished: bool) -> None:
+    """Prints how a pool's call ended: the runs that failed, and whether any is left to run."""
+    if failed:
+        print(f"runs failed: {', '.join(failed)}; see train.log in their folders")
+    print("all runs finished" if finished else "more to run: call again")
+
+
+def pool_provenance(args: argparse.Namespace, script: str, argv: Sequence[str], root: str) -> Dict[str, object]:
+    """A results JSON's provenance for ``script``'s call with ``argv`` (``args.commit``: the code's
+    commit, where the checkout has no git metadata)."""
+    from ..results import provenance
+
+    command = f"python {script} " + " ".join(argv)
+    return provenance(pool_hardware(args.parallel, args.mps), command, root, args.commit)
+
+
 def stop(processes: Sequence[subprocess.Popen]) -> None:
     """SIGTERM to all, then SIGKILL to any left after 20 s."""
     for process in processes:
