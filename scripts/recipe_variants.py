@@ -18,8 +18,10 @@ slices of ``--budget-minutes``; finished runs are not trained again, so the same
 where the last call stopped. ``--set`` adds overrides to every run (a quick check).
 
 The reference is the recipe table's JSON (``--reference``, written by ``scripts/recipe_table.py``):
-its tuned RecBLR runs of a variant's seeds are the recipe's side of the comparison, and its paper
-config's test NDCG@10 divides the variant's (``ndcg10_over_paper_config``). Per variant and
+the runs of its row of the variant's config (the tuned RecBLR row for ``recblr-tuned.yaml``, the
+SASRec-style row for ``sasrec-tuned.yaml``) and the variant's seeds are the other side of the
+comparison (called the recipe's below), and its paper config's test NDCG@10 divides the variant's
+(``ndcg10_over_paper_config``). Per variant and
 dataset: best validation NDCG@10 and test metrics over the seeds, ``valid_over_recipe`` (its mean
 best validation over the recipe's on the same seeds) and the epochs until validation first reaches
 the paper config's best (the mean over its seeds: the mark of the table's time to quality). Per
@@ -110,20 +112,23 @@ def plan(variants: List[Dict[str, Any]], args: argparse.Namespace) -> List[Run]:
 
 
 def reference_rows(path: str) -> Dict[str, Dict[str, Any]]:
-    """The recipe table's rows by dataset: ``recipe`` (tuned RecBLR) and ``paper`` (paper config)."""
+    """The recipe table's rows by dataset, each under its config's file name (``recblr-tuned.yaml``,
+    ``sasrec-tuned.yaml``, ...), the paper config's also under ``paper``."""
     with open(path) as f:
         table = json.load(f)
     rows: Dict[str, Dict[str, Any]] = {}
     for entry in table.get("rows", []):
-        role = {"tuned RecBLR": "recipe", "paper config": "paper"}.get(entry["row"])
-        if role:
-            rows.setdefault(entry["dataset"], {})[role] = entry
+        by_config = rows.setdefault(entry["dataset"], {})
+        by_config[os.path.basename(entry["config"])] = entry
+        if entry["row"] == "paper config":
+            by_config["paper"] = entry
     return rows
 
 
-def recipe_side(reference: Dict[str, Any], seeds: List[int]) -> Optional[Dict[str, Any]]:
-    """The recipe's best validation and test NDCG@10 over ``seeds`` (None: a seed is not in the table)."""
-    runs = reference.get("recipe", {}).get("runs", {})
+def same_config_side(row: Optional[Dict[str, Any]], seeds: List[int]) -> Optional[Dict[str, Any]]:
+    """The best validation and test NDCG@10 of ``row``'s runs of ``seeds`` (None: no such row, or a
+    seed not in it)."""
+    runs = (row or {}).get("runs", {})
     if not all(str(seed) in runs for seed in seeds):
         return None
     chosen = [runs[str(seed)] for seed in seeds]
@@ -175,7 +180,7 @@ def summarise(
                 entry["seeds_reaching_paper_valid_best"] = sum(epoch is not None for epoch in reached)
                 if all(epoch is not None for epoch in reached):
                     entry["mean_epochs_to_paper_valid_best"] = round(statistics.mean(reached), 1)
-            recipe = recipe_side(reference.get(dataset, {}), sorted(done))
+            recipe = same_config_side(reference.get(dataset, {}).get(variant["config"]), sorted(done))
             mean_valid = statistics.mean(run["valid_best"] for run in runs)
             ratio = mean_valid / recipe["valid_best"] if recipe is not None and recipe["valid_best"] > 0 else None
             if ratio is not None:

@@ -39,8 +39,19 @@ def test_variants_train_in_one_pool_and_compare_with_the_recipes_runs_of_the_sam
     paper_runs = {"0": {"valid_best": 0.0}, "1": {"valid_best": 1.0}}  # a mark of 0.5: never reached
     paper_ndcg = sum(run["test"]["NDCG@10"] for run in recipe_runs.values()) / 2
     rows = [
-        {"dataset": "ml-100k", "row": "paper config", "metrics": {"NDCG@10": {"mean": paper_ndcg}}, "runs": paper_runs},
-        {"dataset": "ml-100k", "row": "tuned RecBLR", "runs": recipe_runs},
+        {
+            "dataset": "ml-100k",
+            "row": "paper config",
+            "config": "configs/ml-100k/recblr-paper.yaml",
+            "metrics": {"NDCG@10": {"mean": paper_ndcg}},
+            "runs": paper_runs,
+        },
+        {
+            "dataset": "ml-100k",
+            "row": "tuned RecBLR",
+            "config": "configs/ml-100k/recblr-ties.yaml",
+            "runs": recipe_runs,
+        },
     ]
     reference.write_text(json.dumps({"rows": rows}))
     assert variants.main(args) == 0  # finished runs are not trained again
