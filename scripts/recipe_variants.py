@@ -73,17 +73,13 @@ def read_spec(path: str) -> List[Dict[str, Any]]:
     for name, body in spec["variants"].items():
         body = dict(body or {})
         long_form = set(body) <= {"config", "datasets", "seeds", "set"} and bool(set(body) & {"config", "set"})
-        settings = body.get("set", {}) if long_form else body
+        own = body if long_form else {}  # the short form is the settings alone
         variant = {
             "variant": str(name),
-            "config": body.get("config", RECIPE_CONFIG) if long_form else RECIPE_CONFIG,
-            "datasets": list(body.get("datasets", spec.get("datasets", [])))
-            if long_form
-            else list(spec.get("datasets", [])),
-            "seeds": [
-                int(s) for s in (body.get("seeds", spec.get("seeds", [0])) if long_form else spec.get("seeds", [0]))
-            ],
-            "settings": dict(settings),
+            "config": own.get("config", RECIPE_CONFIG),
+            "datasets": list(own.get("datasets", spec.get("datasets", []))),
+            "seeds": [int(seed) for seed in own.get("seeds", spec.get("seeds", [0]))],
+            "settings": dict(body.get("set", {}) if long_form else body),
         }
         if not variant["datasets"]:
             raise ConfigError(f"{path}: variant {name!r} names no dataset; add datasets: [...] to the spec or to it")
