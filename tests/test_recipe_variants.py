@@ -1,7 +1,10 @@
+import glob
 import json
+import os
 
 import pytest
 
+from recblr_torchrec.config import load_config
 from recblr_torchrec.errors import ConfigError
 from recblr_torchrec.training.history import epochs_to, run_summary
 
@@ -83,3 +86,20 @@ def test_a_spec_without_variants_or_datasets_is_refused_with_the_fix(tmp_path, s
     spec.write_text("variants:\n  wider: {model.recblr.embedding_dim: 256}\n")
     with pytest.raises(ConfigError, match="names no dataset; add datasets"):
         variants.read_spec(str(spec))
+
+
+def test_every_shipped_spec_names_configs_that_load_with_its_settings(script):
+    variants = script("recipe_variants")
+    paths = sorted(glob.glob(os.path.join(variants.ROOT, "scripts", "variants", "*.yaml")))
+    assert paths
+    for path in paths:
+        for variant in variants.read_spec(path):
+            overrides = [f"{key}={value}" for key, value in variant["settings"].items()]
+            for dataset in variant["datasets"]:
+                config = load_config(os.path.join(variants.ROOT, "configs", dataset, variant["config"]), overrides)
+                for key, value in variant["settings"].items():
+                    section, *inner, name = key.split(".")
+                    holder = getattr(config, section)
+                    for part in inner:
+                        holder = getattr(holder, part)
+                    assert getattr(holder, name) == value, (path, variant["variant"], key)

@@ -1,6 +1,7 @@
 """The sequence recommender: the item table in an EmbeddingCollection, a sequence encoder (RecBLR, or
 the SASRec-style baseline) on its output, scores against the same table."""
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Optional, Tuple, Union
@@ -21,6 +22,7 @@ from .sasrec import SASRecConfig, SASRecEncoder
 ITEM_TABLE = "item"
 LOOKUP_BAGS = 1024  # bags a plain id lookup (``lookup``) spreads its ids over
 CONTEXT_USER_TABLE = "context_user"
+MIN_TEMPERATURE = 0.01  # a learned temperature stays at or above it (the user vectors' length at most 100)
 
 
 ContextJoin = Choice("ContextJoin", {"INPUT": "input", "OUTPUT": "output"})
@@ -68,6 +70,11 @@ class ModelConfig:
     ``score_temperature``: 0 scores an item by the dot product of the user vector and the item's
     embedding (the paper's); t > 0 by their cosine similarity over t (both vectors scaled to unit
     length), in the loss, the evaluation and the serving artifacts alike.
+
+    ``learn_temperature``: with cosine scores, the temperature is a parameter of the model that
+    training adjusts with the others, starting at ``score_temperature`` (held as the log of its
+    inverse, ``score_scale``, kept at or above ``MIN_TEMPERATURE``); evaluation and the serving
+    artifacts read its value at that time. False = fixed at ``score_temperature``.
     """
 
     encoder: EncoderKind = EncoderKind.RECBLR
@@ -75,6 +82,7 @@ class ModelConfig:
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     item_dropout: float = 0.0
     score_temperature: float = 0.0
+    learn_temperature: bool = False
 
     def __post_init__(self) -> None:
         typed_fields(self, "model")
@@ -86,6 +94,12 @@ class ModelConfig:
             0.0 <= self.score_temperature < float("inf"),
             f"model.score_temperature={self.score_temperature} must be 0 (dot-product scores, the paper's) or a "
             "positive temperature for cosine scores, such as 0.1",
+        )
+        require(
+            not self.learn_temperature or self.score_temperature >= MIN_TEMPERATURE,
+            f"model.learn_temperature=true learns the temperature of cosine scores from model.score_temperature, "
+            f"which is {self.score_temperature}: set model.score_temperature to a starting temperature of at least "
+            f"{MIN_TEMPERATURE}, such as 0.1, or model.learn_temperature=false",
         )
 
     @property
@@ -181,6 +195,9 @@ class SequenceRecommender(nn.Module):
         )
         self.encoder = build_encoder(config)
         init_weights(self.encoder)
+        self.score_scale: Optional[nn.Parameter] = None  # log(1 / temperature), when it is learned
+        if config.learn_temperature:
+            self.score_scale = nn.Parameter(torch.tensor(-math.log(config.score_temperature)))
         self.masked_item: Optional[nn.Parameter] = None
         if config.item_dropout > 0:
             self.masked_item = nn.Parameter(torch.empty(self.embedding_dim).normal_(std=0.02))
@@ -352,8 +369,19 @@ class SequenceRecommender(nn.Module):
 
     def user_vectors(self, hidden: Tensor) -> Tensor:
         """The encoder's output [.., d] as the scores read it: unchanged for dot-product scores,
-        scaled to unit length over the temperature for cosine scores (``score_temperature``)."""
-        return scoring_users(hidden, self.config.score_temperature)
+        scaled to unit length over the temperature for cosine scores (``score_temperature``, or
+        the learned one: a differentiable scale)."""
+        if self.score_scale is None:
+            return scoring_users(hidden, self.config.score_temperature)
+        scale = self.score_scale.clamp(max=-math.log(MIN_TEMPERATURE)).exp()
+        return F.normalize(hidden, dim=-1) * scale.to(hidden.dtype)
+
+    def temperature(self) -> float:
+        """The temperature of the scores now: 0 for dot products, else ``score_temperature``, or
+        the learned value (a host read) for ``learn_temperature``."""
+        if self.score_scale is None:
+            return self.config.score_temperature
+        return max(math.exp(-float(self.score_scale.detach())), MIN_TEMPERATURE)
 
     def item_vectors(self, rows: Tensor) -> Tensor:
         """Item embeddings [.., d] as the scores read them: unchanged, or of unit length for cosine

@@ -27,8 +27,9 @@ class CatalogModule(nn.Module):
     Args:
         encoder: the trained encoder, already in eval mode with the PyTorch scan backend.
         item_table: [V, d] float32 rows of the item table, row 0 the padding id.
-        score_temperature: the model's ``model.score_temperature``: 0 for dot-product scores,
-            t > 0 for cosine scores over t.
+        score_temperature: the trained model's temperature (``SequenceRecommender.temperature``,
+            the learned one for ``model.learn_temperature``): 0 for dot-product scores, t > 0 for
+            cosine scores over t.
     """
 
     def __init__(self, encoder: RecBLREncoder, item_table: Tensor, score_temperature: float = 0.0):

@@ -55,7 +55,7 @@ def serving_modules(model: SequenceRecommender) -> Tuple[RecBLRScorer, RecBLRSte
     encoder = set_kernels(copy.deepcopy(model.encoder).float().eval(), KernelBackend.PYTORCH)
     with torch.no_grad():
         table = model.item_table().detach().float().cpu()
-    temperature = model.config.score_temperature
+    temperature = model.temperature()
     scorer = RecBLRScorer(encoder, table, temperature).eval()
     step = RecBLRStep(copy.deepcopy(encoder), table, temperature).eval()
     return scorer, step
@@ -167,6 +167,7 @@ def _manifest(model, source, files: Dict[str, Any]) -> Dict[str, Any]:
         "files": files,
         "load": "torch.jit.load(path); needs only `import torch` (no TorchRec or fbgemm op inside)",
         "model": plain(config),
+        "score_temperature": model.temperature(),
         "num_embeddings": source.num_embeddings,
         "num_items": source.num_embeddings - 1,
         "padding_id": 0,

@@ -125,7 +125,8 @@ TENSORBOARD = "tensorboard"
 
 class Board:
     """TensorBoard scalars of a run, in ``<run>/tensorboard``: per epoch the training loss,
-    examples per second and learning rate, and every validation metric (``valid/NDCG@10``, ...)."""
+    examples per second, learning rate and a learned score temperature, and every validation
+    metric (``valid/NDCG@10``, ...)."""
 
     def __init__(self, output_dir: str):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a run writes
@@ -137,6 +138,8 @@ class Board:
         self.writer.add_scalar("train/loss", row["train_loss"], epoch)
         self.writer.add_scalar("train/examples_per_second", row["examples_per_second"], epoch)
         self.writer.add_scalar("train/lr", lr, epoch)
+        if "temperature" in row:  # a learned score temperature
+            self.writer.add_scalar("train/temperature", row["temperature"], epoch)
         for key, value in row.items():
             if key.startswith("valid_"):
                 self.writer.add_scalar(f"valid/{key[len('valid_') :]}", value, epoch)

@@ -398,7 +398,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         s["in_epoch"] = None
         mean_loss = float(total) / max(s["batch"], 1)
-        return {"train_loss": mean_loss, "seconds": seconds, "examples_per_second": s["examples"] / seconds}
+        stats = {"train_loss": mean_loss, "seconds": seconds, "examples_per_second": s["examples"] / seconds}
+        if self.model.score_scale is not None:  # model.learn_temperature: the value the epoch ended with
+            stats["temperature"] = self.model.temperature()
+        return stats
 
     def _announce_resume(self) -> None:
         s = self.state

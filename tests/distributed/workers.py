@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 from typing import Any, Dict
 
@@ -67,30 +68,33 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
     global_batch, my_batch = whole[0], mine[0]
     torch.manual_seed(0)
     reference = SequenceRecommender(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
-    full_state = {f"model.{k}": v for k, v in reference.state_dict().items()}
     checked, evaluations = [], []
     e = config.eval
     split = evaluation_samples(data, config.data.max_len, "valid")
     ranked = SampleBatches(data, split, 30, False, 0, rank, world, candidates=no_candidates, user_buckets=13)
     single = SampleBatches(data, split, 30, False, candidates=no_candidates, user_buckets=13)
-    # (item table, context table, optimizer, score temperature: 0 dot products, else cosines);
-    # TorchRec has no row-wise EmbeddingBagCollection on CPU.
+    # (item table, context table, optimizer, score temperature: 0 dot products, else cosines, and
+    # whether it is learned); TorchRec has no row-wise EmbeddingBagCollection on CPU.
     cases = [
-        ("table_wise", "table_wise", "sgd", 0.0),
-        ("row_wise", "column_wise", "sgd", 0.1),
-        ("column_wise", "column_wise", "sgd", 0.1),
-        ("row_wise", "data_parallel", "adagrad", 0.0),
+        ("table_wise", "table_wise", "sgd", 0.0, False),
+        ("row_wise", "column_wise", "sgd", 0.1, True),
+        ("column_wise", "column_wise", "sgd", 0.1, False),
+        ("row_wise", "data_parallel", "adagrad", 0.0, False),
     ]
-    for sharding, context_sharding, optimizer, temperature in cases:
+    for sharding, context_sharding, optimizer, temperature, learned in cases:
         config.train.optimizer = optimizer
         config.model.score_temperature = temperature
+        config.model.learn_temperature = learned
+        state = dict(reference.state_dict())
+        if learned:  # the learned temperature, moved off its start (0.1) so that its value matters
+            state["score_scale"] = torch.tensor(math.log(1 / 0.07))
         types = {"item": sharding, "context_user": context_sharding}
         dc = DistributedConfig(sharding_types=types, sparse_optimizer=optimizer, timeout_s=60)
         meta = SequenceRecommender(
             num_embeddings, config.model, torch.device("meta"), candidate_feature=True, context=CONTEXT
         )
         dmp = shard_model(NextItemTask(meta, world), dc, config.train, env)
-        copy_into_sharded(dmp, full_state)
+        copy_into_sharded(dmp, {f"model.{k}": v for k, v in state.items()})
         plan = str(dmp.plan)
         assert sharding in plan and context_sharding in plan, plan
         # Forward: sharded lookup + encoder on this rank's slice == the unsharded model's.
@@ -101,7 +105,7 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
         torch.testing.assert_close(candidates, ref_candidates, rtol=1e-5, atol=1e-6)
         # One step on 2 ranks == one local step on the global batch, same optimizer.
         local = SequenceRecommender(num_embeddings, config.model, candidate_feature=True, context=CONTEXT)
-        local.load_state_dict(reference.state_dict())
+        local.load_state_dict(state)
         local_opt = optimizer_factory(config.train)(local.parameters())
         local_loss = NextItemTask(local)(global_batch)[0]
         local_loss.backward()
@@ -126,7 +130,7 @@ def sharded_equals_local(rank: int, world: int, data_dir: str, cache: str) -> Di
             # Adagrad's first step moves a weight by lr * g / |g|: where |g| is at the level of the
             # float sums' rounding (which differs between one process and two), its sign is noise
             # and the step is +-lr either way; compare the weights where g is clearly nonzero.
-            steady = slice(None) if optimizer == "sgd" else grad.abs() > 1e-4 * grad.abs().max()
+            steady = ... if optimizer == "sgd" else grad.abs() > 1e-4 * grad.abs().max()
             sharded = sharded_dense[name]
             torch.testing.assert_close(sharded[steady], value[steady], rtol=1e-4, atol=1e-6, msg=f"{sharding} {name}")
         _assert_table(_table(dmp), local.item_embeddings.embeddings["item"].weight.detach(), f"{sharding} table")

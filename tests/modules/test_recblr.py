@@ -321,3 +321,32 @@ def test_cosine_scores_are_the_cosines_over_the_temperature():
     for bad in ("-0.1", "inf", "nan"):
         with pytest.raises(ValueError, match=rf"model.score_temperature={bad} must be 0 .* or a positive temperature"):
             load_config(None, [f"model.score_temperature={bad}"])
+
+
+def test_a_learned_temperature_scales_the_cosines_and_is_trained():
+    from recblr_torchrec.config import load_config
+    from recblr_torchrec.modules.recommender import MIN_TEMPERATURE
+
+    encoder = RecBLRConfig(embedding_dim=8, num_layers=2, dropout=0.0)
+    torch.manual_seed(0)
+    learned = SequenceRecommender(21, ModelConfig(recblr=encoder, score_temperature=0.1, learn_temperature=True))
+    learned = learned.double()
+    ids, lengths = torch.tensor([[3, 1, 7, 0], [5, 2, 9, 4]]), torch.tensor([3, 4])
+    with torch.no_grad():
+        hidden = learned.encode(ids, lengths)[torch.arange(2), lengths - 1]
+        cosines = F.cosine_similarity(hidden[:, None], learned.item_table()[None], dim=-1)
+    assert learned.temperature() == pytest.approx(0.1, rel=1e-6)  # started in float32
+    torch.testing.assert_close(learned.score(ids, lengths), cosines / 0.1, rtol=1e-6, atol=1e-12)
+    # its value is a parameter: the loss moves it, and the scores follow it
+    learned.score(ids, lengths)[:, 1:].logsumexp(dim=1).sum().backward()
+    assert learned.score_scale.grad is not None and float(learned.score_scale.grad) != 0.0
+    with torch.no_grad():
+        learned.score_scale.fill_(math.log(1 / 0.05))
+        torch.testing.assert_close(learned.score(ids, lengths), cosines / 0.05, rtol=1e-12, atol=1e-12)
+        learned.score_scale.fill_(math.log(1 / 0.001))  # below the floor: held at MIN_TEMPERATURE
+        torch.testing.assert_close(learned.score(ids, lengths), cosines / MIN_TEMPERATURE, rtol=1e-12, atol=1e-12)
+    assert learned.temperature() == MIN_TEMPERATURE
+    fixed = SequenceRecommender(21, ModelConfig(recblr=encoder, score_temperature=0.1)).double()
+    assert fixed.score_scale is None and fixed.temperature() == 0.1
+    with pytest.raises(ValueError, match=r"model.learn_temperature=true .* which is 0.0: set model.score_temperature"):
+        load_config(None, ["model.learn_temperature=true"])

@@ -10,11 +10,15 @@ from recblr_torchrec.serving import export
 NUM_EMBEDDINGS = 41  # 40 items + the padding row
 
 
-def random_model(seed: int = 0, score_temperature: float = 0.0, **overrides) -> SequenceRecommender:
-    """A small RecBLR recommender with random (not initial) weights, so every parameter matters."""
+def random_model(
+    seed: int = 0, score_temperature: float = 0.0, learn_temperature: bool = False, **overrides
+) -> SequenceRecommender:
+    """A small RecBLR recommender with random (not initial) weights, so every parameter matters
+    (a learned temperature too: it moves off ``score_temperature``)."""
     torch.manual_seed(seed)
     config = RecBLRConfig(**{"embedding_dim": 8, "num_layers": 2, "dropout": 0.0, **overrides})
-    model = SequenceRecommender(NUM_EMBEDDINGS, ModelConfig(recblr=config, score_temperature=score_temperature))
+    scores = {"score_temperature": score_temperature, "learn_temperature": learn_temperature}
+    model = SequenceRecommender(NUM_EMBEDDINGS, ModelConfig(recblr=config, **scores))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -9,7 +9,7 @@ import torch
 from recblr_torchrec.serving import serving_modules
 from recblr_torchrec.serving.export import script
 
-from .conftest import NUM_EMBEDDINGS, random_histories, random_model
+from .conftest import NUM_EMBEDDINGS, random_histories, random_model, write_checkpoint
 
 # fp32 artifacts: the event-by-event path and the whole-history path round differently (the
 # conv sees a k-wide window instead of the padded sequence); measured differences are <= 1e-6.
@@ -33,8 +33,10 @@ def test_scripted_scorer_equals_eager_modules_and_training_model(model, scorer):
     torch.testing.assert_close(vectors, hidden[torch.arange(5), lengths - 1], rtol=0, atol=ATOL)
 
 
-def test_cosine_scores_are_served_as_the_training_model_scores_them():
-    model = random_model(score_temperature=0.1)
+@pytest.mark.parametrize("learned", [False, True])
+def test_cosine_scores_are_served_as_the_training_model_scores_them(learned):
+    model = random_model(score_temperature=0.1, learn_temperature=learned)
+    assert (model.temperature() == 0.1) != learned  # a learned temperature moved with the other weights
     ids, lengths = random_histories(5, 23, LENGTHS[:5])
     scorer, step = (script(module) for module in serving_modules(model))
     scores, items = scorer(ids, lengths, 7)
@@ -110,6 +112,7 @@ def test_manifest_describes_the_artifacts(exported, model):
         assert json.load(f) == manifest
     assert manifest["num_embeddings"] == NUM_EMBEDDINGS and manifest["num_items"] == NUM_EMBEDDINGS - 1
     assert manifest["model"]["embedding_dim"] == 8 and manifest["checkpoint"]["epoch"] == 3
+    assert manifest["score_temperature"] == 0.0  # dot-product scores
     assert len(manifest["checkpoint"]["sha256"]) == 64 and "torch" in manifest["versions"]
     layout = manifest["state"]
     channels, k = 16, model.config.recblr.conv_width
@@ -117,6 +120,22 @@ def test_manifest_describes_the_artifacts(exported, model):
     spans = [span for layer in layout["layers"] for span in (layer["conv_tail"], layer["recurrent"])]
     assert spans[0]["columns"][0] == 0 and spans[-1]["columns"][1] == layout["columns"]
     assert all(a["columns"][1] == b["columns"][0] for a, b in zip(spans, spans[1:]))
+
+
+def test_a_learned_temperature_is_exported_with_the_checkpoint(tmp_path):
+    from recblr_torchrec.serving.export import export
+
+    model = random_model(score_temperature=0.1, learn_temperature=True)
+    write_checkpoint(model, str(tmp_path / "run" / "checkpoints" / "best.pt"))
+    manifest = export(str(tmp_path / "run" / "checkpoints" / "best.pt"), str(tmp_path / "serving"))
+    assert manifest["score_temperature"] == pytest.approx(model.temperature(), rel=1e-6)
+    scorer = torch.jit.load(str(tmp_path / "serving" / "scorer.pt"))
+    ids, lengths = random_histories(5, 23, LENGTHS[:5])
+    scores, items = scorer(ids, lengths, 7)
+    with torch.no_grad():
+        ref_scores, ref_index = model.score(ids, lengths)[:, 1:].topk(7, dim=1)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=ATOL * 10)
+    assert torch.equal(items, ref_index + 1)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -52,6 +52,23 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, data_dir):
         assert torch.equal(value, resumed.model.state_dict()[name]), name
 
 
+def test_a_learned_temperature_trains_is_logged_each_epoch_and_resumes(tmp_path, data_dir):
+    from recblr_torchrec.training.history import read_history
+
+    learned = SMALL + [f"data.cache_dir={tmp_path / 'cache'}", "model.score_temperature=0.1"]
+    learned += ["model.learn_temperature=true", "train.lr=0.01"]
+    straight = Trainer(load_config(TINY, learned + ["train.max_epochs=2"]), str(tmp_path / "a"), data_dir)
+    straight.fit()
+    Trainer(load_config(TINY, learned + ["train.max_epochs=1"]), str(tmp_path / "b"), data_dir).fit()
+    resumed = Trainer(load_config(TINY, learned + ["train.max_epochs=2"]), str(tmp_path / "b"), data_dir)
+    resumed.fit()
+    temperatures = [row["temperature"] for row in read_history(str(tmp_path / "a"))]
+    assert len(temperatures) == 2 and temperatures[0] != pytest.approx(0.1) and temperatures[1] != temperatures[0]
+    assert temperatures[-1] == pytest.approx(straight.model.temperature(), rel=1e-6)
+    assert [row["temperature"] for row in read_history(str(tmp_path / "b"))] == temperatures
+    assert torch.equal(resumed.model.score_scale, straight.model.score_scale)
+
+
 def test_resume_refuses_a_different_model(tmp_path, data_dir):
     cache = [f"data.cache_dir={tmp_path / 'cache'}"]
     Trainer(load_config(TINY, SMALL + cache + ["train.max_epochs=1"]), str(tmp_path), data_dir).fit()
