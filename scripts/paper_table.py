@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.training.history import METRICS_JSON, read_metrics
-from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
+from recblr_torchrec.training.pool import Run, add_pool_arguments, resolve_paths, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")
@@ -166,7 +166,6 @@ def summarise(runs_dir: str, plan: Sequence, seeds: Sequence[int]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"), required=False)
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "paper"))
     add_pool_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -175,8 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser, "overrides applied to every run (several after one --set, as the launcher takes them)"
     )
     args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("pass --data-dir or set RECBLR_DATA_DIR")
+    resolve_paths(parser, args)
     plan = [entry for entry in PLAN if not args.only or any(word in entry[0] for word in args.only)]
     if not plan:
         parser.error(f"--only {args.only} matches no row; rows: {[row for row, _, _ in PLAN]}")

@@ -33,7 +33,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.results import spread, write_results
 from recblr_torchrec.training.history import METRICS_JSON, run_progress, run_summary
-from recblr_torchrec.training.pool import Run, add_pool_arguments, pool_provenance, report_pool, run_pool_of_args
+from recblr_torchrec.training.pool import (
+    Run,
+    add_pool_arguments,
+    pool_provenance,
+    report_pool,
+    resolve_paths,
+    run_pool_of_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("ml-1m", "beauty", "video_games")
@@ -153,7 +160,6 @@ def summarise(
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "recipe"))
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -164,11 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--commit", help="the code's commit, where the checkout has no git metadata")
     add_overrides_argument(parser, "overrides for every run (for a quick check; the table's rows use none)")
     args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("pass --data-dir or set RECBLR_DATA_DIR")
-    for name in ("data_dir", "runs_dir", "out"):  # the runs start in the repo root
-        if getattr(args, name):
-            setattr(args, name, os.path.abspath(getattr(args, name)))
+    resolve_paths(parser, args, "runs_dir", "out")
     out = args.out or os.path.join(args.runs_dir, "recipe.json")
     earlier: Dict[str, Any] = {}
     partial = set(args.rows) != set(names) or set(args.datasets) != set(DATASETS)

@@ -47,7 +47,14 @@ from recblr_torchrec.config import add_overrides_argument
 from recblr_torchrec.errors import ConfigError
 from recblr_torchrec.results import spread, write_results
 from recblr_torchrec.training.history import METRICS_JSON, epochs_to, run_progress, run_summary
-from recblr_torchrec.training.pool import Run, add_pool_arguments, pool_provenance, report_pool, run_pool_of_args
+from recblr_torchrec.training.pool import (
+    Run,
+    add_pool_arguments,
+    pool_provenance,
+    report_pool,
+    resolve_paths,
+    run_pool_of_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_CONFIG = "recblr-tuned.yaml"
@@ -206,7 +213,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="the variants (a YAML file; see above)")
-    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "variants"))
     parser.add_argument(
         "--reference",
@@ -218,11 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--commit", help="the code's commit, where the checkout has no git metadata")
     add_overrides_argument(parser, "overrides for every run (for a quick check; the variants' runs use none)")
     args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("pass --data-dir or set RECBLR_DATA_DIR")
-    for name in ("data_dir", "runs_dir", "out", "reference", "spec"):  # the runs start in the repo root
-        if getattr(args, name):
-            setattr(args, name, os.path.abspath(getattr(args, name)))
+    resolve_paths(parser, args, "runs_dir", "out", "reference", "spec")
     if not os.path.isfile(args.reference):
         parser.error(
             f"--reference {args.reference} not found: pass the recipe table's JSON (scripts/recipe_table.py --out)"

@@ -59,7 +59,7 @@ import yaml
 
 from recblr_torchrec.config import add_overrides_argument, dotted, load_config
 from recblr_torchrec.training.history import read_history, wall_curve
-from recblr_torchrec.training.pool import Run, add_pool_arguments, run_pool
+from recblr_torchrec.training.pool import Run, add_pool_arguments, resolve_paths, run_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG = "tune.json"
@@ -377,7 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _write_ranking(ranked.rank, ranked.out, ranked.rung)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the base config (a YAML file in configs/)")
-    parser.add_argument("--data-dir", default=os.environ.get("RECBLR_DATA_DIR"))
     parser.add_argument("--out", required=True, help="the search's folder: tune.json, best.txt, trials/")
     parser.add_argument("--space", help="a YAML search space (default: the encoder's, in this script)")
     parser.add_argument("--method", choices=["halving", "random"], default="halving")
@@ -394,9 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rising = all(a < b for a, b in zip(args.budgets, args.budgets[1:]))
     if not rising or args.budgets[0] <= 0:
         parser.error(f"--budgets {args.budgets} must be positive and strictly rising")
-    for name in ("config", "data_dir", "out", "space"):  # the trials run from the repo root
-        if getattr(args, name):
-            setattr(args, name, os.path.abspath(getattr(args, name)))
+    resolve_paths(parser, args, "config", "out", "space")
     search = Search(args)
     finished = search.run(time.monotonic() + 60 * args.budget_minutes)
     found = search.best()

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from recblr_torchrec.config import load_config
+from recblr_torchrec.config import dotted, load_config
 from recblr_torchrec.errors import ConfigError
 from recblr_torchrec.training.history import epochs_to, run_summary
 
@@ -97,9 +97,6 @@ def test_every_shipped_spec_names_configs_that_load_with_its_settings(script):
             overrides = [f"{key}={value}" for key, value in variant["settings"].items()]
             for dataset in variant["datasets"]:
                 config = load_config(os.path.join(variants.ROOT, "configs", dataset, variant["config"]), overrides)
+                settings = dotted(config.to_dict())
                 for key, value in variant["settings"].items():
-                    section, *inner, name = key.split(".")
-                    holder = getattr(config, section)
-                    for part in inner:
-                        holder = getattr(holder, part)
-                    assert getattr(holder, name) == value, (path, variant["variant"], key)
+                    assert settings[key] == value, (path, variant["variant"], key)

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..config import resolve_data_dir
 from ..errors import ConfigError
 
 TORCHRUN_VARIABLES = frozenset(
@@ -60,7 +61,9 @@ def times(text: str) -> int:
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> None:
-    """The options of the experiment scripts that say how their ``unit`` share the machine."""
+    """The options of the experiment scripts: their data, and how their ``unit`` share the machine
+    (:func:`resolve_paths` completes them after parsing)."""
+    parser.add_argument("--data-dir", help="the data directory (default: $RECBLR_DATA_DIR)")
     parser.add_argument(
         "--parallel", type=count, default=1, help=f"{unit} at a time (>= 1), spread over the visible GPUs"
     )
@@ -77,6 +80,17 @@ def add_pool_arguments(parser: argparse.ArgumentParser, unit: str = "runs") -> N
         default=1,
         help="times a failed run is started again, resuming from its last checkpoint (0: never)",
     )
+
+
+def resolve_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """``args.data_dir`` resolved (``--data-dir``, else $RECBLR_DATA_DIR; a usage error without
+    either), and it and the path options ``names`` made absolute: the runs start in the repo root."""
+    args.data_dir = resolve_data_dir(args.data_dir)
+    if not args.data_dir:
+        parser.error("pass --data-dir or set RECBLR_DATA_DIR")
+    for name in ("data_dir", *names):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
 
 
 @contextlib.contextmanager
